@@ -26,8 +26,10 @@ def safe_relpath(name: str) -> str:
         raise UnsafePathError("empty file path")
     if len(name) > MAX_PATH_LEN:
         raise UnsafePathError(f"file path longer than {MAX_PATH_LEN} characters")
-    if "\x00" in name or any(ord(c) < 0x20 for c in name):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in name):  # C0, DEL and C1
         raise UnsafePathError(f"control character in file path {name[:80]!r}")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):  # os.fsdecode of non-UTF-8 bytes
+        raise UnsafePathError(f"file path {name[:80]!r} is not valid UTF-8")
     if "\\" in name:
         raise UnsafePathError(f"backslash in file path {name[:80]!r}")
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
@@ -85,7 +87,10 @@ def walk_model_dir(root: str) -> list[LocalFile]:
                 target = os.path.realpath(full)
                 if os.path.commonpath([real_root, target]) != real_root:
                     raise UnsafePathError(f"symlink {rel!r} points outside the model directory")
-                st = os.stat(full)
+                try:
+                    st = os.stat(full)
+                except OSError as e:  # dangling link or a loop of links
+                    raise UnsafePathError(f"symlink {rel!r} does not resolve to a file") from e
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafePathError(f"{rel!r} is not a regular file")
             out.append(LocalFile(rel, full, st.st_size))

@@ -150,7 +150,7 @@ def _check_shard_index(root: str, f: ModelFile, present: set[str]) -> None:
     if not isinstance(wm, dict):
         raise FormatError(f"{f.path} has no weight_map", reason="InvalidShardIndex")
     base = f.path.rsplit("/", 1)[0] + "/" if "/" in f.path else ""
-    for shard in set(wm.values()):
+    for shard in wm.values():  # not set(): a hostile value may be an unhashable list
         if not isinstance(shard, str) or base + shard not in present:
             raise FormatError(f"{f.path} names shard {str(shard)[:80]!r}, which is missing",
                               reason="MissingShard")

@@ -34,7 +34,7 @@ def load_json(path: str, limit: int = MAX_CONFIG) -> object:
     try:
         with open(path, "rb") as f:
             return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, huge ints, deep nesting
         raise FormatError(f"{os.path.basename(path)} is not valid JSON: {e}",
                           reason="InvalidJSON") from e
 

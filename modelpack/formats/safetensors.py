@@ -58,7 +58,9 @@ def read_header(path: str) -> tuple[dict[str, object], int, int]:
         raise _fail(path, "header truncated", reason="Truncated")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:
+        # ValueError covers bad UTF-8, bad JSON and over-long integer literals;
+        # RecursionError a deeply nested header. Both are malformed input.
         raise _fail(path, f"header is not valid JSON: {e}") from e
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")

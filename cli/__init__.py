@@ -1,0 +1,1 @@
+"""The ``modelcache`` command line: pack, pull, inspect, demo."""

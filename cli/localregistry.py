@@ -1,0 +1,121 @@
+"""A real local OCI registry: CNCF distribution (Debian ``docker-registry``).
+
+Started on 127.0.0.1 with a temp root for the demo, the tests and the
+benchmarks; optionally with htpasswd basic auth. This is the same
+registry the DMCR runs in a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import yaml
+
+BINARY = "docker-registry"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalRegistry:
+    root: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def storage(self) -> str:
+        """Where distribution keeps blobs (for tests that corrupt one)."""
+        return os.path.join(self.root, "data", "docker", "registry", "v2")
+
+    def blob_path(self, digest: str) -> str:
+        hexd = digest.split(":", 1)[1]
+        return os.path.join(self.storage, "blobs", "sha256", hexd[:2], hexd, "data")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _htpasswd(path: str, user: str, password: str) -> None:
+    import bcrypt
+
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
+    with open(path, "w") as f:
+        f.write(f"{user}:{hashed}\n")
+
+
+def start(root: str | None = None, port: int | None = None, *, username: str | None = None,
+          password: str | None = None, log_path: str | None = None) -> LocalRegistry:
+    binary = shutil.which(BINARY) or "/usr/bin/docker-registry"
+    if not os.path.exists(binary):
+        raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
+    root = root or tempfile.mkdtemp(prefix="modelcache-registry-")
+    port = port or free_port()
+    config: dict[str, object] = {
+        "version": 0.1,
+        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": os.path.join(root, "data")},
+                    "delete": {"enabled": True}, "maintenance": {"uploadpurging": {"enabled": False}}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": "modelcache-local"},
+    }
+    if username:
+        htpasswd = os.path.join(root, "htpasswd")
+        _htpasswd(htpasswd, username, password or "")
+        config["auth"] = {"htpasswd": {"realm": "modelcache", "path": htpasswd}}
+    cfg_path = os.path.join(root, "config.yml")
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(config, f)
+    log = open(log_path or os.path.join(root, "registry.log"), "ab")
+    proc = subprocess.Popen([binary, "serve", cfg_path], stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL)
+    log.close()
+    reg = LocalRegistry(root, port, proc, username, password)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"docker-registry exited with {proc.returncode}; see {root}/registry.log")
+        try:
+            urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=1)  # noqa: S310 (loopback)
+            return reg
+        except urllib.error.HTTPError as e:
+            if e.code == 401:
+                return reg
+        except OSError:
+            pass
+        time.sleep(0.05)
+    reg.stop()
+    raise RuntimeError("docker-registry did not answer within 20 s")
+
+
+@contextlib.contextmanager
+def running(**kwargs: object) -> Iterator[LocalRegistry]:
+    reg = start(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield reg
+    finally:
+        reg.stop()
+        shutil.rmtree(reg.root, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""OCI: ModelPack manifests and configs, registry client, image layout."""

@@ -1,0 +1,393 @@
+"""An OCI registry client that verifies every byte it moves.
+
+oras-py speaks the protocol and the auth (token realms, docker config,
+basic auth); it streams downloads in 8 KiB pieces without checking the
+digest and reads a whole blob into memory to upload it. So the blob I/O is
+ours: downloads read >= 1 MiB at a time straight into a ``PartialBlob``
+that hashes in the same pass, resume with ``Range`` after a dropped
+connection, and are renamed into place only when the digest matches;
+uploads stream the file once through a PATCH while hashing it, and the
+registry checks the digest we then PUT. Transport and HTTP failures map to
+``RegistryError`` with the retry decision made here, once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import oras.provider
+import requests
+
+from modelpack import digest as dg
+from modelpack.errors import (
+    AuthError,
+    IntegrityError,
+    NotFoundError,
+    RegistryError,
+)
+from modelpack.oci import mediatypes as mt
+from modelpack.oci.reference import Reference
+from modelpack.store.blobs import PartialBlob
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+MANIFEST_ACCEPT = ", ".join([mt.OCI_MANIFEST, mt.DOCKER_MANIFEST, mt.OCI_INDEX])
+READ = 4 << 20
+
+
+def _noop(_: int) -> None:
+    pass
+
+
+class _TimeoutSession(requests.Session):
+    """A session whose every request has a connect and read timeout."""
+
+    def __init__(self, timeout: tuple[float, float]) -> None:
+        super().__init__()
+        self.timeout = timeout
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs.setdefault("timeout", self.timeout)
+        return super().request(*args, **kwargs)
+
+
+class RegistryClient:
+    """One registry host; thread-safe for concurrent blob transfers."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        insecure: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        timeout: tuple[float, float] = (10.0, 120.0),
+        retries: int = 4,
+    ) -> None:
+        self.host = host
+        self.insecure = insecure
+        self.retries = retries
+        self.base = f"{'http' if insecure else 'https'}://{host}"
+        self._oras = oras.provider.Registry(
+            hostname=host, insecure=insecure, tls_verify=ca_bundle or True)
+        session = _TimeoutSession(timeout)
+        session.cookies.set_policy(self._oras.session.cookies.get_policy())
+        session.verify = ca_bundle or True
+        self._oras.session = session
+        self._oras.auth.session = session
+        self.session = session
+        self._basic: str | None = None
+        if username is not None:
+            self._oras.auth.set_basic_auth(username, password or "")
+            self._basic = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+        elif token is not None:
+            self._oras.auth.set_token_auth(token)
+        else:
+            self._load_docker_config()
+
+    def _load_docker_config(self) -> None:
+        try:
+            self._oras.auth.load_configs(f"{self.host}/x")
+        except Exception as e:  # a broken docker config must not stop anonymous access
+            log.debug("docker config not loaded", extra={"error": str(e)})
+        basic = getattr(self._oras.auth, "_basic_auth", None)
+        if basic:
+            self._basic = basic
+
+    # -- requests ---------------------------------------------------------
+
+    def request(self, method: str, path_or_url: str, *, headers: dict[str, str] | None = None,
+                data: Any = None, stream: bool = False, ok: tuple[int, ...] = (200,),
+                what: str = "") -> requests.Response:
+        """One request with auth; non-``ok`` statuses become RegistryError."""
+        url = path_or_url if path_or_url.startswith("http") else self.base + path_or_url
+        h = dict(headers or {})
+        token = getattr(self._oras.auth, "token", None)
+        if token:
+            h["Authorization"] = f"Bearer {token}"
+        elif self._basic:
+            # a Basic realm (htpasswd) is answered up front, so a streamed body is sent once
+            h["Authorization"] = f"Basic {self._basic}"
+        try:
+            resp = self.session.request(method, url, data=data, headers=h, stream=stream)
+            challenge = resp.headers.get("Www-Authenticate", "")
+            if resp.status_code == 401 and challenge.lower().startswith("bearer"):
+                # token realms: oras-py runs the token dance and retries the request
+                if data is not None and not isinstance(data, bytes | str):
+                    resp.close()
+                    raise RegistryError(f"{method} {what or url}: token needed before a "
+                                        "streamed body", retryable=True, reason="TokenExpired")
+                resp.close()
+                h.pop("Authorization", None)
+                if token:
+                    self._oras.auth.token = None
+                resp = self._oras.do_request(url, method, data=data, headers=h, stream=stream)
+        except requests.RequestException as e:
+            raise RegistryError(f"{method} {what or url}: {type(e).__name__}: {e}",
+                                retryable=True, reason="RegistryUnavailable") from e
+        except ValueError as e:  # oras: "Cannot respond to request for authentication."
+            raise AuthError(f"{method} {what or url}: {e}", status=401) from e
+        if resp.status_code in ok:
+            return resp
+        self._raise_for(resp, method, what or url)
+        raise AssertionError("unreachable")
+
+    def _raise_for(self, resp: requests.Response, method: str, what: str) -> None:
+        code = resp.status_code
+        body = ""
+        try:
+            body = resp.text[:300]
+        except Exception:  # the body is only for the message
+            pass
+        finally:
+            resp.close()
+        msg = f"{method} {what}: HTTP {code} {body}".strip()
+        if code in (401, 403):
+            raise AuthError(msg, status=code)
+        if code == 404:
+            raise NotFoundError(msg, status=code)
+        if code == 416:
+            raise RegistryError(msg, status=code, retryable=True, reason="RangeNotSatisfiable")
+        raise RegistryError(msg, status=code, retryable=code >= 500 or code == 429)
+
+    def _with_retries(self, what: str, fn: Callable[[], Any]) -> Any:
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except RegistryError as e:
+                if not e.retryable or attempt == self.retries:
+                    raise
+                log.info("retrying", extra={"what": what, "attempt": attempt + 1,
+                                            "error": str(e)[:200]})
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    # -- manifests --------------------------------------------------------
+
+    def get_manifest(self, ref: Reference) -> tuple[bytes, str, str]:
+        """(bytes, digest, media type) of a manifest; verified when pinned by digest."""
+        path = f"/v2/{ref.repository}/manifests/{ref.ref}"
+
+        def get() -> tuple[bytes, str, str]:
+            resp = self.request("GET", path, headers={"Accept": MANIFEST_ACCEPT},
+                                what=str(ref))
+            raw = resp.content
+            if len(raw) > (4 << 20):
+                raise RegistryError(f"manifest of {ref} is over 4 MiB", reason="InvalidManifest")
+            got = dg.of_bytes(raw)
+            if ref.digest and got != ref.digest:
+                raise IntegrityError(f"manifest of {ref} hashes to {got}")
+            return raw, got, resp.headers.get("Content-Type", "")
+
+        result: tuple[bytes, str, str] = self._with_retries(str(ref), get)
+        return result
+
+    def put_manifest(self, repository: str, ref: str, raw: bytes,
+                     media_type: str = mt.OCI_MANIFEST) -> str:
+        resp = self._with_retries(repository, lambda: self.request(
+            "PUT", f"/v2/{repository}/manifests/{ref}", data=raw,
+            headers={"Content-Type": media_type}, ok=(201, 200), what=f"{repository}:{ref}"))
+        got = dg.of_bytes(raw)
+        server = resp.headers.get("Docker-Content-Digest")
+        if server and server != got:
+            raise IntegrityError(f"registry stored manifest as {server}, we sent {got}")
+        return got
+
+    def delete_manifest(self, repository: str, digest: str) -> None:
+        try:
+            self.request("DELETE", f"/v2/{repository}/manifests/{digest}", ok=(202, 200),
+                         what=f"{repository}@{digest}")
+        except NotFoundError:
+            pass
+
+    def list_tags(self, repository: str) -> list[str]:
+        try:
+            resp = self.request("GET", f"/v2/{repository}/tags/list", what=repository)
+        except NotFoundError:
+            return []
+        tags = resp.json().get("tags") or []
+        return [str(t) for t in tags]
+
+    # -- blobs ------------------------------------------------------------
+
+    def blob_exists(self, repository: str, digest: str) -> bool:
+        try:
+            self.request("HEAD", f"/v2/{repository}/blobs/{digest}", what=digest)
+            return True
+        except NotFoundError:
+            return False
+
+    def get_blob_bytes(self, repository: str, digest: str, limit: int = 16 << 20) -> bytes:
+        """A small blob (a config) in memory, verified."""
+        resp = self._with_retries(digest, lambda: self.request(
+            "GET", f"/v2/{repository}/blobs/{digest}", what=digest))
+        raw = resp.content
+        if len(raw) > limit:
+            raise RegistryError(f"blob {digest} is over {limit} bytes", reason="TooLarge")
+        if dg.of_bytes(raw) != digest:
+            raise IntegrityError(f"blob {digest} from {repository} does not match its digest")
+        return bytes(raw)
+
+    def download_blob(self, repository: str, digest: str, size: int, part: PartialBlob,
+                      progress: Progress = _noop) -> None:
+        """Fill ``part`` with the blob, resuming with Range after drops; caller commits.
+
+        Bytes already in ``part`` (from a crash or an earlier attempt) are kept
+        and reported to ``progress`` first.
+        """
+        if part.offset:
+            progress(part.offset)
+        attempts = 0
+        delay = 0.2
+        while part.offset < size or size == 0:
+            start = part.offset
+            headers = {"Range": f"bytes={start}-"} if start else {}
+            try:
+                resp = self.request("GET", f"/v2/{repository}/blobs/{digest}", headers=headers,
+                                    stream=True, ok=(200, 206), what=digest)
+                if start and resp.status_code == 200:
+                    progress(-start)
+                    part.restart()  # the server ignored Range: take it from the top
+                self._drain(resp, part, size, progress)
+                if size == 0:
+                    break
+            except RegistryError as e:
+                if not e.retryable or attempts >= self.retries:
+                    raise
+            except (requests.RequestException, OSError) as e:
+                if isinstance(e, OSError) and not isinstance(e, requests.RequestException) \
+                        and getattr(e, "errno", None) is not None:
+                    raise  # a local write error (disk full) is not the registry's
+                if attempts >= self.retries:
+                    raise RegistryError(f"GET blob {digest}: {e}", retryable=True,
+                                        reason="RegistryUnavailable") from e
+            else:
+                if part.offset >= size:
+                    break
+            if part.offset == start:
+                attempts += 1  # no progress at all this round
+            else:
+                attempts = 0
+            log.info("resuming blob", extra={"digest": digest, "offset": part.offset})
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    @staticmethod
+    def _drain(resp: requests.Response, part: PartialBlob, size: int,
+               progress: Progress) -> None:
+        try:
+            raw = resp.raw
+            fp = getattr(raw, "_fp", None)  # http.client response: readinto without a copy
+            buf = bytearray(READ)
+            view = memoryview(buf)
+            if fp is not None and not raw.headers.get("Content-Encoding"):
+                while True:
+                    n = fp.readinto(view)
+                    if not n:
+                        break
+                    part.write(view[:n])
+                    progress(n)
+            else:
+                while True:
+                    chunk = raw.read(READ, decode_content=False)
+                    if not chunk:
+                        break
+                    part.write(chunk)
+                    progress(len(chunk))
+            if part.offset < size:
+                raise requests.ConnectionError(
+                    f"connection closed at byte {part.offset} of {size}")
+        finally:
+            resp.close()
+
+    def upload_blob(self, repository: str, open_stream: Callable[[], Any], size: int,
+                    progress: Progress = _noop, digest: str | None = None) -> str:
+        """Upload a blob in one pass, hashing as it streams; return its digest.
+
+        ``open_stream`` returns a fresh binary stream (called again on retry).
+        If ``digest`` is known and the registry has the blob, nothing is sent.
+        """
+        if digest is not None and self.blob_exists(repository, digest):
+            progress(size)
+            return digest
+
+        def once() -> str:
+            sent = 0
+            resp = self.request("POST", f"/v2/{repository}/blobs/uploads/", ok=(202,),
+                                what=f"{repository} upload")
+            location = self._location(resp)
+            hasher = dg.hashlib.sha256()
+
+            def body() -> Iterator[bytes]:
+                nonlocal sent
+                with open_stream() as f:
+                    while True:
+                        chunk = f.read(READ)
+                        if not chunk:
+                            break
+                        hasher.update(chunk)
+                        sent += len(chunk)
+                        progress(len(chunk))
+                        yield chunk
+
+            try:
+                resp = self.request("PATCH", location, data=body(), ok=(202,),
+                                    headers={"Content-Type": "application/octet-stream"},
+                                    what=f"{repository} upload")
+            except RegistryError:
+                progress(-sent)
+                raise
+            if sent != size:
+                progress(-sent)
+                raise IntegrityError(f"source gave {sent} bytes, expected {size}",
+                                     reason="SizeMismatch")
+            got = "sha256:" + hasher.hexdigest()
+            if digest is not None and got != digest:
+                raise IntegrityError(f"source hashes to {got}, expected {digest}")
+            location = self._location(resp)
+            sep = "&" if "?" in location else "?"
+            self.request("PUT", f"{location}{sep}digest={urllib.parse.quote(got)}",
+                         ok=(201,), what=f"{repository} commit {got}")
+            return got
+
+        result: str = self._with_retries(f"upload to {repository}", once)
+        return result
+
+    def upload_bytes(self, repository: str, data: bytes) -> str:
+        digest = dg.of_bytes(data)
+        if self.blob_exists(repository, digest):
+            return digest
+
+        def once() -> str:
+            resp = self.request("POST", f"/v2/{repository}/blobs/uploads/", ok=(202,),
+                                what=f"{repository} upload")
+            location = self._location(resp)
+            sep = "&" if "?" in location else "?"
+            self.request("PUT", f"{location}{sep}digest={urllib.parse.quote(digest)}", data=data,
+                         headers={"Content-Type": "application/octet-stream"}, ok=(201,),
+                         what=f"{repository} commit {digest}")
+            return digest
+
+        result: str = self._with_retries(f"upload to {repository}", once)
+        return result
+
+    def _location(self, resp: requests.Response) -> str:
+        loc = resp.headers.get("Location")
+        if not loc:
+            raise RegistryError("upload response without Location", reason="ProtocolError")
+        if loc.startswith("/"):
+            loc = self.base + loc
+        return loc

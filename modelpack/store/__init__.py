@@ -1,0 +1,1 @@
+"""The content-addressed store: verified blobs and read-only model trees."""
