@@ -75,6 +75,7 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
         raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
     root = root or tempfile.mkdtemp(prefix="modelcache-registry-")
     port = port or free_port()
+    os.makedirs(root, exist_ok=True)
     config: dict[str, object] = {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
@@ -99,7 +100,7 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited with {proc.returncode}; see {root}/registry.log")
         try:
-            urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=1)  # noqa: S310 (loopback)
+            urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=1)
             return reg
         except urllib.error.HTTPError as e:
             if e.code == 401:

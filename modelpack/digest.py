@@ -10,9 +10,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import BinaryIO
+from typing import Protocol
 
 from modelpack.errors import FormatError
+
+
+class Readable(Protocol):
+    """Anything with ``readinto``: a raw file, a socket file, an HTTP body."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
 
 CHUNK = 4 << 20
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -34,7 +41,7 @@ def of_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def hash_stream(stream: BinaryIO, hasher: hashlib._Hash | None = None) -> tuple[str, int]:
+def hash_stream(stream: Readable, hasher: hashlib._Hash | None = None) -> tuple[str, int]:
     """Hash a stream to its end; return (digest, size)."""
     h = hasher or hashlib.sha256()
     size = 0
@@ -52,4 +59,4 @@ def hash_stream(stream: BinaryIO, hasher: hashlib._Hash | None = None) -> tuple[
 def of_file(path: str | os.PathLike[str]) -> tuple[str, int]:
     """(digest, size) of a file's content."""
     with open(path, "rb", buffering=0) as f:
-        return hash_stream(f)  # type: ignore[arg-type]
+        return hash_stream(f)

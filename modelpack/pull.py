@@ -130,6 +130,6 @@ def verify_tree(pack: ModelPack, root: str) -> None:
         path = os.path.join(root, *layer.path.split("/"))
         h = hashlib.sha256()
         with open(path, "rb") as f:
-            got, size = dg.hash_stream(f, h)  # type: ignore[arg-type]
+            got, size = dg.hash_stream(f, h)
         if got != layer.digest or size != layer.size:
             raise IntegrityError(f"{layer.path} in {root} does not match {layer.digest}")

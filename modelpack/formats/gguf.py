@@ -93,10 +93,14 @@ class _Reader:
         return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
 
     def u32(self) -> int:
-        return int(self.unpack("<I"))  # type: ignore[call-overload]
+        v = self.unpack("<I")
+        assert isinstance(v, int)
+        return v
 
     def u64(self) -> int:
-        return int(self.unpack("<Q"))  # type: ignore[call-overload]
+        v = self.unpack("<Q")
+        assert isinstance(v, int)
+        return v
 
     def string(self) -> str:
         n = self.u64()

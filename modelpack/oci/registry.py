@@ -14,6 +14,7 @@ registry checks the digest we then PUT. Transport and HTTP failures map to
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 import urllib.parse
@@ -55,7 +56,7 @@ class _TimeoutSession(requests.Session):
         self.mount("http://", adapter)
         self.mount("https://", adapter)
 
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
         return super().request(*args, **kwargs)
 
@@ -329,7 +330,7 @@ class RegistryClient:
             resp = self.request("POST", f"/v2/{repository}/blobs/uploads/", ok=(202,),
                                 what=f"{repository} upload")
             location = self._location(resp)
-            hasher = dg.hashlib.sha256()
+            hasher = hashlib.sha256()
 
             def body() -> Iterator[bytes]:
                 nonlocal sent

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import BinaryIO
 
 from modelpack import digest as dg
 from modelpack.errors import IntegrityError, StoreError
@@ -49,7 +48,8 @@ class PartialBlob:
     (after a crash or a dropped connection); the writer continues from it.
     """
 
-    def __init__(self, part_path: str, expected: str | None, size: int | None) -> None:
+    def __init__(self, part_path: str, expected: str | None, size: int | None,
+                 *, resume: bool = False) -> None:
         self.path = part_path
         self.expected = expected
         self.size = size
@@ -58,7 +58,8 @@ class PartialBlob:
         self.fd = os.open(part_path, flags, 0o644)
         self.offset = 0
         existing = os.fstat(self.fd).st_size
-        if existing and expected is not None and (size is None or existing <= size):
+        # an unnamed blob resumes only when the caller keys its .part by a pinned source
+        if existing and (expected is not None or resume) and (size is None or existing <= size):
             with open(part_path, "rb", buffering=0) as f:
                 buf = bytearray(dg.CHUNK)
                 view = memoryview(buf)
@@ -159,7 +160,7 @@ class BlobStore:
         fsync_dir(self.blob_dir)
         return got
 
-    def ingest_stream(self, stream: BinaryIO, expected: str | None = None,
+    def ingest_stream(self, stream: dg.Readable, expected: str | None = None,
                       size: int | None = None, progress: Progress = _noop) -> str:
         """Copy a stream into the store, hashing in the same pass; return its digest."""
         if expected is not None and self.has(expected, size):
@@ -175,7 +176,7 @@ class BlobStore:
             buf = bytearray(dg.CHUNK)
             view = memoryview(buf)
             while True:
-                n = stream.readinto(view)  # type: ignore[attr-defined]
+                n = stream.readinto(view)
                 if not n:
                     break
                 part.write(view[:n])
@@ -191,7 +192,7 @@ class BlobStore:
     def ingest_file(self, path: str, expected: str | None = None,
                     progress: Progress = _noop) -> str:
         with open(path, "rb", buffering=0) as f:
-            return self.ingest_stream(f, expected, os.fstat(f.fileno()).st_size, progress)  # type: ignore[arg-type]
+            return self.ingest_stream(f, expected, os.fstat(f.fileno()).st_size, progress)
 
     def delete(self, digest: str) -> None:
         try:

@@ -33,7 +33,13 @@ class Method(enum.Enum):
     COPY = "copy"
 
 
-_probed: dict[tuple[int, int], Method] = {}
+_probed: dict[tuple[int, int, int, int], Method] = {}
+
+
+def _fs_key(path: str) -> tuple[int, int]:
+    # st_dev alone is reused when a loop device is detached and attached
+    # again; the filesystem id changes with the filesystem
+    return os.stat(path).st_dev, os.statvfs(path).f_fsid
 
 
 def reflink(src: str, dst: str) -> None:
@@ -61,7 +67,7 @@ def copy(src: str, dst: str) -> None:
 
 def probe(blob_dir: str, tree_parent: str) -> Method:
     """The best method between two directories, tried for real once."""
-    key = (os.stat(blob_dir).st_dev, os.stat(tree_parent).st_dev)
+    key = (*_fs_key(blob_dir), *_fs_key(tree_parent))
     if key in _probed:
         return _probed[key]
     fd, src = tempfile.mkstemp(dir=blob_dir, prefix=".probe-")

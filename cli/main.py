@@ -1,0 +1,233 @@
+"""``modelcache``: pack, pull and inspect ModelPacks from the command line.
+
+Every failure ends with exit code 1 and one line ``modelcache: REASON: message``;
+usage errors exit 2. Registry credentials come from flags, the environment
+(MODELCACHE_REGISTRY_USERNAME / MODELCACHE_REGISTRY_PASSWORD /
+MODELCACHE_REGISTRY_TOKEN) or ~/.docker/config.json, never from a log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from cli.progress import bar
+from modelpack.errors import ModelPackError
+from modelpack.formats import inspect_dir
+from modelpack.oci import layout as oci_layout
+from modelpack.oci.reference import Reference
+from modelpack.oci.reference import parse as parse_ref
+from modelpack.oci.registry import RegistryClient
+from modelpack.pack import pack_to_layout, pack_to_registry
+from modelpack.pull import pull_to_dir, resolve
+
+DESCRIPTION = """\
+modelcache moves AI model weights: it verifies a model (safetensors, GGUF,
+diffusers; pickle refused), packages it as an OCI ModelPack (one layer per
+file, no conversion), pushes it to a registry, and pulls it back verified.
+
+examples:
+  modelcache pack ./qwen --push 127.0.0.1:5000/models/qwen:v1 --insecure
+  modelcache pack ./qwen --output ./qwen-oci
+  modelcache pull 127.0.0.1:5000/models/qwen:v1 ./qwen-copy --insecure
+  modelcache inspect ./qwen --json
+"""
+
+
+def _client(args: argparse.Namespace, ref: Reference) -> RegistryClient:
+    username = args.username or os.environ.get("MODELCACHE_REGISTRY_USERNAME")
+    password = os.environ.get("MODELCACHE_REGISTRY_PASSWORD")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    token = os.environ.get("MODELCACHE_REGISTRY_TOKEN")
+    insecure = args.insecure or ref.host.split(":")[0] in ("127.0.0.1", "localhost") and \
+        os.environ.get("MODELCACHE_LOOPBACK_TLS") != "1"
+    return RegistryClient(ref.host, insecure=insecure, username=username, password=password,
+                          token=None if username else token, ca_bundle=args.ca_file)
+
+
+def _add_registry_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registry access")
+    g.add_argument("--insecure", action="store_true",
+                   help="plain HTTP (loopback registries are plain HTTP by default)")
+    g.add_argument("--ca-file", help="CA bundle to verify the registry's TLS certificate")
+    g.add_argument("--username", help="basic-auth user (or MODELCACHE_REGISTRY_USERNAME)")
+    g.add_argument("--password-stdin", action="store_true",
+                   help="read the password from standard input (or MODELCACHE_REGISTRY_PASSWORD)")
+
+
+def _summary(meta: dict[str, Any]) -> str:
+    keys = ("format", "family", "architecture", "parameterCount", "precision",
+            "quantization", "contextLength", "tensors", "files", "sizeBytes")
+    return "\n".join(f"  {k:<15} {meta.get(k)}" for k in keys if meta.get(k) is not None)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    src = args.source
+    if not os.path.isdir(src):
+        return _pack_remote(args)
+    info = inspect_dir(src, args.format, args.allow_pickle)
+    t0 = time.monotonic()
+    with bar(info.size, "pack", args.progress) as progress:
+        if args.push:
+            ref = parse_ref(args.push)
+            res = pack_to_registry(info, _client(args, ref), ref, progress=progress)
+        else:
+            res = pack_to_layout(info, args.output, args.tag, progress=progress)
+    dt = time.monotonic() - t0
+    where = res.reference or f"{args.output} (OCI layout, tag {args.tag})"
+    print(f"packed {len(info.files)} files, {info.size} bytes in {dt:.2f}s")
+    print(f"digest: {res.pack.digest}")
+    print(f"stored: {where}")
+    return 0
+
+
+def _pack_remote(args: argparse.Namespace) -> int:
+    try:
+        from controller import sources  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"modelcache: InvalidSource: {args.source} is not a directory") from None
+    raise SystemExit("modelcache: InvalidSource: remote sources are not wired into the CLI yet")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    ref = parse_ref(args.ref)
+    client = _client(args, ref)
+    pack = resolve(client, ref)
+    t0 = time.monotonic()
+    with bar(pack.size, "pull", args.progress) as progress:
+        pull_to_dir(client, ref.with_digest(pack.digest), args.dest, progress=progress,
+                    workers=args.jobs)
+    dt = time.monotonic() - t0
+    rate = pack.size / dt / 1e6 if dt > 0 else 0.0
+    print(f"pulled {len(pack.layers)} files, {pack.size} bytes in {dt:.2f}s ({rate:.0f} MB/s)")
+    print(f"digest: {pack.digest}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    target = args.target
+    out: dict[str, Any]
+    if os.path.isdir(target) and oci_layout.is_layout(target):
+        pack, _ = oci_layout.read(target, args.tag)
+        out = {"source": "oci-layout", "digest": pack.digest, **pack.metadata(),
+               "layers": [{"path": x.path, "digest": x.digest, "size": x.size,
+                           "mediaType": x.media_type} for x in pack.layers]}
+    elif os.path.isdir(target):
+        info = inspect_dir(target, args.format, args.allow_pickle)
+        meta = info.summary()
+        out = {"source": "directory", "format": meta["format"], "family": meta["family"],
+               "architecture": meta["architecture"], "parameterCount": meta["parameter_count"],
+               "precision": meta["precision"], "quantization": meta["quantization"],
+               "contextLength": meta["context_length"], "tensors": meta["tensors"],
+               "files": len(info.files), "sizeBytes": info.size,
+               "layers": [{"path": f.path, "size": f.size, "kind": f.kind} for f in info.files]}
+    else:
+        ref = parse_ref(target)
+        pack = resolve(_client(args, ref), ref)
+        out = {"source": "registry", "reference": str(ref.with_digest(pack.digest)),
+               "digest": pack.digest, **pack.metadata(),
+               "layers": [{"path": x.path, "digest": x.digest, "size": x.size,
+                           "mediaType": x.media_type} for x in pack.layers]}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    if out.get("digest"):
+        print(f"digest: {out['digest']}")
+    print(_summary(out))
+    print("files:")
+    for layer in out["layers"]:
+        print(f"  {layer['size']:>14}  {layer['path']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cli import demo
+
+    return demo.run(args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelcache", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pk = sub.add_parser("pack", help="verify a model and write a ModelPack",
+                        description="Verify a model directory (or a remote source) and write "
+                        "it as an OCI ModelPack to a registry (--push) or a layout (--output).")
+    pk.add_argument("source", metavar="SOURCE", help="a model directory, or hf://ORG/REPO[@REV], "
+                    "ollama://[HOST/]NS/MODEL[:TAG], http(s)://…, s3://BUCKET/PREFIX")
+    dest = pk.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--push", metavar="REF", help="registry reference HOST/REPO[:TAG]")
+    dest.add_argument("--output", metavar="OCI_DIR", help="write an OCI image layout directory")
+    pk.add_argument("--tag", default="latest", help="tag inside the OCI layout (default: latest)")
+    pk.add_argument("--format", default="Auto",
+                    choices=["Auto", "Safetensors", "GGUF", "Diffusers"],
+                    help="the format you expect; anything else is refused")
+    pk.add_argument("--allow-pickle", action="store_true",
+                    help="package pickle weights (.bin/.pt/.pth/.ckpt); they run code on load")
+    _add_registry_flags(pk)
+    pk.set_defaults(func=cmd_pack)
+
+    pl = sub.add_parser("pull", help="pull a ModelPack into a new directory, verified",
+                        description="Pull a ModelPack into DEST. Every file is checked against "
+                        "its digest; DEST appears only when all files verified. An interrupted "
+                        "pull resumes where it stopped when run again.")
+    pl.add_argument("ref", metavar="REF", help="HOST/REPO[:TAG][@sha256:…]")
+    pl.add_argument("dest", metavar="DEST", help="a directory that does not exist or is empty")
+    pl.add_argument("-j", "--jobs", type=int, default=4, help="files in parallel (default 4)")
+    _add_registry_flags(pl)
+    pl.set_defaults(func=cmd_pull)
+
+    ins = sub.add_parser("inspect", help="print format, metadata, files and digest",
+                         description="Describe a model directory, an OCI layout or a registry "
+                         "reference: format, family, parameter count, files, digest.")
+    ins.add_argument("target", metavar="REF|DIR")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--tag", default=None, help="which manifest of an OCI layout")
+    ins.add_argument("--format", default="Auto", help=argparse.SUPPRESS)
+    ins.add_argument("--allow-pickle", action="store_true",
+                     help="describe pickle weights instead of refusing them")
+    _add_registry_flags(ins)
+    ins.set_defaults(func=cmd_inspect)
+
+    dm = sub.add_parser("demo", help="run the local demo: registry, pack, push, pull, inspect",
+                        description="Start a local registry and move the real MiniLM model "
+                        "through it: verify, pack, push, pull verified, inspect.")
+    dm.add_argument("--keep", action="store_true", help="leave the registry running")
+    dm.set_defaults(func=cmd_demo)
+
+    for name in ("pack", "pull"):
+        sp = sub.choices[name]
+        sp.add_argument("--progress", dest="progress", action="store_true", default=None,
+                        help="always show the progress bar (default: only on a terminal)")
+        sp.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except ModelPackError as e:
+        print(f"modelcache: {e.reason}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("modelcache: Interrupted: stopped; run again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"modelcache: IOError: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

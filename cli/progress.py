@@ -1,0 +1,19 @@
+"""Progress bars for long transfers (tqdm on stderr; quiet when not a terminal)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+
+@contextmanager
+def bar(total: int, desc: str, enabled: bool | None = None) -> Iterator[Callable[[int], None]]:
+    """A byte progress bar; yields a callback taking byte deltas (may be negative)."""
+    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+              file=sys.stderr, disable=disable, dynamic_ncols=True, miniters=1,
+              mininterval=0.2) as t:
+        yield t.update
