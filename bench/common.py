@@ -1,0 +1,131 @@
+"""Shared pieces of the benchmarks: a real registry, a generated model, the
+machine's own limits measured in the same run, and a timer.
+
+Benchmarks are scripts, not tests: they print a markdown table and the
+command that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+from cli import localregistry
+from modelpack.oci.reference import parse
+from modelpack.oci.registry import RegistryClient
+from modelpack.pack import PackResult, pack_to_registry
+from tests import modelgen
+
+CACHE = os.path.expanduser("~/.cache/modelcache-bench")
+GiB = 1 << 30
+
+
+def model_dir(total: int, files: int, seed: int = 11) -> str:
+    path = os.path.join(CACHE, f"model-{total}-{files}-{seed}")
+    if not os.path.exists(os.path.join(path, ".done")):
+        shutil.rmtree(path, ignore_errors=True)
+        modelgen.make_big_model(path, files=files, total=total, seed=seed)
+        open(os.path.join(path, ".done"), "w").close()
+    return path
+
+
+def model_files(path: str) -> list[str]:
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if not f.startswith("."))
+
+
+def timed(fn: Callable[[], object], runs: int, before: Callable[[], None] | None = None
+          ) -> list[float]:
+    out = []
+    for _ in range(runs):
+        if before:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def sha256_rate(seconds: float = 1.0) -> float:
+    """One core's sha256 throughput, bytes/s (hashlib, 4 MiB buffers)."""
+    buf = os.urandom(4 << 20)
+    h = hashlib.sha256()
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        h.update(buf)
+        n += len(buf)
+    return n / (time.perf_counter() - t0)
+
+
+def sha256_rate_parallel(threads: int, seconds: float = 1.0) -> float:
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(lambda _: sha256_rate(seconds), range(threads)))
+
+
+def disk_write_rate(path: str, size: int = 1 * GiB) -> float:
+    """Sequential write with fsync at the end, bytes/s (the page cache included, as for all)."""
+    target = os.path.join(path, ".ddtest")
+    buf = os.urandom(4 << 20)
+    t0 = time.perf_counter()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(size // len(buf)):
+            os.write(fd, buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dt = time.perf_counter() - t0
+    os.unlink(target)
+    return size / dt
+
+
+def curl_blobs(host: str, repo: str, digests: list[str], parallel: bool) -> float:
+    """Seconds for curl to fetch every blob to /dev/null (sequentially or all at once)."""
+    urls = [f"http://{host}/v2/{repo}/blobs/{d}" for d in digests]
+    t0 = time.perf_counter()
+    if parallel:
+        procs = [subprocess.Popen(["curl", "-sfL", "-o", "/dev/null", u]) for u in urls]
+        for p in procs:
+            assert p.wait() == 0
+    else:
+        for u in urls:
+            subprocess.run(["curl", "-sfL", "-o", "/dev/null", u], check=True)
+    return time.perf_counter() - t0
+
+
+class Setup:
+    """A registry with the model pushed under ``repo:v1``."""
+
+    def __init__(self, total: int, files: int, repo: str = "bench/model") -> None:
+        self.src = model_dir(total, files)
+        self.work = os.path.join(CACHE, "work")
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.makedirs(self.work)
+        self.reg = localregistry.start(os.path.join(self.work, "registry"))
+        self.client = RegistryClient(self.reg.host, insecure=True)
+        self.repo = repo
+        self.ref = parse(f"{self.reg.host}/{repo}:v1")
+        self.pushed: PackResult | None = None
+
+    def push(self) -> PackResult:
+        self.pushed = pack_to_registry(self.src, self.client, self.ref)
+        return self.pushed
+
+    def close(self) -> None:
+        self.reg.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def fmt_rate(bps: float) -> str:
+    return f"{bps / 1e9:.2f} GB/s"
