@@ -69,7 +69,9 @@ def _htpasswd(path: str, user: str, password: str) -> None:
 
 
 def start(root: str | None = None, port: int | None = None, *, username: str | None = None,
-          password: str | None = None, log_path: str | None = None) -> LocalRegistry:
+          password: str | None = None, log_path: str | None = None,
+          auth: dict[str, object] | None = None) -> LocalRegistry:
+    """Start the registry; ``username`` turns on htpasswd, ``auth`` is a raw auth section."""
     binary = shutil.which(BINARY) or "/usr/bin/docker-registry"
     if not os.path.exists(binary):
         raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
@@ -87,6 +89,8 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
         htpasswd = os.path.join(root, "htpasswd")
         _htpasswd(htpasswd, username, password or "")
         config["auth"] = {"htpasswd": {"realm": "modelcache", "path": htpasswd}}
+    elif auth:
+        config["auth"] = auth
     cfg_path = os.path.join(root, "config.yml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(config, f)

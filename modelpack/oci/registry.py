@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -98,8 +99,13 @@ class RegistryClient:
             self._load_docker_config()
 
     def _load_docker_config(self) -> None:
+        # docker's own convention: $DOCKER_CONFIG/config.json, else ~/.docker/config.json
+        configs = []
+        if os.environ.get("DOCKER_CONFIG"):
+            configs.append(os.path.join(os.environ["DOCKER_CONFIG"], "config.json"))
         try:
-            self._oras.auth.load_configs(f"{self.host}/x")
+            container = self._oras.get_container(f"{self.host}/x")
+            self._oras.auth.load_configs(container, configs=configs or None)
         except Exception as e:  # a broken docker config must not stop anonymous access
             log.debug("docker config not loaded", extra={"error": str(e)})
         basic = getattr(self._oras.auth, "_basic_auth", None)
@@ -133,7 +139,10 @@ class RegistryClient:
                 h.pop("Authorization", None)
                 if token:
                     self._oras.auth.token = None
-                resp = self._oras.do_request(url, method, data=data, headers=h, stream=stream)
+                # oras-py wraps do_request in a retry loop that sleeps ~130 s on a
+                # refused login; the retry decision is ours, so call it unwrapped
+                do_request = oras.provider.Registry.do_request.__wrapped__
+                resp = do_request(self._oras, url, method, data=data, headers=h, stream=stream)
         except requests.RequestException as e:
             raise RegistryError(f"{method} {what or url}: {type(e).__name__}: {e}",
                                 retryable=True, reason="RegistryUnavailable") from e
