@@ -2,5 +2,5 @@
 # The main job: install what is missing, then run the local demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash hack/install.sh
+bash hack/install.sh --runtime
 exec modelcache demo "$@"

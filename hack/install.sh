@@ -2,8 +2,10 @@
 # Install everything modelcache's tests and demo need on a fresh Debian machine:
 # apt packages, the Python distribution with its extras, and the Go-built tools
 # (each hack/install.d/*.sh, cached under ~/.cache/modelcache-tools by version).
-# Idempotent and quick when nothing changed.
+# Idempotent and quick when nothing changed. `--runtime` skips the test tools.
 set -euo pipefail
+runtime_only=0
+[ "${1:-}" = "--runtime" ] && runtime_only=1
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(docker-registry skopeo xfsprogs btrfs-progs e2fsprogs util-linux curl ca-certificates)
@@ -30,6 +32,7 @@ if [ ! -f "$stamp_dir/python-$py_key" ] || ! python3 -c "import modelpack" 2>/de
   touch "$stamp_dir/python-$py_key"
 fi
 
+[ "$runtime_only" = 1 ] && exit 0
 for f in hack/install.d/*.sh; do
   [ -e "$f" ] || continue
   bash "$f"
