@@ -1,0 +1,185 @@
+"""``modelcache-controller``: the controller's entry points.
+
+* ``publish``: the publish worker as a process (a Job in a cluster): one
+  source → a verified ModelPack at a registry reference. Progress goes out
+  as JSON lines (``--progress-file``, default stderr), the result as one
+  JSON document (``--result-file``, default stdout). Exit status 0 on
+  success, 75 (EX_TEMPFAIL) for a retryable failure, 1 for a terminal one,
+  with ``{"error": {"reason", "message", "retryable"}}`` as the result.
+* ``upload-gateway``: the upload gateway HTTP server.
+
+Credentials come from the environment (``HF_TOKEN``, ``HF_ENDPOINT``,
+``AWS_*``, ``MODELCACHE_HTTP_TOKEN``) or files named by flags, never from
+flags' values, so they stay out of process listings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+EX_TEMPFAIL = 75
+
+
+def _read_secret(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _publish_parser(sub: Any) -> None:
+    p = sub.add_parser("publish", help="publish one source to a registry reference")
+    p.add_argument("--source", required=True,
+                   help="hf://ORG/REPO[@REV], ollama://[HOST/]NS/MODEL[:TAG], http(s)://…, "
+                        "s3://BUCKET/PREFIX or a directory")
+    p.add_argument("--to", required=True, help="registry reference HOST/REPO:TAG")
+    p.add_argument("--insecure-registry", action="store_true", help="plain HTTP to the registry")
+    p.add_argument("--registry-username")
+    p.add_argument("--registry-password-file")
+    p.add_argument("--work-dir", default=None, help="staging directory (kept for resume)")
+    p.add_argument("--progress-file", default="-", help="JSON lines of progress ('-' = stderr)")
+    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
+    p.add_argument("--format", default="Auto", choices=["Auto", "Safetensors", "GGUF", "Diffusers"])
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--include", action="append", default=[], help="HF include glob (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="HF exclude glob (repeatable)")
+    p.add_argument("--sha256", help="expected sha256 of an http(s) file")
+    p.add_argument("--archive", default="Auto", choices=["Auto", "None", "Tar", "Zip"])
+    p.add_argument("--token-file", help="a file holding the source's token (HF or HTTP bearer)")
+    p.add_argument("--endpoint", help="HF endpoint or S3 endpoint URL")
+    p.add_argument("--region", help="S3 region")
+    p.add_argument("--insecure-source", action="store_true",
+                   help="plain HTTP to an Ollama registry that is not on loopback")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--name", help="descriptor.name in the ModelPack config")
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from controller.publish import Options, PublishError, json_lines, publish_uri
+    from modelpack.oci import reference
+    from modelpack.oci.registry import RegistryClient
+
+    creds: dict[str, Any] = {
+        "include": args.include or None, "exclude": args.exclude or None,
+        "sha256": args.sha256, "archive": args.archive, "endpoint": args.endpoint,
+        "region": args.region,
+        "token": _read_secret(args.token_file) or os.environ.get("MODELCACHE_HTTP_TOKEN"),
+    }
+    if args.insecure_source:
+        creds["insecure"] = True
+    progress_out = sys.stderr if args.progress_file == "-" else open(
+        args.progress_file, "a")
+    result: dict[str, Any]
+    code = 0
+    try:
+        ref = reference.parse(args.to)
+        client = RegistryClient(ref.host, insecure=args.insecure_registry,
+                                username=args.registry_username,
+                                password=_read_secret(args.registry_password_file))
+        res = publish_uri(args.source, push=args.to, client=client,
+                          progress=json_lines(progress_out), work_dir=args.work_dir,
+                          options=Options(expected_format=args.format,
+                                          allow_pickle=args.allow_pickle,
+                                          workers=args.workers, name=args.name),
+                          **{k: v for k, v in creds.items() if v is not None})
+        result = res.to_json()
+    except PublishError as e:
+        result = {"error": {"reason": e.reason, "message": str(e)[:1000],
+                            "retryable": e.retryable}}
+        code = EX_TEMPFAIL if e.retryable else 1
+    except Exception as e:  # a bad URI or reference, before any transfer
+        from controller.publish.worker import as_publish_error
+
+        err = as_publish_error(e)
+        result = {"error": {"reason": err.reason, "message": str(err)[:1000],
+                            "retryable": err.retryable}}
+        code = EX_TEMPFAIL if err.retryable else 1
+    finally:
+        if progress_out is not sys.stderr:
+            progress_out.close()
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    if args.result_file == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.result_file, "w") as f:
+            f.write(text)
+    return code
+
+
+def _gateway_parser(sub: Any) -> None:
+    p = sub.add_parser("upload-gateway", help="serve upload sessions")
+    p.add_argument("--listen", default="127.0.0.1:8444", help="HOST:PORT")
+    p.add_argument("--root", required=True, help="where sessions and uploads are kept")
+    p.add_argument("--public-url", default="", help="the URL clients reach the gateway at")
+    p.add_argument("--admin-token-file", help="the token that may create sessions")
+    p.add_argument("--insecure-registry", action="store_true")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="the certificate's key (PEM)")
+    p.add_argument("--session-grace", type=float, default=24 * 3600,
+                   help="seconds an expired session's files are kept before removal")
+
+
+def cmd_upload_gateway(args: argparse.Namespace) -> int:
+    from controller.upload.gateway import Gateway, create_server
+    from modelpack.oci.registry import RegistryClient
+
+    host, _, port = args.listen.rpartition(":")
+    gateway = Gateway(args.root, public_url=args.public_url,
+                      admin_token=_read_secret(args.admin_token_file)
+                      or os.environ.get("MODELCACHE_UPLOAD_ADMIN_TOKEN"),
+                      client_factory=lambda h: RegistryClient(h, insecure=args.insecure_registry))
+    if args.tls_cert and not args.public_url:
+        gateway.public_url = f"https://{host or '127.0.0.1'}:{port}"
+    server = create_server((host or "127.0.0.1", int(port)), gateway)
+    if args.tls_cert:
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+
+    def reap() -> None:
+        while True:
+            time.sleep(600)
+            gateway.sessions.reap(args.session_grace)
+
+    threading.Thread(target=reap, daemon=True, name="session-reaper").start()
+    logging.getLogger(__name__).info("upload gateway listening",
+                                     extra={"url": gateway.public_url})
+    sys.stderr.write(f"upload gateway listening on {gateway.public_url}\n")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+PARSERS: list[Callable[[Any], None]] = [_publish_parser, _gateway_parser]
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "publish": cmd_publish,
+    "upload-gateway": cmd_upload_gateway,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modelcache-controller")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MODELCACHE_LOG_LEVEL", "WARNING"))
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

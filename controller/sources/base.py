@@ -1,0 +1,116 @@
+"""The one interface every model source implements, and its errors.
+
+Pipeline position: the publish worker asks a source to ``resolve()`` (pin
+the revision, list the files with sizes and digests when the source knows
+them), then ``open()``s each file at an offset to stream it into the
+staging store. Every source maps its transport's failures to the
+``SourceError`` hierarchy here, with the retry decision made once, so no
+``requests``/``botocore``/``huggingface_hub`` exception leaks past it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class SourceError(Exception):
+    """Base of every source error; ``reason`` is a short CamelCase tag."""
+
+    retryable: bool = False
+    reason: str = "SourceError"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class SourceUnavailable(SourceError):
+    """The source is down, slow, or dropped the connection; retry later."""
+
+    retryable = True
+    reason = "SourceUnavailable"
+
+
+class SourceNotFound(SourceError):
+    """The repository, revision, object or file does not exist."""
+
+    reason = "NotFound"
+
+
+class SourceAuthError(SourceError):
+    """Credentials are missing, wrong, or do not grant access (gated repos too)."""
+
+    reason = "Unauthorized"
+
+
+class SourceIntegrityError(SourceError):
+    """Bytes do not match what the source promised (digest or size)."""
+
+    reason = "ChecksumMismatch"
+
+
+class UnsafeSourceError(SourceError):
+    """The source names a hostile path, a link, or exceeds a safety bound."""
+
+    reason = "UnsafeSource"
+
+
+class InvalidSourceError(SourceError):
+    """The source description itself is wrong (a bad URI, a bad option)."""
+
+    reason = "InvalidSource"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a model as the source lists it."""
+
+    path: str  # safe relative POSIX path (checked by the source)
+    size: int | None  # None when the source cannot tell before reading
+    sha256: str | None = None  # "sha256:<hex>" when the source states it
+    # a weaker digest the source states (("md5", hex) from an S3 ETag,
+    # ("git-sha1", hex) from a git blob id), checked in the same pass
+    check: tuple[str, str] | None = None
+    archive: bool = False  # a tar/zip to expand into model files after staging
+    # how to re-validate a resumed .part across restarts (an ETag); part of its key
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A source pinned to one revision: what will be published."""
+
+    revision: str  # commit sha, manifest digest, ETag or listing digest
+    files: tuple[SourceFile, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)  # source-specific facts
+
+    @property
+    def size(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+class Stream(Protocol):
+    """A file's bytes from some offset; ``offset`` is where it really starts."""
+
+    offset: int
+
+    def readinto(self, buf: memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Source(Protocol):
+    """A model source; implementations are thread-safe for concurrent ``open``."""
+
+    uri: str
+
+    def resolve(self) -> Resolved: ...
+
+    def open(self, file: SourceFile, offset: int = 0) -> Stream: ...
+
+    def close(self) -> None: ...

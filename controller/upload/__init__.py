@@ -1,0 +1,1 @@
+"""The upload gateway: per-model upload sessions feeding the publish worker."""
