@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from cli.progress import bar
+from cli.progress import bar, open_bar
 from modelpack.errors import ModelPackError
 from modelpack.formats import inspect_dir
 from modelpack.oci import layout as oci_layout
@@ -88,11 +88,68 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _pack_remote(args: argparse.Namespace) -> int:
+    """A remote source (hf://, ollama://, http(s)://, s3://): staged, verified, published."""
+    from controller.publish import Options, PublishError, delta_sink, publish_uri
+    from controller.sources import SourceError
+
+    if "://" not in args.source:
+        print(f"modelcache: InvalidSource: {args.source} is neither a directory nor a URI",
+              file=sys.stderr)
+        return 1
+    options = Options(expected_format=args.format, allow_pickle=args.allow_pickle)
+    creds = {k: v for k, v in (("include", args.include), ("exclude", args.exclude),
+                               ("sha256", args.sha256)) if v}
+    t0 = time.monotonic()
     try:
-        from controller import sources  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        raise SystemExit(f"modelcache: InvalidSource: {args.source} is not a directory") from None
-    raise SystemExit("modelcache: InvalidSource: remote sources are not wired into the CLI yet")
+        with open_bar("pack", args.progress) as (update, set_total):
+            sink = delta_sink(update, set_total)
+            if args.push:
+                ref = parse_ref(args.push)
+                res = publish_uri(args.source, push=args.push, client=_client(args, ref),
+                                  progress=sink, options=options, **creds)
+            else:
+                res = publish_uri(args.source, output=args.output, progress=sink,
+                                  options=options, **creds)
+    except (PublishError, SourceError) as e:
+        print(f"modelcache: {e.reason}: {e}", file=sys.stderr)
+        return 1
+    print(f"packed {res.resolved.get('files')} files, {res.size} bytes "
+          f"in {time.monotonic() - t0:.2f}s from {args.source} (revision {res.revision})")
+    print(f"digest: {res.digest}")
+    print(f"stored: {res.reference or args.output}")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from controller.upload_client import UploadError, upload
+
+    token = os.environ.get("MODELCACHE_UPLOAD_TOKEN")
+    if args.token_file:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    if not args.url or not token:
+        print("modelcache: MissingUploadSession: give --url and --token-file (or "
+              "MODELCACHE_UPLOAD_TOKEN) from the Model's status.upload", file=sys.stderr)
+        return 2
+    try:
+        with open_bar(f"upload {args.model}", args.progress) as (update, set_total):
+            state = {"done": 0, "total": 0}
+
+            def progress(done: int, total: int) -> None:
+                if total != state["total"]:
+                    state["total"] = total
+                    set_total(total)
+                update(done - state["done"])
+                state["done"] = done
+
+            status = upload(args.url, token, args.path, progress=progress)
+    except UploadError as e:
+        print(f"modelcache: {e.reason}: {e}", file=sys.stderr)
+        return 1
+    print(f"uploaded {args.path} to {args.model}: {status.get('phase')}")
+    if status.get("result"):
+        print(f"digest: {status['result'].get('digest')}")
+    return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -172,8 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the format you expect; anything else is refused")
     pk.add_argument("--allow-pickle", action="store_true",
                     help="package pickle weights (.bin/.pt/.pth/.ckpt); they run code on load")
+    src = pk.add_argument_group("remote sources (credentials from HF_TOKEN, HF_ENDPOINT, AWS_*)")
+    src.add_argument("--include", action="append", metavar="GLOB",
+                     help="only files matching GLOB (repeatable; Hugging Face, S3)")
+    src.add_argument("--exclude", action="append", metavar="GLOB",
+                     help="skip files matching GLOB (repeatable)")
+    src.add_argument("--sha256", help="expected sha256 of an http(s) download")
     _add_registry_flags(pk)
     pk.set_defaults(func=cmd_pack)
+
+    up = sub.add_parser("upload", help="upload local files to a Model with source.upload",
+                        description="Upload a directory, a file or a tar/zip to a Model's "
+                        "upload session (status.upload: URL and token Secret). Resumes after a "
+                        "cut connection; waits until the model is verified and published.")
+    up.add_argument("model", metavar="MODEL", help="the Model's name (for messages)")
+    up.add_argument("path", metavar="PATH", help="a directory, a file, or a .tar/.tar.gz/.zip")
+    up.add_argument("--url", help="the session URL from status.upload.url")
+    up.add_argument("--token-file", help="a file holding the session token "
+                    "(or MODELCACHE_UPLOAD_TOKEN)")
+    up.set_defaults(func=cmd_upload)
 
     pl = sub.add_parser("pull", help="pull a ModelPack into a new directory, verified",
                         description="Pull a ModelPack into DEST. Every file is checked against "
@@ -203,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--keep", action="store_true", help="leave the registry running")
     dm.set_defaults(func=cmd_demo)
 
-    for name in ("pack", "pull"):
+    for name in ("pack", "pull", "upload"):
         sp = sub.choices[name]
         sp.add_argument("--progress", dest="progress", action="store_true", default=None,
                         help="always show the progress bar (default: only on a terminal)")

@@ -17,3 +17,18 @@ def bar(total: int, desc: str, enabled: bool | None = None) -> Iterator[Callable
               file=sys.stderr, disable=disable, dynamic_ncols=True, miniters=1,
               mininterval=0.2) as t:
         yield t.update
+
+
+@contextmanager
+def open_bar(desc: str, enabled: bool | None = None
+             ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A byte bar whose total is learnt later; yields (update, set_total)."""
+    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    with tqdm(total=None, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+              file=sys.stderr, disable=disable, dynamic_ncols=True, mininterval=0.2) as t:
+
+        def set_total(total: int) -> None:
+            t.total = total
+            t.refresh()
+
+        yield t.update, set_total

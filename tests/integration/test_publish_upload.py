@@ -193,3 +193,22 @@ def test_expired_sessions_are_reaped(tmp_path):
     assert gw.sessions.reap(grace_seconds=10) == []
     assert gw.sessions.reap(grace_seconds=10, now=time.time() + 60) == [s["id"]]
     assert not os.path.exists(os.path.join(str(tmp_path / "gw"), s["id"]))
+
+
+def test_cli_upload_with_progress(gateway, registry, client, small_model, tmp_path):
+    import subprocess
+
+    s = _session(gateway, registry, "cli-upload")
+    token_file = tmp_path / "token"
+    token_file.write_text(s["token"] + "\n")
+    p = subprocess.run(["modelcache", "upload", "cli-upload", small_model, "--url", s["url"],
+                        "--token-file", str(token_file), "--progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "Ready" in p.stdout and "digest: sha256:" in p.stdout
+    assert "upload cli-upload" in p.stderr and "100%" in p.stderr  # the progress bar
+    assert s["token"] not in p.stdout + p.stderr
+    bad = subprocess.run(["modelcache", "upload", "cli-upload", small_model, "--url", s["url"]],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MODELCACHE_UPLOAD_TOKEN": "wrong"})
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
