@@ -4,23 +4,32 @@ Fields passed with ``extra={...}`` become top-level keys. Volume contexts
 go through ``redact`` before they reach a log record: the service-account
 tokens kubelet may pass (``csi.storage.k8s.io/serviceAccount.tokens``) and
 anything that looks like a secret are replaced.
+
+Records are formatted and written by a writer thread (``QueueHandler`` and
+``QueueListener``): the gRPC event loop logs every publish, and a write to
+stderr (a pipe the container runtime may be slow to drain, or a file on a
+busy disk) must not stall every call, Probe included.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
 import json
 import logging
+import logging.handlers
+import queue
+import re
 import sys
 import time
 
 REDACTED = "<redacted>"
-_SECRET_HINTS = ("token", "secret", "password", "credential")
+_SECRET = re.compile("token|secret|password|credential", re.IGNORECASE)
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 def redact(ctx: dict[str, str]) -> dict[str, str]:
-    return {k: (REDACTED if any(h in k.lower() for h in _SECRET_HINTS) else v)
-            for k, v in ctx.items()}
+    return {k: (REDACTED if _SECRET.search(k) else v) for k, v in ctx.items()}
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,7 +46,25 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # rendered before the record crossed to the writer thread
+            out["exc"] = record.exc_text
         return json.dumps(out, default=str)
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hand a record to the writer thread, rendering what cannot wait: the message's
+    arguments and a live traceback (the stdlib's ``prepare`` would fold the
+    traceback into the message, and the JSON keeps it apart, as ``exc``)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        exc = record.exc_info
+        if exc:
+            record = copy.copy(record)  # other handlers may still want the live traceback
+            record.exc_text = logging.Formatter().formatException(exc)
+            record.exc_info = None
+        record.msg = record.getMessage()  # the same text for every handler
+        record.args = None
+        return record
 
 
 def setup(level: str = "info", fmt: str = "json") -> None:
@@ -46,6 +73,17 @@ def setup(level: str = "info", fmt: str = "json") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    writer = logging.handlers.QueueListener(records, handler)
+    writer.start()
+    atexit.register(writer.stop)  # write what is queued before the process ends
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level.upper())
+    # Neither format prints the caller, thread or process, so do not collect them
+    # per record (the logging HOWTO's "Optimization"): finding the caller walks the
+    # stack, and a publish logs on the event loop every call.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import re
 import signal
@@ -148,6 +149,10 @@ async def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await plugin.recover()
+    # What startup made (modules, grpc, protobuf, the cache index) lives as long as the
+    # process: move it out of the collector's reach, so a full collection, which
+    # stops the event loop, does not rescan it while publishes wait.
+    gc.freeze()
     tasks = []
     if args.evict_interval > 0:
         tasks.append(asyncio.create_task(_periodic(args.evict_interval, cache.maybe_evict,

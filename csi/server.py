@@ -53,6 +53,7 @@ class Plugin:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
+        self.node.records.close()
         self.cache.close()
 
 

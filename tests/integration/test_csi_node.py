@@ -165,6 +165,23 @@ def test_unpublish_removes_stacked_mounts(plugin_factory, targets):
     assert not mounts.mounts_at(target) and not os.path.exists(target)
 
 
+def test_mounts_at_reads_escaped_mount_points(targets, tmp_path):
+    # mounts_at parses only the mountinfo lines that can name the path: the
+    # kernel's octal escapes must be matched, and a prefix must not match
+    src = tmp_path / "src"
+    src.mkdir()
+    odd = os.path.join(targets, "a b\\c", "mount")
+    os.makedirs(odd)
+    os.makedirs(odd + "2")
+    mounts.bind_read_only(str(src), odd)
+    mounts.bind_read_only(str(src), odd)  # stacked
+    mounts.bind_read_only(str(src), odd + "2")
+    assert [m.mount_point for m in mounts.mounts_at(odd)] == [odd, odd]
+    assert mounts.mounts_at(odd) == mounts.mounts_at(odd, mounts.read_mounts())
+    assert mounts.unmount_all(odd) == 2 and not mounts.mounts_at(odd)
+    assert len(mounts.mounts_at(odd + "2")) == 1
+
+
 def test_names_are_namespaced_and_arguments_validated(plugin_factory, targets, proxy):
     p = plugin_factory(cluster={"shared": f"{proxy.host}/models/team-a/small:v1"})
     node = p.node()

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from csi import errors, logs, main, mounts
+from csi import errors, logs, main, mounts, volumes
 from csi.resolver import FileResolver, Volume
 from modelpack import errors as mp
 
@@ -41,6 +41,52 @@ def test_fs_path_and_shows():
     assert inner == "/var/lib/modelcache/models/abc"
     assert mounts.shows(table[2], dev, inner)
     assert not mounts.shows(table[2], dev, "/var/lib/modelcache/models/abd")
+
+
+def test_volume_records_journal(tmp_path):
+    root = str(tmp_path)
+    recs = volumes.VolumeRecords(root)
+    recs.put("/t/a", "va", "ns/m", "sha256:1")
+    recs.put("/t/b", "vb", "ns/m", "sha256:1")
+    recs.put("/t/a", "va", "ns/m", "sha256:2")  # a later line wins
+    recs.drop("/t/b")
+    assert recs.get("/t/a")["digest"] == "sha256:2" and recs.get("/t/b") is None
+    recs.close()
+    with open(os.path.join(root, volumes.JOURNAL), "ab") as f:
+        f.write(b'{"target":"/t/c","volumeId":"vc","ke')  # torn by a crash
+    # an unpublish that arrives before startup's load is kept too
+    early = volumes.VolumeRecords(root)
+    early.drop("/t/a")
+    early.close()
+
+    legacy = tmp_path / volumes.LEGACY_DIR  # the one-file-per-volume layout before
+    legacy.mkdir()
+    (legacy / "x.json").write_text(json.dumps({"target": "/t/d", "volumeId": "vd",
+                                               "key": "ns/n", "digest": "sha256:3"}))
+    (legacy / "y.json").write_text(json.dumps({"target": "/t/gone", "volumeId": "vg"}))
+    again = volumes.VolumeRecords(root)
+    again.load(["/", "/t/a", "/t/d"])  # /t/gone is no longer a mount point
+    assert again.get("/t/a") is None and again.get("/t/c") is None
+    assert again.get("/t/d")["volumeId"] == "vd" and again.get("/t/gone") is None
+    assert not legacy.exists()
+    with open(os.path.join(root, volumes.JOURNAL)) as f:
+        assert [json.loads(line)["target"] for line in f] == ["/t/d"]  # compacted
+
+
+def test_volume_records_compact_while_serving(tmp_path, monkeypatch):
+    monkeypatch.setattr(volumes, "COMPACT_MIN_LINES", 10)
+    recs = volumes.VolumeRecords(str(tmp_path))
+    for i in range(25):
+        recs.put(f"/t/{i}", f"v{i}", "ns/m", "sha256:1")
+        if i % 5:
+            recs.drop(f"/t/{i}")
+    with open(recs.path) as f:
+        lines = f.readlines()
+    assert len(lines) <= 20
+    recs.close()
+    reloaded = volumes.VolumeRecords(str(tmp_path))
+    reloaded.load([f"/t/{i}" for i in range(25)])
+    assert sorted(reloaded._records) == sorted(f"/t/{i}" for i in range(0, 25, 5))
 
 
 def _write(path, doc):
