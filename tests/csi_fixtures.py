@@ -17,21 +17,19 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
 
 from csi.stubs import pb, rpc
+from tests import loopfs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOB_RE = re.compile(r"^/v2/(.+)/blobs/(sha256:[0-9a-f]{64})$")
@@ -251,40 +249,9 @@ def visible_files(models_dir: str) -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def loop_fs(fstype: str, size_mb: int) -> Iterator[str]:
-    """A fresh filesystem on a loop device, mounted on a temp dir; removed after."""
-    work = tempfile.mkdtemp(prefix=f"modelcache-{fstype}-")
-    image = os.path.join(work, "image")
-    mnt = os.path.join(work, "mnt")
-    os.mkdir(mnt)
-    with open(image, "wb") as f:
-        f.truncate(size_mb << 20)
-    mkfs = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1", image],
-            "ext4": ["mkfs.ext4", "-q", "-F", image]}[fstype]
-    subprocess.run(mkfs, check=True, capture_output=True)
-    dev = subprocess.run(["losetup", "--find", "--show", image], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    try:
-        subprocess.run(["mount", dev, mnt], check=True, capture_output=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def tmpfs(size: str) -> Iterator[str]:
-    mnt = tempfile.mkdtemp(prefix="modelcache-tmpfs-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", mnt], check=False)
-        os.rmdir(mnt)
+def loop_fs(fstype: str, size_mb: int) -> contextlib.AbstractContextManager[str]:
+    """A fresh filesystem on a loop device (tests/loopfs.py), mounted on a temp dir."""
+    return loopfs.loop_mount(fstype, size_mb << 20)
 
 
 def unmount_everything_under(path: str) -> None:

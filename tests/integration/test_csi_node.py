@@ -22,7 +22,7 @@ from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_registry
 from tests import csi_fixtures as cf_
-from tests import modelgen
+from tests import loopfs, modelgen
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -341,7 +341,7 @@ def test_registry_down_retryable_and_cached_still_publish(plugin_factory, target
 
 def test_disk_full_is_resource_exhausted_and_cache_stays_consistent(
         plugin_factory, targets, proxy, models):
-    with cf_.tmpfs("20m") as fs:
+    with loopfs.tmpfs_mount(20 << 20) as fs:
         cache = os.path.join(fs, "cache")
         p = plugin_factory(cache_dir=cache)
         node = p.node()
