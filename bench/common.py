@@ -73,35 +73,63 @@ def sha256_rate_parallel(threads: int, seconds: float = 1.0) -> float:
         return sum(pool.map(lambda _: sha256_rate(seconds), range(threads)))
 
 
-def disk_write_rate(path: str, size: int = 1 * GiB) -> float:
-    """Sequential write with fsync at the end, bytes/s (the page cache included, as for all)."""
-    target = os.path.join(path, ".ddtest")
+def disk_write_rate(path: str, size: int = 2 * GiB, streams: int = 4) -> float:
+    """Write ``size`` bytes as ``streams`` files in parallel, each fsynced: bytes/s.
+
+    The same shape as a pull (4 files at a time, each fsynced), so it is the
+    disk's limit for that work; one stream alone is usually slower.
+    """
+    import concurrent.futures as cf
+
     buf = os.urandom(4 << 20)
+
+    def one(i: int) -> None:
+        target = os.path.join(path, f".ddtest-{i}")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for _ in range(size // streams // len(buf)):
+                os.write(fd, buf)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(size // len(buf)):
-            os.write(fd, buf)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with cf.ThreadPoolExecutor(streams) as pool:
+        list(pool.map(one, range(streams)))
     dt = time.perf_counter() - t0
-    os.unlink(target)
+    for i in range(streams):
+        os.unlink(os.path.join(path, f".ddtest-{i}"))
     return size / dt
 
 
-def curl_blobs(host: str, repo: str, digests: list[str], parallel: bool) -> float:
-    """Seconds for curl to fetch every blob to /dev/null (sequentially or all at once)."""
+def curl_blobs(host: str, repo: str, digests: list[str], parallel: bool,
+               out_dir: str | None = None) -> float:
+    """Seconds for curl to fetch every blob, sequentially or all at once.
+
+    To /dev/null by default; with ``out_dir``, into files there followed by
+    ``sync`` (the machine's limit for landing the bytes on disk, unverified).
+    """
     urls = [f"http://{host}/v2/{repo}/blobs/{d}" for d in digests]
+    outs = ([os.path.join(out_dir, d.split(":")[1]) for d in digests] if out_dir
+            else ["/dev/null"] * len(urls))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
     if parallel:
-        procs = [subprocess.Popen(["curl", "-sfL", "-o", "/dev/null", u]) for u in urls]
+        procs = [subprocess.Popen(["curl", "-sfL", "-o", o, u]) for u, o in zip(urls, outs, strict=True)]
         for p in procs:
             assert p.wait() == 0
     else:
-        for u in urls:
-            subprocess.run(["curl", "-sfL", "-o", "/dev/null", u], check=True)
-    return time.perf_counter() - t0
+        for u, o in zip(urls, outs, strict=True):
+            subprocess.run(["curl", "-sfL", "-o", o, u], check=True)
+    if out_dir:
+        subprocess.run(["sync"], check=True)
+    dt = time.perf_counter() - t0
+    if out_dir:
+        shutil.rmtree(out_dir)
+    return dt
 
 
 class Setup:

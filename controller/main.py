@@ -7,10 +7,14 @@
   success, 75 (EX_TEMPFAIL) for a retryable failure, 1 for a terminal one,
   with ``{"error": {"reason", "message", "retryable"}}`` as the result.
 * ``upload-gateway``: the upload gateway HTTP server.
+* ``manager``: the controller manager (``controller.manager``): Model and
+  ClusterModel reconcilers, publish Jobs, leader election, metrics, health.
 
 Credentials come from the environment (``HF_TOKEN``, ``HF_ENDPOINT``,
-``AWS_*``, ``MODELCACHE_HTTP_TOKEN``) or files named by flags, never from
-flags' values, so they stay out of process listings.
+``AWS_*``, ``MODELCACHE_HTTP_TOKEN``, ``MODELCACHE_REGISTRY_USERNAME``/
+``_PASSWORD``) or files named by flags, never from flags' values, so they
+stay out of process listings. A publish Job also gets
+``MODELCACHE_REPORT_URL``/``_TOKEN``: progress then goes to the manager too.
 """
 
 from __future__ import annotations
@@ -75,17 +79,25 @@ def cmd_publish(args: argparse.Namespace) -> int:
     }
     if args.insecure_source:
         creds["insecure"] = True
+    from controller.manager import report_client
+
     progress_out = sys.stderr if args.progress_file == "-" else open(
         args.progress_file, "a")
+    sink = json_lines(progress_out)
+    reporter = report_client.sink_from_env()
+    if reporter is not None:
+        sink = report_client.tee(sink, reporter)
     result: dict[str, Any]
     code = 0
     try:
         ref = reference.parse(args.to)
         client = RegistryClient(ref.host, insecure=args.insecure_registry,
-                                username=args.registry_username,
-                                password=_read_secret(args.registry_password_file))
+                                username=args.registry_username
+                                or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
+                                password=_read_secret(args.registry_password_file)
+                                or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"))
         res = publish_uri(args.source, push=args.to, client=client,
-                          progress=json_lines(progress_out), work_dir=args.work_dir,
+                          progress=sink, work_dir=args.work_dir,
                           options=Options(expected_format=args.format,
                                           allow_pickle=args.allow_pickle,
                                           workers=args.workers, name=args.name),
@@ -103,9 +115,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
                             "retryable": err.retryable}}
         code = EX_TEMPFAIL if err.retryable else 1
     finally:
+        if reporter is not None:
+            reporter.close()
         if progress_out is not sys.stderr:
             progress_out.close()
-    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    # compact when it is a termination message: kubelet keeps only its first 4 KiB
+    compact = args.result_file != "-"
+    text = json.dumps(result, indent=None if compact else 2, sort_keys=True,
+                      separators=(",", ":") if compact else None) + "\n"
     if args.result_file == "-":
         sys.stdout.write(text)
     else:
@@ -164,10 +181,76 @@ def cmd_upload_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-PARSERS: list[Callable[[Any], None]] = [_publish_parser, _gateway_parser]
+def _manager_parser(sub: Any) -> None:
+    env = os.environ.get
+    p = sub.add_parser("manager", help="run the controller manager")
+    p.add_argument("--kubeconfig", default=env("KUBECONFIG"),
+                   help="default: in-cluster credentials, else ~/.kube/config")
+    p.add_argument("--namespace", default=env("MODELCACHE_NAMESPACE") or env("POD_NAMESPACE")
+                   or "modelcache-system",
+                   help="the controller's namespace: publish Jobs, the Lease, ClusterModel Secrets")
+    p.add_argument("--registry", default=env("MODELCACHE_REGISTRY"), required=not env(
+        "MODELCACHE_REGISTRY"), help="the DMCR, HOST[:PORT] ($MODELCACHE_REGISTRY)")
+    p.add_argument("--registry-insecure", action="store_true",
+                   default=env("MODELCACHE_REGISTRY_INSECURE") == "true")
+    p.add_argument("--registry-secret", default=env("MODELCACHE_REGISTRY_SECRET"),
+                   help="Secret (username/password keys) in --namespace for the publish Jobs")
+    p.add_argument("--registry-username-file", help="the manager's own registry user (deletes)")
+    p.add_argument("--registry-password-file")
+    p.add_argument("--worker-image", default=env("MODELCACHE_WORKER_IMAGE")
+                   or "modelcache-controller:latest")
+    p.add_argument("--hf-endpoint", default=env("HF_ENDPOINT"),
+                   help="HF_ENDPOINT given to publish Jobs")
+    p.add_argument("--listen", default="0.0.0.0:8080",
+                   help="HOST:PORT of /healthz /readyz /metrics and /report")
+    p.add_argument("--report-url", default=env("MODELCACHE_REPORT_URL"),
+                   help="the URL publish Jobs reach --listen at (no progress reports without)")
+    p.add_argument("--report-key-file", help="HMAC key of report tokens "
+                   "(default $MODELCACHE_REPORT_KEY, else random per process)")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--job-backoff-limit", type=int, default=3)
+    p.add_argument("--job-ttl", type=int, default=24 * 3600,
+                   help="ttlSecondsAfterFinished of publish Jobs (-1: none)")
+    p.add_argument("--no-leader-elect", dest="leader_elect", action="store_false")
+    p.add_argument("--lease-duration", type=float, default=15.0)
+    p.add_argument("--lease-renew", type=float, default=5.0)
+    p.add_argument("--progress-interval", type=float, default=1.0,
+                   help="at most one status.progress write per model per this many seconds")
+    p.add_argument("--log-level", default=env("MODELCACHE_LOG_LEVEL") or "INFO")
+
+
+def cmd_manager(args: argparse.Namespace) -> int:
+    import secrets
+
+    from controller.manager import app, jobs, logs
+
+    logs.setup(args.log_level)
+    key = (_read_secret(args.report_key_file) or os.environ.get("MODELCACHE_REPORT_KEY")
+           or secrets.token_hex(32)).encode()
+    host, _, port = args.listen.rpartition(":")
+    settings = jobs.Settings(
+        namespace=args.namespace, registry=args.registry, image=args.worker_image,
+        registry_insecure=args.registry_insecure, registry_secret=args.registry_secret,
+        hf_endpoint=args.hf_endpoint, report_url=args.report_url, report_key=key,
+        backoff_limit=args.job_backoff_limit,
+        ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl)
+    opts = app.Options(
+        settings=settings, kubeconfig=args.kubeconfig, listen=(host or "0.0.0.0", int(port)),
+        workers=args.workers, leader_elect=args.leader_elect,
+        lease_duration=args.lease_duration, lease_renew=args.lease_renew,
+        registry_username=_read_secret(args.registry_username_file)
+        or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
+        registry_password=_read_secret(args.registry_password_file)
+        or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"),
+        progress_interval=args.progress_interval)
+    return app.Manager(opts).run()
+
+
+PARSERS: list[Callable[[Any], None]] = [_publish_parser, _gateway_parser, _manager_parser]
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "publish": cmd_publish,
     "upload-gateway": cmd_upload_gateway,
+    "manager": cmd_manager,
 }
 
 

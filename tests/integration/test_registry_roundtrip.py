@@ -33,7 +33,7 @@ def _same_tree(a: str, b: str) -> None:
 
 
 def test_roundtrip_is_byte_identical(registry, client, minilm_dir, tmp_path):
-    ref = parse(f"{registry.host}/models/minilm:v1")
+    ref = parse(f"{registry.host}/rt/minilm:v1")
     res = pack_to_registry(minilm_dir, client, ref)
     dest = str(tmp_path / "out")
     pack = pull_to_dir(client, ref, dest)
@@ -47,7 +47,7 @@ def test_roundtrip_is_byte_identical(registry, client, minilm_dir, tmp_path):
 
 
 def test_manifest_is_a_modelpack(registry, client, small_model):
-    ref = parse(f"{registry.host}/models/shape:v1")
+    ref = parse(f"{registry.host}/rt/shape:v1")
     pack_to_registry(small_model, client, ref)
     raw, _, _ = client.get_manifest(ref)
     m = json.loads(raw)
@@ -68,7 +68,7 @@ def test_manifest_is_a_modelpack(registry, client, small_model):
 
 
 def test_same_files_same_digest_registry_and_layout(registry, client, small_model, tmp_path):
-    ref = parse(f"{registry.host}/models/same:v1")
+    ref = parse(f"{registry.host}/rt/same:v1")
     a = pack_to_registry(small_model, client, ref)
     b = pack_to_layout(small_model, str(tmp_path / "oci"))
     assert a.pack.digest == b.pack.digest
@@ -79,7 +79,7 @@ def test_same_files_same_digest_registry_and_layout(registry, client, small_mode
 def test_corrupt_blob_in_registry_is_detected(registry, client, tmp_path):
     src = str(tmp_path / "src")
     modelgen.make_safetensors_model(src, seed=7)
-    ref = parse(f"{registry.host}/models/corrupt:v1")
+    ref = parse(f"{registry.host}/rt/corrupt:v1")
     res = pack_to_registry(src, client, ref)
     weight = next(x for x in res.pack.layers if x.path == "model.safetensors")
     blob = registry.blob_path(weight.digest)
@@ -97,7 +97,7 @@ def test_corrupt_blob_in_registry_is_detected(registry, client, tmp_path):
 def test_dropped_connection_resumes_with_range(registry, client, tmp_path):
     src = str(tmp_path / "src")
     modelgen.make_big_model(src, files=2, total=24 << 20, seed=3)
-    ref = parse(f"{registry.host}/models/flaky:v1")
+    ref = parse(f"{registry.host}/rt/flaky:v1")
     pack_to_registry(src, client, ref)
     proxy = FlakyProxy(registry.host)
     try:
@@ -105,7 +105,7 @@ def test_dropped_connection_resumes_with_range(registry, client, tmp_path):
         proxy.cuts_left = 2
         flaky = RegistryClient(proxy.host, insecure=True)
         dest = str(tmp_path / "dest")
-        pack = pull_to_dir(flaky, parse(f"{proxy.host}/models/flaky:v1"), dest)
+        pack = pull_to_dir(flaky, parse(f"{proxy.host}/rt/flaky:v1"), dest)
         verify_tree(pack, dest)
         assert len(proxy.ranges) == 2 and all(r == f"bytes={5 << 20}-" for r in proxy.ranges)
         # resumed, not restarted: only the bytes after the cut were sent again
@@ -117,12 +117,12 @@ def test_dropped_connection_resumes_with_range(registry, client, tmp_path):
 def test_interrupted_pull_resumes_on_the_next_run(registry, client, tmp_path):
     src = str(tmp_path / "src")
     modelgen.make_big_model(src, files=1, total=32 << 20, seed=4)
-    ref = parse(f"{registry.host}/models/resume:v1")
+    ref = parse(f"{registry.host}/rt/resume:v1")
     pack_to_registry(src, client, ref)
     proxy = FlakyProxy(registry.host)
     try:
         flaky = RegistryClient(proxy.host, insecure=True, retries=0)
-        pref = parse(f"{proxy.host}/models/resume:v1")
+        pref = parse(f"{proxy.host}/rt/resume:v1")
         dest = str(tmp_path / "dest")
         seen = 0
 
@@ -150,17 +150,17 @@ def test_registry_down_is_retryable(tmp_path):
 
     c = RegistryClient(f"127.0.0.1:{free_port()}", insecure=True, retries=1)
     with pytest.raises(RegistryError) as ei:
-        c.get_manifest(parse(f"{c.host}/models/x:v1"))
+        c.get_manifest(parse(f"{c.host}/rt/x:v1"))
     assert ei.value.retryable
 
 
 def test_unknown_tag_is_not_found(registry, client):
     with pytest.raises(NotFoundError):
-        resolve(client, parse(f"{registry.host}/models/nothing-here:v9"))
+        resolve(client, parse(f"{registry.host}/rt/nothing-here:v9"))
 
 
 def test_legacy_cnai_names_are_read(registry, client, small_model, tmp_path):
-    ref = parse(f"{registry.host}/models/legacy:v1")
+    ref = parse(f"{registry.host}/rt/legacy:v1")
     res = pack_to_registry(small_model, client, ref)
     m = json.loads(res.pack.manifest_bytes)
     m["artifactType"] = "application/vnd.cnai.model.manifest.v1+json"
@@ -171,7 +171,7 @@ def test_legacy_cnai_names_are_read(registry, client, small_model, tmp_path):
     raw = canonical(m)
     client.put_manifest(ref.repository, "legacy", raw)
     dest = str(tmp_path / "legacy")
-    pack = pull_to_dir(client, parse(f"{registry.host}/models/legacy:legacy"), dest)
+    pack = pull_to_dir(client, parse(f"{registry.host}/rt/legacy:legacy"), dest)
     verify_tree(pack, dest)
     _same_tree(small_model, dest)
 
@@ -179,14 +179,14 @@ def test_legacy_cnai_names_are_read(registry, client, small_model, tmp_path):
 def test_hostile_manifest_path_is_refused(registry, client, small_model, tmp_path):
     from modelpack.errors import UnsafePathError
 
-    ref = parse(f"{registry.host}/models/hostile:v1")
+    ref = parse(f"{registry.host}/rt/hostile:v1")
     res = pack_to_registry(small_model, client, ref)
     m = json.loads(res.pack.manifest_bytes)
     m["layers"][0]["annotations"][mt.FILEPATH] = "../../etc/cron.d/x"
     client.put_manifest(ref.repository, "evil", canonical(m))
     dest = str(tmp_path / "dest")
     with pytest.raises(UnsafePathError):
-        pull_to_dir(client, parse(f"{registry.host}/models/hostile:evil"), dest)
+        pull_to_dir(client, parse(f"{registry.host}/rt/hostile:evil"), dest)
     assert not os.path.exists(dest)
 
 
@@ -194,7 +194,7 @@ def test_basic_auth(small_model, tmp_path):
     from cli import localregistry
 
     with localregistry.running(username="alice", password="s3cret") as reg:
-        ref = parse(f"{reg.host}/models/private:v1")
+        ref = parse(f"{reg.host}/rt/private:v1")
         good = RegistryClient(reg.host, insecure=True, username="alice", password="s3cret")
         pack_to_registry(small_model, good, ref)
         with pytest.raises(AuthError):
@@ -210,7 +210,7 @@ def test_layout_is_real_oci_for_skopeo(registry, small_model, tmp_path):
     """skopeo (containers/image) reads our layout and copies it to the registry."""
     out = str(tmp_path / "oci")
     res = pack_to_layout(small_model, out, tag="v1")
-    target = f"{registry.host}/models/from-skopeo:v1"
+    target = f"{registry.host}/rt/from-skopeo:v1"
     subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{out}:v1",
                     f"docker://{target}"], check=True, capture_output=True)
     c = RegistryClient(registry.host, insecure=True)

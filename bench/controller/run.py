@@ -1,0 +1,146 @@
+"""Controller scale bench: 1,000 Models → 1,000 publish Jobs against a real API server.
+
+No kubelet runs the Jobs (none is needed to measure the control plane):
+the bench creates N Models as fast as 4 client threads can, watches Jobs
+in the controller's namespace on its own connection, and takes each
+Model's latency as (the bench seeing its Job) − (the bench starting its
+create call), both on the bench's monotonic clock. The manager runs as
+its own process (``modelcache-controller manager``); its peak RSS is
+``VmHWM`` from /proc. Also checked: every Model reached Publishing and no
+Model got a second Job.
+
+    python3 -m bench.controller.run [--models 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from controller.manager import kube as k
+from tests import kubeenv
+from tests.integration.test_controller import SYSTEM_NS, ensure_namespace, install_crds
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=8)
+    args = ap.parse_args()
+    n = args.models
+    with kubeenv.running() as env:
+        install_crds(env)
+        client = k.Kube.from_config(env.kubeconfig, pool_size=16)
+        ensure_namespace(client, SYSTEM_NS)
+        ns = "bench"
+        ensure_namespace(client, ns)
+        port = kubeenv.free_port()
+        log_path = os.path.join(env.dir, "manager.log")
+        with open(log_path, "wb") as log:
+            mgr = subprocess.Popen([
+                sys.executable, "-m", "controller.main", "manager", "--kubeconfig",
+                env.kubeconfig, "--namespace", SYSTEM_NS, "--registry", "127.0.0.1:5000",
+                "--registry-insecure", "--listen", f"127.0.0.1:{port}",
+                "--workers", str(args.workers), "--log-level", "WARNING"],
+                cwd=REPO_ROOT, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or mgr.poll() is not None:
+                        raise RuntimeError(open(log_path).read()[-3000:]) from None
+                    time.sleep(0.1)
+            idle_rss = _hwm_kib(mgr.pid)
+
+            seen: dict[str, float] = {}
+            jobs_per_model: dict[str, int] = {}
+            done = threading.Event()
+
+            def watch() -> None:
+                _, rv = client.list(k.JOBS, SYSTEM_NS)
+                while not done.is_set():
+                    for ev in client.watch(k.JOBS, rv, SYSTEM_NS, timeout_seconds=30):
+                        obj = ev["object"]
+                        rv = obj["metadata"].get("resourceVersion", rv)
+                        if ev["type"] != "ADDED":
+                            continue
+                        name = (obj["metadata"].get("labels") or {}).get("modelcache.io/name")
+                        if name:
+                            seen.setdefault(name, time.monotonic())
+                            jobs_per_model[name] = jobs_per_model.get(name, 0) + 1
+                        if len(seen) >= n:
+                            done.set()
+                            return
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            time.sleep(0.5)
+            started: dict[str, float] = {}
+
+            def create(i: int) -> None:
+                name = f"m-{i:04d}"
+                started[name] = time.monotonic()
+                client.create(k.MODELS, {
+                    "apiVersion": "modelcache.io/v1alpha1", "kind": "Model",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"source": {"huggingFace": {"repo": f"bench/model-{i}"}}}}, ns)
+
+            t0 = time.monotonic()
+            with cf.ThreadPoolExecutor(4) as pool:
+                list(pool.map(create, range(n)))
+            created = time.monotonic() - t0
+            done.wait(300)
+            all_jobs = time.monotonic() - t0
+            rss = _hwm_kib(mgr.pid)
+            lat = sorted(seen[m] - started[m] for m in seen if m in started)
+            # every Model reconciled to Publishing (status written) within a further minute
+            deadline = time.monotonic() + 60
+            publishing = 0
+            while time.monotonic() < deadline:
+                items, _ = client.list(k.MODELS, ns)
+                publishing = sum(1 for m in items
+                                 if (m.get("status") or {}).get("phase") == "Publishing")
+                if publishing >= n:
+                    break
+                time.sleep(1)
+            time.sleep(2)
+            dupes = sum(1 for c in jobs_per_model.values() if c > 1)
+
+            def pct(p: float) -> float:
+                return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+            print(f"| models | {n} (created in {created:.1f} s by 4 client threads) |")
+            print(f"| Jobs seen | {len(seen)} of {n}; all within {all_jobs:.1f} s of the first create |")
+            print(f"| create→Job p50 / p99 / max | {pct(0.5) * 1000:.0f} ms / {pct(0.99) * 1000:.0f} ms / {lat[-1] * 1000:.0f} ms |" if lat else "| no latencies |")
+            print(f"| Models in Publishing | {publishing} of {n} |")
+            print(f"| Models with more than one Job | {dupes} |")
+            print(f"| manager peak RSS (VmHWM) | {rss / 1024:.0f} MiB (idle before the burst: {idle_rss / 1024:.0f} MiB) |")
+            print(f"| manager workers | {args.workers} |")
+        finally:
+            mgr.terminate()
+            mgr.wait(15)
+            client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""Prometheus metrics of the manager, in their own registry (no import-time globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.reconciles = Counter("modelcache_reconcile_total", "Reconciles by kind and result",
+                                  ["kind", "result"], registry=r)
+        self.reconcile_seconds = Histogram(
+            "modelcache_reconcile_duration_seconds", "Time per reconcile", ["kind"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.queue_depth = Gauge("modelcache_workqueue_depth", "Keys waiting", registry=r)
+        self.queue_adds = Gauge("modelcache_workqueue_adds", "Keys added so far", registry=r)
+        self.queue_retries = Gauge("modelcache_workqueue_retries", "Rate-limited requeues",
+                                   registry=r)
+        self.jobs_created = Counter("modelcache_publish_jobs_created_total",
+                                    "Publish Jobs created", ["kind"], registry=r)
+        self.publishes = Counter("modelcache_publish_finished_total", "Publishes finished",
+                                 ["kind", "result"], registry=r)
+        self.artifacts_deleted = Counter("modelcache_artifacts_deleted_total",
+                                         "Manifests deleted from the registry", registry=r)
+        self.progress_reports = Counter("modelcache_progress_reports_total",
+                                        "Progress reports from publish workers", ["result"],
+                                        registry=r)
+        self.status_patches = Counter("modelcache_status_patches_total", "Status writes",
+                                      ["what"], registry=r)
+        self.leader = Gauge("modelcache_leader", "1 while this replica leads", registry=r)
+        self.cached = Gauge("modelcache_cached_objects", "Objects in informer caches",
+                            ["resource"], registry=r)

@@ -1,0 +1,149 @@
+"""A work queue with client-go's semantics, for threads.
+
+* A key is queued at most once, however often it is added (dedup).
+* A key being processed is never handed to a second worker; added again
+  meanwhile, it is queued once more when ``done`` is called, so the change
+  that arrived mid-reconcile is not lost.
+* ``add_rate_limited`` requeues after a per-key exponential backoff
+  (``base * 2**failures``, capped); ``forget`` resets it after a success.
+* ``add_after`` schedules an add (``RequeueAfter``); an earlier scheduled
+  time for the same key wins.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import threading
+import time
+from collections.abc import Hashable
+
+
+class ShutDown(Exception):
+    """The queue was shut down; the worker should return."""
+
+
+class WorkQueue:
+    def __init__(self, base_delay: float = 0.05, max_delay: float = 300.0,
+                 name: str = "queue") -> None:
+        self.name = name
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._cond = threading.Condition()  # the queue proper; workers wait on it
+        self._timer_cond = threading.Condition()  # delayed adds; only the timer waits on it
+        self._queue: collections.deque[Hashable] = collections.deque()
+        self._dirty: set[Hashable] = set()
+        self._processing: set[Hashable] = set()
+        self._failures: dict[Hashable, int] = {}
+        self._waiting: list[tuple[float, int, Hashable]] = []  # heap of (when, seq, key)
+        self._waiting_at: dict[Hashable, float] = {}
+        self._seq = 0
+        self._shutdown = False
+        self.adds = 0
+        self.retries = 0
+        self._timer = threading.Thread(target=self._run_timer, daemon=True,
+                                       name=f"{name}-delays")
+        self._timer.start()
+
+    # -- adding -----------------------------------------------------------
+
+    def add(self, key: Hashable) -> None:
+        with self._cond:
+            if self._shutdown or key in self._dirty:
+                return
+            self.adds += 1
+            self._dirty.add(key)
+            if key not in self._processing:
+                self._queue.append(key)
+                self._cond.notify()
+
+    def add_after(self, key: Hashable, delay: float) -> None:
+        if delay <= 0:
+            self.add(key)
+            return
+        when = time.monotonic() + delay
+        with self._timer_cond:
+            if self._shutdown:
+                return
+            if self._waiting_at.get(key, float("inf")) <= when:
+                return
+            self._waiting_at[key] = when
+            self._seq += 1
+            heapq.heappush(self._waiting, (when, self._seq, key))
+            self._timer_cond.notify()
+
+    def add_rate_limited(self, key: Hashable) -> float:
+        """Requeue ``key`` after its backoff; returns the delay chosen."""
+        with self._cond:
+            n = self._failures.get(key, 0)
+            self._failures[key] = n + 1
+            self.retries += 1
+        delay = float(min(self.base_delay * (2 ** n), self.max_delay))
+        self.add_after(key, delay)
+        return delay
+
+    def forget(self, key: Hashable) -> None:
+        with self._cond:
+            self._failures.pop(key, None)
+
+    def failures(self, key: Hashable) -> int:
+        with self._cond:
+            return self._failures.get(key, 0)
+
+    # -- taking -----------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> Hashable:
+        """The next key; raises ``ShutDown`` when the queue is shut down, or
+        ``TimeoutError`` after ``timeout`` seconds with nothing to do."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._queue:
+                if self._shutdown:
+                    raise ShutDown()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError()
+                self._cond.wait(remaining)
+            key = self._queue.popleft()
+            self._dirty.discard(key)
+            self._processing.add(key)
+            return key
+
+    def done(self, key: Hashable) -> None:
+        with self._cond:
+            self._processing.discard(key)
+            if key in self._dirty:
+                self._queue.append(key)
+                self._cond.notify()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._shutdown = True
+            self._cond.notify_all()
+        with self._timer_cond:
+            self._timer_cond.notify_all()
+
+    # -- delays -----------------------------------------------------------
+
+    def _run_timer(self) -> None:
+        while True:
+            with self._timer_cond:
+                if self._shutdown:
+                    return
+                now = time.monotonic()
+                due: list[Hashable] = []
+                while self._waiting and self._waiting[0][0] <= now:
+                    when, _, key = heapq.heappop(self._waiting)
+                    if self._waiting_at.get(key) == when:
+                        del self._waiting_at[key]
+                        due.append(key)
+                wait = self._waiting[0][0] - now if self._waiting else None
+                if not due:
+                    self._timer_cond.wait(wait)
+                    continue
+            for key in due:
+                self.add(key)

@@ -1,0 +1,166 @@
+"""charts/modelcache: ``helm lint``, ``helm template``, and every rendered object
+through ``kubectl apply --dry-run=server`` against the real kube-apiserver.
+
+helm is built by hack/install.d/helm.sh (cached under ~/.cache/modelcache-tools;
+``$HELM`` overrides). The chart must render the same objects as the plain
+manifests in daemonset/ (plus the Secrets it generates), and ship the CRDs of
+crds/ byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import os
+import subprocess
+import uuid
+from typing import Any
+
+import pytest
+import yaml
+
+from tests import kubeenv
+from tests.integration.test_crds import install_crds
+
+kube = kubeenv.kube
+
+CHART = os.path.join(kubeenv.REPO_ROOT, "charts", "modelcache")
+MANIFESTS = os.path.join(kubeenv.REPO_ROOT, "daemonset")
+HELM_VERSION = "v3.19.5"  # hack/install.d/helm.sh
+KUBE_VERSION = kubeenv.versions()["KUBE_VERSION"]
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    path = os.environ.get("HELM") or os.path.join(kubeenv.TOOLS, f"helm-{HELM_VERSION}", "helm")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"helm not built: {path} (run hack/install.d/helm.sh)")
+    return path
+
+
+def render(helm: str, namespace: str, *sets: str) -> list[dict[str, Any]]:
+    args = [helm, "template", "mc", CHART, "--namespace", namespace,
+            "--kube-version", KUBE_VERSION]
+    for s in sets:
+        args += ["--set", s]
+    out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def ids(objs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(o["kind"], o["metadata"]["name"]) for o in objs}
+
+
+def manifests() -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(MANIFESTS, "*.yaml"))):
+        if os.path.basename(path) == "kustomization.yaml":
+            continue
+        with open(path) as f:
+            out += [d for d in yaml.safe_load_all(f) if d]
+    return out
+
+
+def test_helm_lint(helm: str) -> None:
+    done = subprocess.run([helm, "lint", CHART, "--kube-version", KUBE_VERSION],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in done.stdout
+
+
+def test_chart_crds_are_the_repo_crds() -> None:
+    repo = sorted(os.listdir(os.path.join(kubeenv.REPO_ROOT, "crds")))
+    assert sorted(os.listdir(os.path.join(CHART, "crds"))) == repo
+    for name in repo:
+        with open(os.path.join(kubeenv.REPO_ROOT, "crds", name), "rb") as a, \
+                open(os.path.join(CHART, "crds", name), "rb") as b:
+            assert a.read() == b.read(), f"charts/modelcache/crds/{name} differs from crds/{name}"
+
+
+def test_rendered_kinds(helm: str) -> None:
+    objs = render(helm, "modelcache-system")
+    assert ids(objs) == {
+        ("CSIDriver", "nodecache.modelcache.io"),
+        ("ClusterRole", "modelcache-controller"), ("ClusterRole", "modelcache-node"),
+        ("ClusterRoleBinding", "modelcache-controller"),
+        ("ClusterRoleBinding", "modelcache-node"),
+        ("Role", "modelcache-controller"), ("RoleBinding", "modelcache-controller"),
+        ("ServiceAccount", "modelcache-controller"), ("ServiceAccount", "modelcache-node"),
+        ("ServiceAccount", "modelcache-publish"),
+        ("Deployment", "modelcache-controller"), ("Service", "modelcache-controller"),
+        ("Deployment", "dmcr"), ("Service", "dmcr"), ("ConfigMap", "dmcr-config"),
+        ("PersistentVolumeClaim", "dmcr-data"),
+        ("Secret", "dmcr-htpasswd"), ("Secret", "dmcr-credentials"),
+        ("Secret", "modelcache-report-key"),
+        ("DaemonSet", "modelcache-node"),
+    }
+    # the same objects as the plain manifests, but for the generated Secrets
+    # and the Namespace (Helm installs into the release namespace)
+    plain = ids(manifests()) - {("Namespace", "modelcache-system")}
+    generated = {i for i in ids(objs) if i[0] == "Secret"}
+    assert ids(objs) - generated == plain
+
+
+def test_rendered_objects_match_manifests(helm: str) -> None:
+    """Spot checks that templating kept the manifests' substance."""
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in render(helm, "modelcache-system")}
+    plain = {(o["kind"], o["metadata"]["name"]): o for o in manifests()}
+    for key in [("ClusterRole", "modelcache-controller"), ("Role", "modelcache-controller"),
+                ("ClusterRole", "modelcache-node"), ("CSIDriver", "nodecache.modelcache.io")]:
+        assert objs[key].get("rules", objs[key].get("spec")) == \
+            plain[key].get("rules", plain[key].get("spec")), key
+    for key in [("Deployment", "modelcache-controller"), ("Deployment", "dmcr"),
+                ("DaemonSet", "modelcache-node")]:
+        a, b = objs[key]["spec"]["template"]["spec"], plain[key]["spec"]["template"]["spec"]
+        assert a["volumes"] == b["volumes"], key
+        for ca, cb in zip(a["containers"], b["containers"], strict=True):
+            # the chart adds only --log-level (a value) to the plain arguments
+            assert [x for x in ca.get("args", []) if not x.startswith("--log-level")] == \
+                cb.get("args", []), key
+            assert ca["image"] == cb["image"] and ca.get("volumeMounts") == cb.get("volumeMounts")
+    cfg = yaml.safe_load(objs[("ConfigMap", "dmcr-config")]["data"]["config.yml"])
+    assert cfg["storage"]["delete"]["enabled"] is True
+    assert cfg["auth"]["htpasswd"]["path"] == "/auth/htpasswd"
+
+
+def test_values_change_the_rendering(helm: str) -> None:
+    objs = render(helm, "ai", "node.enabled=false", "dmcr.password=s3cret",
+                  "node.kubeletRoot=/var/lib/k0s/kubelet", "controller.hfEndpoint=https://hf.local")
+    assert not {i for i in ids(objs) if i[0] in ("DaemonSet", "CSIDriver")}
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    creds = by[("Secret", "dmcr-credentials")]["data"]
+    assert base64.b64decode(creds["password"]) == b"s3cret"
+    htpasswd = base64.b64decode(by[("Secret", "dmcr-htpasswd")]["data"]["htpasswd"]).decode()
+    assert htpasswd.startswith("modelcache:$2")  # bcrypt, never the clear password
+    args = by[("Deployment", "modelcache-controller")]["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert "--registry=dmcr.ai.svc:5000" in args and "--hf-endpoint=https://hf.local" in args
+    assert all(o["metadata"].get("namespace") in (None, "ai") for o in objs)
+    k0s = render(helm, "ai", "node.kubeletRoot=/var/lib/k0s/kubelet")
+    ds = next(o for o in k0s if o["kind"] == "DaemonSet")
+    paths = [v["hostPath"]["path"] for v in ds["spec"]["template"]["spec"]["volumes"]]
+    assert "/var/lib/k0s/kubelet/pods" in paths
+
+
+def _dry_run(kube: kubeenv.KubeEnv, objs: list[dict[str, Any]]) -> str:
+    done = kube.kubectl("apply", "--dry-run=server", "-f", "-", check=False,
+                        input=yaml.safe_dump_all(objs))
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_rendered_objects_pass_server_dry_run(kube: kubeenv.KubeEnv, helm: str) -> None:
+    install_crds(kube)
+    ns = f"mc-chart-{uuid.uuid4().hex[:6]}"
+    kube.kubectl("create", "namespace", ns)
+    objs = render(helm, ns)
+    out = _dry_run(kube, objs)
+    for kind, name in ids(objs):
+        assert f"/{name} created (server dry run)" in out, (kind, name, out)
+
+
+def test_manifests_pass_server_dry_run(kube: kubeenv.KubeEnv) -> None:
+    kube.kubectl("apply", "-f", os.path.join(MANIFESTS, "controller-namespace.yaml"))
+    objs = [o for o in manifests() if o["kind"] != "Namespace"]
+    out = _dry_run(kube, objs)
+    assert out.count("created (server dry run)") == len(objs), out
