@@ -1,15 +1,23 @@
 """Controller scale bench: 1,000 Models → 1,000 publish Jobs against a real API server.
 
 No kubelet runs the Jobs (none is needed to measure the control plane):
-the bench creates N Models as fast as 4 client threads can, watches Jobs
-in the controller's namespace on its own connection, and takes each
-Model's latency as (the bench seeing its Job) − (the bench starting its
-create call), both on the bench's monotonic clock. The manager runs as
-its own process (``modelcache-controller manager``); its peak RSS is
-``VmHWM`` from /proc. Also checked: every Model reached Publishing and no
-Model got a second Job.
+the bench creates N Models, watches Jobs in the controller's namespace on
+its own connection, and takes each Model's latency as (the bench seeing its
+Job) − (the bench starting its create call), both on the bench's monotonic
+clock. The manager runs as its own process (``modelcache-controller
+manager``); its peak RSS is ``VmHWM`` from /proc. Also checked: every Model
+reached Publishing and no Model got a second Job.
 
-    python3 -m bench.controller.run [--models 1000]
+Two arrival patterns, to tell queueing from service time:
+
+* burst (default): 4 client threads create as fast as the API server
+  admits; when that exceeds what the manager can drain, the tail is
+  queueing behind the burst;
+* paced (``--rate R``): create *i* starts at ``i / R`` seconds (steady
+  arrivals; 8 client threads so a slow answer does not delay the next
+  start); below the drain rate, latency is the manager's service time.
+
+    python3 -m bench.controller.run [--models 1000] [--rate 25]
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="paced arrivals: creates per second (0: a burst, as fast as admitted)")
     args = ap.parse_args()
     n = args.models
     with kubeenv.running() as env:
@@ -96,16 +106,24 @@ def main() -> int:
             time.sleep(0.5)
             started: dict[str, float] = {}
 
+            t0 = time.monotonic() + 0.1
+            late: list[float] = []
+
             def create(i: int) -> None:
                 name = f"m-{i:04d}"
+                if args.rate > 0:
+                    wait = t0 + i / args.rate - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    else:
+                        late.append(-wait)  # the client, not the manager, fell behind
                 started[name] = time.monotonic()
                 client.create(k.MODELS, {
                     "apiVersion": "modelcache.io/v1alpha1", "kind": "Model",
                     "metadata": {"name": name, "namespace": ns},
                     "spec": {"source": {"huggingFace": {"repo": f"bench/model-{i}"}}}}, ns)
 
-            t0 = time.monotonic()
-            with cf.ThreadPoolExecutor(4) as pool:
+            with cf.ThreadPoolExecutor(8 if args.rate > 0 else 4) as pool:
                 list(pool.map(create, range(n)))
             created = time.monotonic() - t0
             done.wait(300)
@@ -128,7 +146,14 @@ def main() -> int:
             def pct(p: float) -> float:
                 return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
 
-            print(f"| models | {n} (created in {created:.1f} s by 4 client threads) |")
+            if args.rate > 0:
+                behind = max(late) if late else 0.0
+                print(f"| arrivals | paced, {args.rate:g} creates/s ({len(late)} of {n} "
+                      f"started late, at most {behind * 1000:.0f} ms) |")
+            else:
+                print("| arrivals | burst, 4 client threads as fast as admitted |")
+            print(f"| models | {n} (created in {created:.1f} s, "
+                  f"{n / created:.1f}/s) |")
             print(f"| Jobs seen | {len(seen)} of {n}; all within {all_jobs:.1f} s of the first create |")
             print(f"| create→Job p50 / p99 / max | {pct(0.5) * 1000:.0f} ms / {pct(0.99) * 1000:.0f} ms / {lat[-1] * 1000:.0f} ms |" if lat else "| no latencies |")
             print(f"| Models in Publishing | {publishing} of {n} |")
