@@ -199,6 +199,9 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--registry-password-file")
     p.add_argument("--worker-image", default=env("MODELCACHE_WORKER_IMAGE")
                    or "modelcache-controller:latest")
+    p.add_argument("--job-service-account", default=env("MODELCACHE_JOB_SERVICE_ACCOUNT"),
+                   help="service account of publish Jobs' pods (default: the namespace's "
+                   "default; no token is mounted either way)")
     p.add_argument("--hf-endpoint", default=env("HF_ENDPOINT"),
                    help="HF_ENDPOINT given to publish Jobs")
     p.add_argument("--listen", default="0.0.0.0:8080",
@@ -232,7 +235,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
         namespace=args.namespace, registry=args.registry, image=args.worker_image,
         registry_insecure=args.registry_insecure, registry_secret=args.registry_secret,
         hf_endpoint=args.hf_endpoint, report_url=args.report_url, report_key=key,
-        backoff_limit=args.job_backoff_limit,
+        backoff_limit=args.job_backoff_limit, service_account=args.job_service_account,
         ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl)
     opts = app.Options(
         settings=settings, kubeconfig=args.kubeconfig, listen=(host or "0.0.0.0", int(port)),

@@ -112,7 +112,8 @@ class Manager:
                         and old["metadata"].get("finalizers") == meta.get("finalizers") \
                         and event == "MODIFIED":
                     return
-                self.queue.add((kind, meta.get("namespace") or "", meta["name"]))
+                self.queue.add((kind, meta.get("namespace") or "", meta["name"]),
+                               urgent=_needs_job(obj, old))
             return handler
 
         self.models.handlers.append(on_model("Model"))
@@ -163,6 +164,8 @@ class Manager:
             try:
                 res = self.reconciler.reconcile(kind, ns, name)
                 self.queue.forget(key)
+                if res.follow_up:
+                    self.queue.add(key)  # the normal lane: after the urgent Job creations
                 if res.requeue_after:
                     self.queue.add_after(key, res.requeue_after)
             except PermanentError as e:
@@ -198,6 +201,7 @@ class Manager:
     def _gauges(self) -> None:
         while not self.stopping.wait(2.0):
             self.metrics.queue_depth.set(len(self.queue))
+            self.metrics.queue_urgent.set(self.queue.urgent_len())
             self.metrics.queue_adds.set(self.queue.adds)
             self.metrics.queue_retries.set(self.queue.retries)
             for i in self.informers:
@@ -274,6 +278,18 @@ class Manager:
                 break
         self.stop()
         return self.exit_code
+
+
+def _needs_job(obj: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    """Whether a watch event likely means "a publish Job is owed": a model never
+    published, or a spec/annotation change. Only a queue priority: a wrong guess
+    costs order, never correctness."""
+    if obj["metadata"].get("deletionTimestamp"):
+        return False
+    if old is None:
+        return not ((obj.get("status") or {}).get("publish") or {}).get("key")
+    return bool(old["metadata"].get("generation") != obj["metadata"].get("generation")
+                or old["metadata"].get("annotations") != obj["metadata"].get("annotations"))
 
 
 def _secret_ref(obj: dict[str, Any]) -> str | None:

@@ -5,6 +5,12 @@
 ``lastTimestamp`` of the same Event instead of adding one (the aggregation
 kubectl shows as "x3"). Under pressure the queue drops the oldest: events
 are diagnostics, never state.
+
+Writes are paced by a token bucket (``qps``, ``burst``), like client-go's
+event spam filter: a burst of new Models queues one ``PublishStarted`` each,
+and written at once they would take API server capacity from the Job
+creations that are the point. A handful of events goes out at once; a
+thousand trickle out after.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import collections
 import hashlib
 import logging
 import threading
+import time
 from typing import Any
 
 from controller.manager import kube
@@ -23,9 +30,13 @@ log = logging.getLogger(__name__)
 
 class Recorder:
     def __init__(self, client: kube.Kube, component: str = "modelcache-controller",
-                 max_pending: int = 2000) -> None:
+                 max_pending: int = 2000, qps: float = 10.0, burst: int = 50) -> None:
         self.client = client
         self.component = component
+        self.qps = qps
+        self.burst = burst
+        self._tokens = float(burst)
+        self._refilled = time.monotonic()
         self._q: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_pending)
         self._cond = threading.Condition()
         self._stop = False
@@ -58,11 +69,25 @@ class Recorder:
                 if not self._q:
                     return
                 item = self._q.popleft()
+            self._take_token()
             try:
                 self._write(item)
             except kube.ApiError as e:
                 log.info("event not written", extra={"reason": item["reason"],
                                                      "error": str(e)[:200]})
+
+    def _take_token(self) -> None:
+        """Wait for a write token (not while stopping: the last events flush at once)."""
+        while True:
+            now_ = time.monotonic()
+            self._tokens = min(float(self.burst),
+                               self._tokens + (now_ - self._refilled) * self.qps)
+            self._refilled = now_
+            if self._tokens >= 1.0 or self._stop:
+                self._tokens -= 1.0
+                return
+            with self._cond:
+                self._cond.wait((1.0 - self._tokens) / self.qps)
 
     def _write(self, item: dict[str, Any]) -> None:
         o = item["obj"]

@@ -15,6 +15,8 @@ class Metrics:
             "modelcache_reconcile_duration_seconds", "Time per reconcile", ["kind"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.queue_depth = Gauge("modelcache_workqueue_depth", "Keys waiting", registry=r)
+        self.queue_urgent = Gauge("modelcache_workqueue_urgent_depth",
+                                  "Keys waiting in the urgent lane (Jobs owed)", registry=r)
         self.queue_adds = Gauge("modelcache_workqueue_adds", "Keys added so far", registry=r)
         self.queue_retries = Gauge("modelcache_workqueue_retries", "Rate-limited requeues",
                                    registry=r)

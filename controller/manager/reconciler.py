@@ -5,7 +5,11 @@ One pass, from the object as the cache has it:
 1. deleting → ``finalize``: phase Deleting, publish Jobs and copied Secrets
    deleted, every manifest of the model's repository deleted from the
    registry, then the finalizer dropped;
-2. ensure the finalizer (before anything outside the API server exists);
+2. ensure the finalizer, before the Job: the Job's pod pushes an artifact,
+   and a namespaced Model cannot own a Job in the controller's namespace, so
+   a Model deleted between "Job created" and "finalizer added" would leave a
+   Job publishing an artifact nobody deletes. One write, one round trip;
+   the urgent lane (below) keeps it off the queueing path;
 3. plan the source (``jobs.plan``); an invalid one is Failed (terminal), an
    upload waits (WaitForUpload), a source this controller does not publish
    stays Pending with a reason;
@@ -13,14 +17,19 @@ One pass, from the object as the cache has it:
    Secret hash): if ``status.publish.key`` already equals it and the model
    is Ready or Failed, nothing is owed (an unchanged spec never re-publishes);
    a Ready model with ``spec.updatePolicy.schedule`` gets its upstream check;
-5. else the Job named by the key: absent → create it (Publishing); active →
+5. else the Job named by the key: absent → create it and stop there, asking
+   for a follow-up pass (``Result.follow_up``) in the normal lane; active →
    Publishing; Complete → read the result from the pod's termination message
    → Ready with artifact, resolved metadata, revision, progress 100 %;
    Failed → Failed with the worker's reason, and an event.
 
-Status writes are merge patches of the status subresource, skipped when
-they would change nothing, and their answers go back into the cache so the
-next pass does not act on a stale status.
+So a new Model costs, on the way to its Job, the finalizer patch and the
+Job create only; the Publishing status (one merge patch of the status
+subresource, with the ``PublishStarted`` Event queued beside it) comes in
+the follow-up pass, which the work queue runs after the urgent lane — new
+Models' Job creations — is empty. Status writes are skipped when they would
+change nothing, and their answers go back into the cache so the next pass
+does not act on a stale status.
 """
 
 from __future__ import annotations
@@ -50,9 +59,12 @@ RESULT_GRACE = 60.0  # seconds a Complete Job may lack a readable result before 
 
 @dataclass
 class Result:
-    """What a reconcile asks of the queue: nothing, or a re-check after ``requeue_after``."""
+    """What a reconcile asks of the queue: nothing, a re-check after ``requeue_after``,
+    or (``follow_up``) another pass in the normal lane, for work deferred behind
+    other models' urgent Job creations."""
 
     requeue_after: float | None = None
+    follow_up: bool = False
 
 
 def secret_transform(obj: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +227,8 @@ class Reconciler:
         job = self.jobs.get((self.settings.namespace, name))
         if job is None:
             job = self.create_job(obj, p, key)
+            if jobs.state(job) == "Active":
+                return Result(follow_up=True)  # Publishing is written by the next pass
         st = jobs.state(job)
         if st == "Active":
             self.mark_publishing(obj, key, name)

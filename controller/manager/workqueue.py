@@ -8,6 +8,13 @@
   (``base * 2**failures``, capped); ``forget`` resets it after a success.
 * ``add_after`` schedules an add (``RequeueAfter``); an earlier scheduled
   time for the same key wins.
+* Two lanes: ``add(key, urgent=True)`` puts a key in the urgent lane, which
+  ``get`` empties first (a queued key added again as urgent is promoted).
+  The manager marks new objects urgent, so under a burst a Model's first
+  Job is not queued behind status writes for models that already have one.
+  The guarantees above hold across lanes: a key is handed out only while it
+  is dirty and not being processed, so a promoted key's stale entry in the
+  normal lane is skipped.
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ class WorkQueue:
         self.max_delay = max_delay
         self._cond = threading.Condition()  # the queue proper; workers wait on it
         self._timer_cond = threading.Condition()  # delayed adds; only the timer waits on it
-        self._queue: collections.deque[Hashable] = collections.deque()
+        self._urgent_lane: collections.deque[Hashable] = collections.deque()
+        self._queue: collections.deque[Hashable] = collections.deque()  # the normal lane
         self._dirty: set[Hashable] = set()
+        self._urgent: set[Hashable] = set()  # dirty keys that go to the urgent lane
         self._processing: set[Hashable] = set()
         self._failures: dict[Hashable, int] = {}
         self._waiting: list[tuple[float, int, Hashable]] = []  # heap of (when, seq, key)
@@ -47,14 +56,23 @@ class WorkQueue:
 
     # -- adding -----------------------------------------------------------
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Hashable, urgent: bool = False) -> None:
         with self._cond:
-            if self._shutdown or key in self._dirty:
+            if self._shutdown:
+                return
+            if key in self._dirty:
+                if urgent and key not in self._urgent:
+                    self._urgent.add(key)  # promote; the normal-lane entry goes stale
+                    if key not in self._processing:
+                        self._urgent_lane.append(key)
+                        self._cond.notify()
                 return
             self.adds += 1
             self._dirty.add(key)
+            if urgent:
+                self._urgent.add(key)
             if key not in self._processing:
-                self._queue.append(key)
+                (self._urgent_lane if urgent else self._queue).append(key)
                 self._cond.notify()
 
     def add_after(self, key: Hashable, delay: float) -> None:
@@ -97,28 +115,46 @@ class WorkQueue:
         ``TimeoutError`` after ``timeout`` seconds with nothing to do."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._queue:
+            while True:
+                key = self._pop()
+                if key is not None:
+                    break
                 if self._shutdown:
                     raise ShutDown()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError()
                 self._cond.wait(remaining)
-            key = self._queue.popleft()
             self._dirty.discard(key)
+            self._urgent.discard(key)
             self._processing.add(key)
             return key
+
+    def _pop(self) -> Hashable | None:
+        """The next live entry, urgent lane first; stale entries (a key promoted, or
+        already handed out through its other lane) are dropped. Holds ``_cond``."""
+        for lane in (self._urgent_lane, self._queue):
+            while lane:
+                key = lane.popleft()
+                if key in self._dirty and key not in self._processing:
+                    return key
+        return None
 
     def done(self, key: Hashable) -> None:
         with self._cond:
             self._processing.discard(key)
             if key in self._dirty:
-                self._queue.append(key)
+                (self._urgent_lane if key in self._urgent else self._queue).append(key)
                 self._cond.notify()
 
     def __len__(self) -> int:
+        """Keys waiting to be handed out (both lanes, stale entries not counted)."""
         with self._cond:
-            return len(self._queue)
+            return len(self._dirty - self._processing)
+
+    def urgent_len(self) -> int:
+        with self._cond:
+            return len(self._urgent - self._processing)
 
     def shutdown(self) -> None:
         with self._cond:
