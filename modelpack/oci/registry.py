@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import mmap
 import os
 import time
 import urllib.parse
@@ -301,7 +302,7 @@ class RegistryClient:
         try:
             raw = resp.raw
             fp = getattr(raw, "_fp", None)  # http.client response: readinto without a copy
-            buf = bytearray(READ)
+            buf = mmap.mmap(-1, READ)  # page-aligned, so the store can write it with O_DIRECT
             view = memoryview(buf)
             if fp is not None and not raw.headers.get("Content-Encoding"):
                 while True:

