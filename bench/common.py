@@ -73,19 +73,24 @@ def sha256_rate_parallel(threads: int, seconds: float = 1.0) -> float:
         return sum(pool.map(lambda _: sha256_rate(seconds), range(threads)))
 
 
-def disk_write_rate(path: str, size: int = 2 * GiB, streams: int = 4) -> float:
+def disk_write_rate(path: str, size: int = 2 * GiB, streams: int = 4,
+                    direct: bool = False) -> float:
     """Write ``size`` bytes as ``streams`` files in parallel, each fsynced: bytes/s.
 
     The same shape as a pull (4 files at a time, each fsynced), so it is the
-    disk's limit for that work; one stream alone is usually slower.
+    disk's limit for that work. ``direct`` writes with O_DIRECT (no page
+    cache), the disk's own speed.
     """
     import concurrent.futures as cf
+    import mmap
 
-    buf = os.urandom(4 << 20)
+    buf = mmap.mmap(-1, 4 << 20)
+    buf.write(os.urandom(4 << 20))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
 
     def one(i: int) -> None:
         target = os.path.join(path, f".ddtest-{i}")
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(target, flags, 0o644)
         try:
             for _ in range(size // streams // len(buf)):
                 os.write(fd, buf)
