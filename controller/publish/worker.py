@@ -202,8 +202,8 @@ class _Run:
             if digest in self.pushed:
                 return
             self.pushed.add(digest)
-        pushing.push_blob(self.client, self.ref.repository, self.store.path(digest), size,
-                          digest, self.pushed_progress)
+        self.client.upload_file(self.ref.repository, self.store.path(digest), size,
+                                digest, self.pushed_progress)
 
     def parallel(self, items: list[Any], fn: Callable[[Any], None]) -> None:
         if not items:
