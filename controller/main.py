@@ -219,6 +219,14 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--lease-renew", type=float, default=5.0)
     p.add_argument("--progress-interval", type=float, default=1.0,
                    help="at most one status.progress write per model per this many seconds")
+    p.add_argument("--upload-gateway-url", default=env("MODELCACHE_UPLOAD_GATEWAY_URL"),
+                   help="the upload gateway's URL as the manager reaches it (source.upload)")
+    p.add_argument("--upload-admin-token-file",
+                   help="the gateway's admin token (else MODELCACHE_UPLOAD_ADMIN_TOKEN)")
+    p.add_argument("--upload-session-ttl", type=float, default=24 * 3600.0,
+                   help="seconds an upload session's token is valid")
+    p.add_argument("--upload-poll-interval", type=float, default=5.0,
+                   help="seconds between looks at a waiting upload session")
     p.add_argument("--log-level", default=env("MODELCACHE_LOG_LEVEL") or "INFO")
 
 
@@ -245,8 +253,22 @@ def cmd_manager(args: argparse.Namespace) -> int:
         or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
         registry_password=_read_secret(args.registry_password_file)
         or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"),
-        progress_interval=args.progress_interval)
+        progress_interval=args.progress_interval, upload=_upload_config(args))
     return app.Manager(opts).run()
+
+
+def _upload_config(args: argparse.Namespace) -> Any:
+    from controller.manager import uploads
+
+    if not args.upload_gateway_url:
+        return None
+    token = (_read_secret(args.upload_admin_token_file)
+             or os.environ.get("MODELCACHE_UPLOAD_ADMIN_TOKEN"))
+    if not token:
+        raise SystemExit("modelcache-controller: --upload-gateway-url needs an admin token "
+                         "(--upload-admin-token-file or MODELCACHE_UPLOAD_ADMIN_TOKEN)")
+    return uploads.Config(args.upload_gateway_url, token, args.upload_session_ttl,
+                          args.upload_poll_interval)
 
 
 PARSERS: list[Callable[[Any], None]] = [_publish_parser, _gateway_parser, _manager_parser]

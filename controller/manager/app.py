@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from controller.manager import jobs, kube
+from controller.manager import jobs, kube, uploads
 from controller.manager.errors import PermanentError, TemporaryError
 from controller.manager.events import Recorder
 from controller.manager.informer import Informer
@@ -46,6 +46,7 @@ class Options:
     registry_username: str | None = None
     registry_password: str | None = None
     progress_interval: float = 1.0
+    upload: uploads.Config | None = None  # the upload gateway, for source.upload
 
 
 class Manager:
@@ -68,7 +69,9 @@ class Manager:
         self.reconciler = Reconciler(self.client, s, models=self.models,
                                      cluster_models=self.cluster_models, job_cache=self.jobs,
                                      secrets=self.secrets, recorder=self.recorder,
-                                     metrics=self.metrics, registry=self._registry)
+                                     metrics=self.metrics, registry=self._registry,
+                                     upload_gateway=uploads.Gateway(opts.upload)
+                                     if opts.upload else None)
         self.progress = Progress(self.client, self.models, self.cluster_models, self.metrics,
                                  opts.progress_interval)
         self.identity = opts.identity or f"{socket.gethostname()}_{pysecrets.token_hex(4)}"

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controller.manager import artifacts, conditions, jobs, kube, schedule
+from controller.manager import artifacts, conditions, jobs, kube, schedule, uploads
 from controller.manager import conditions as c
 from controller.manager.errors import PermanentError, TemporaryError
 from controller.manager.events import Recorder
@@ -88,8 +88,10 @@ class Reconciler:
     def __init__(self, client: kube.Kube, settings: jobs.Settings, *, models: Informer,
                  cluster_models: Informer, job_cache: Informer, secrets: Informer,
                  recorder: Recorder, metrics: Metrics,
-                 registry: Callable[[], RegistryClient]) -> None:
+                 registry: Callable[[], RegistryClient],
+                 upload_gateway: uploads.Gateway | None = None) -> None:
         self.client = client
+        self.uploads = upload_gateway
         self.settings = settings
         self.informers = {"Model": models, "ClusterModel": cluster_models}
         self.jobs = job_cache
@@ -116,11 +118,6 @@ class Reconciler:
         except PermanentError as e:
             self.set_failed(obj, e.reason, str(e), cond="SourceResolved")
             raise
-        if p.kind == "upload":
-            self.write_status(obj, {"phase": c.WAIT_FOR_UPLOAD, "conditions": [
-                c.condition("SourceResolved", False, p.reason, p.message),
-                c.condition("Ready", False, p.reason, p.message)]})
-            return Result()
         if p.kind == "unsupported":
             self.write_status(obj, {"phase": c.PENDING, "conditions": [
                 c.condition("SourceResolved", False, p.reason, p.message),
@@ -136,6 +133,8 @@ class Reconciler:
             if status.get("phase") == c.READY:
                 return self.check_upstream(obj)
             return Result()
+        if p.kind == "upload":
+            return self.ensure_uploaded(obj, p, key)
         return self.ensure_published(obj, p, key)
 
     # -- steps --------------------------------------------------------------
@@ -178,7 +177,8 @@ class Reconciler:
         return self.observe(obj, answer)
 
     def set_failed(self, obj: dict[str, Any], reason: str, message: str,
-                   cond: str = "Published", key: str | None = None) -> None:
+                   cond: str = "Published", key: str | None = None,
+                   job: str | None = "") -> None:
         was = (obj.get("status") or {}).get("phase")
         wanted = [c.condition(cond, False, reason, message),
                   c.condition("Ready", False, reason, message)]
@@ -187,7 +187,9 @@ class Reconciler:
                                          "the source is valid"))
         patch: dict[str, Any] = {"phase": c.FAILED, "conditions": wanted}
         if key is not None:
-            patch["publish"] = {"key": key, "jobName": jobs.job_name(obj, key)}
+            # job None: published without a Job (an upload session)
+            patch["publish"] = {"key": key,
+                                "jobName": jobs.job_name(obj, key) if job == "" else job}
         before = obj.get("status") or {}
         self.write_status(obj, patch)
         if was != c.FAILED or (before.get("publish") or {}).get("key") != key:
@@ -319,6 +321,13 @@ class Reconciler:
                             f"Job {jname} succeeded but left no readable result", key=key)
             return Result()
         self.completed_without_result.pop(jname, None)
+        res = self.apply_result(obj, result, key, jname)
+        self.cleanup_secret_copy(jname)
+        return res
+
+    def apply_result(self, obj: dict[str, Any], result: dict[str, Any], key: str,
+                     jname: str | None) -> Result:
+        """A publish result (a Job's, or an upload session's) → Ready, with its event."""
         status = obj.get("status") or {}
         old_progress = status.get("progress") or {}
         total = int(old_progress.get("bytesTotal") or 0) or int(result.get("sizeBytes") or 0)
@@ -334,6 +343,7 @@ class Reconciler:
             "resolved": resolved,
             "source": {"resolvedRevision": revision},
             "publish": {"key": key, "jobName": jname},
+            "upload": None,  # a finished session's URL and token are of no more use
             "conditions": [
                 c.condition("SourceResolved", True, "Resolved", f"revision {revision}"),
                 c.condition("Published", True, "Published", f"{digest} in the registry"),
@@ -346,7 +356,6 @@ class Reconciler:
             self.metrics.publishes.labels(jobs.model_kind(obj), "ready").inc()
             self.recorder.record(obj, "Normal", "Published",
                                  f"{result.get('reference')} ({result.get('sizeBytes')} bytes)")
-        self.cleanup_secret_copy(jname)
         return self.check_upstream(obj, first=True)
 
     def on_failed(self, obj: dict[str, Any], job: dict[str, Any], key: str) -> None:
@@ -360,6 +369,97 @@ class Reconciler:
         self.metrics.publishes.labels(jobs.model_kind(obj), "failed").inc()
         self.set_failed(obj, reason, message, key=key)
         self.cleanup_secret_copy(jname)
+
+    # -- upload sessions (uploads.py) ------------------------------------------
+
+    def ensure_uploaded(self, obj: dict[str, Any], p: jobs.Plan, key: str) -> Result:
+        """``source.upload``: a gateway session for this publish key, polled until it publishes."""
+        gw = self.uploads
+        if gw is None:
+            msg = "the manager has no upload gateway (--upload-gateway-url)"
+            self.write_status(obj, {"phase": c.PENDING, "conditions": [
+                c.condition("SourceResolved", False, "UploadGatewayNotConfigured", msg),
+                c.condition("Ready", False, "UploadGatewayNotConfigured", msg)]})
+            return Result()
+        poll = gw.config.poll_interval
+        status = obj.get("status") or {}
+        sid = uploads.session_id((status.get("upload") or {}).get("url"))
+        if not sid or (status.get("publish") or {}).get("key") != key:
+            return self.new_upload_session(obj, key, renewed=False)
+        session = gw.status(sid)
+        if session is None:
+            log.info("upload session gone", extra={"model": _id(obj), "session": sid})
+            return self.new_upload_session(obj, key, renewed=True)
+        phase = session.get("phase")
+        if phase == "Ready" and isinstance(session.get("result"), dict) \
+                and "digest" in session["result"]:
+            res = self.apply_result(obj, session["result"], key, None)
+            uploads.delete_secret(self.client, obj, self.settings)
+            return res
+        if phase == "Failed":
+            err = session.get("error") or {}
+            self.metrics.publishes.labels(jobs.model_kind(obj), "failed").inc()
+            self.set_failed(obj, str(err.get("reason") or "UploadPublishFailed"),
+                            str(err.get("message") or "the upload gateway failed to publish"),
+                            key=key, job=None)
+            uploads.delete_secret(self.client, obj, self.settings)
+            return Result()
+        if phase == "Publishing":
+            self.mark_upload_publishing(obj, key, session)
+            return Result(requeue_after=poll)
+        left = float(session.get("expiresAt") or 0) - time.time()
+        if left <= 0:
+            return self.new_upload_session(obj, key, renewed=True)
+        self.mark_wait_for_upload(obj, key, status.get("upload") or {}, session.get("error"))
+        return Result(requeue_after=min(poll, left + 0.5))
+
+    def new_upload_session(self, obj: dict[str, Any], key: str, renewed: bool) -> Result:
+        assert self.uploads is not None
+        session = self.uploads.create(uploads.model_name(obj), jobs.target(obj, self.settings))
+        uploads.ensure_secret(self.client, uploads.token_secret(obj, self.settings, session))
+        up = {"url": str(session["url"]),
+              "tokenSecretRef": {"name": uploads.secret_name(obj)},
+              "expiresAt": uploads.rfc3339(float(session["expiresAt"]))}
+        log.info("upload session created", extra={"model": _id(obj), "session": session["id"],
+                                                   "renewed": renewed})
+        self.recorder.record(obj, "Normal",
+                             "UploadSessionRenewed" if renewed else "UploadSessionCreated",
+                             f"upload to {up['url']} with the token in Secret "
+                             f"{uploads.secret_name(obj)} until {up['expiresAt']}")
+        self.mark_wait_for_upload(obj, key, up, None)
+        return Result(requeue_after=self.uploads.config.poll_interval)
+
+    def mark_wait_for_upload(self, obj: dict[str, Any], key: str, up: dict[str, Any],
+                             error: dict[str, Any] | None) -> None:
+        msg = f"waiting for files at {up.get('url')} (token in Secret " \
+              f"{(up.get('tokenSecretRef') or {}).get('name')})"
+        if error:  # a retryable publish failure: the session takes "complete" again
+            msg = f"{msg}; the last publish failed: {str(error.get('message'))[:300]}"
+        ready = c.condition("Ready", False, "WaitForUpload", msg)
+        if ((obj.get("status") or {}).get("artifact") or {}).get("digest"):
+            ready = c.condition("Ready", True, "WaitForUpload",
+                                "serving the previous artifact while waiting for an upload")
+        self.write_status(obj, {"phase": c.WAIT_FOR_UPLOAD, "upload": up,
+                                "publish": {"key": key, "jobName": None}, "conditions": [
+            c.condition("SourceResolved", True, "SourceValid", "the source is valid"),
+            c.condition("Published", False, "WaitForUpload", msg), ready]})
+
+    def mark_upload_publishing(self, obj: dict[str, Any], key: str,
+                               session: dict[str, Any]) -> None:
+        status = obj.get("status") or {}
+        msg = "the upload gateway is verifying and publishing the uploaded files"
+        patch: dict[str, Any] = {"phase": c.PUBLISHING, "publish": {"key": key, "jobName": None},
+                                 "conditions": [
+            c.condition("SourceResolved", True, "SourceValid", "the source is valid"),
+            c.condition("Published", False, "Publishing", msg),
+            c.condition("Ready", False, "Publishing", msg)]}
+        progress = c.progress_from_event(session.get("progress") or {})
+        if progress:
+            patch["progress"] = progress
+        if status.get("phase") != c.PUBLISHING:
+            self.recorder.record(obj, "Normal", "PublishStarted",
+                                 f"publishing the upload to {jobs.target(obj, self.settings)}")
+        self.write_status(obj, patch)
 
     def cleanup_secret_copy(self, job: str) -> None:
         try:
@@ -426,6 +526,8 @@ class Reconciler:
                 jname = job["metadata"]["name"]
                 self.client.delete(kube.JOBS, jname, self.settings.namespace)
                 self.cleanup_secret_copy(jname)
+        if "upload" in ((obj.get("spec") or {}).get("source") or {}):
+            uploads.delete_secret(self.client, obj, self.settings)  # no GC without a kcm
         known = [str(((obj.get("status") or {}).get("artifact") or {}).get("digest") or "")]
         deleted = artifacts.delete_all(self.registry(), jobs.repository(obj), known)
         self.metrics.artifacts_deleted.inc(len(deleted))

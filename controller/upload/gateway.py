@@ -13,7 +13,8 @@ Protocol (every upload route needs ``Authorization: Bearer <session token>``):
   (or zip) the same way; it is expanded safely when the upload completes.
 * ``POST /v1/uploads/<id>/complete`` → 202; the session then runs the same
   verify-and-publish path as every source. ``GET /v1/uploads/<id>`` tells
-  the phase, progress, result or error.
+  the phase, progress, result or error; the admin token may read it too,
+  also after the session token expired (the controller polls that way).
 
 Bodies stream into the session's store, hashed in the same pass; a
 request whose declared size would pass the session's limit is refused
@@ -261,8 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._create()
         if parts[:2] != ["v1", "uploads"] or len(parts) < 3:
             raise SessionError("not found", status=404, reason="NotFound")
-        session = self._session(parts[2])
         rest = parts[3:]
+        if not rest and self.command == "GET" and self._admin():
+            # the controller polls with the admin token: it must still read a result that
+            # lands after the session token expired
+            return self._json(200, self.gateway.status(self.gateway.sessions.get(parts[2])))
+        session = self._session(parts[2])
         if not rest and self.command == "GET":
             return self._json(200, self.gateway.status(session))
         if rest == ["complete"] and self.command == "POST":
@@ -285,10 +290,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(code, body)
         raise SessionError("not found", status=404, reason="NotFound")
 
-    def _create(self) -> None:
+    def _admin(self) -> bool:
         token = self._token() or ""
         admin = self.gateway.admin_token
-        if not admin or not hmac.compare_digest(token.encode(), admin.encode()):
+        return bool(admin) and hmac.compare_digest(token.encode(), (admin or "").encode())
+
+    def _create(self) -> None:
+        if not self._admin():
             raise SessionError("admin token required", status=401, reason="InvalidToken")
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_JSON:
