@@ -14,7 +14,6 @@ interrupted run for resume, removed once DEST is in place.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import os
 import shutil
@@ -128,8 +127,6 @@ def verify_tree(pack: ModelPack, root: str) -> None:
     """Rehash a placed tree against the manifest (used by tests and scrub)."""
     for layer in pack.layers:
         path = os.path.join(root, *layer.path.split("/"))
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            got, size = dg.hash_stream(f, h)
+        got, size = dg.of_file(path)
         if got != layer.digest or size != layer.size:
             raise IntegrityError(f"{layer.path} in {root} does not match {layer.digest}")

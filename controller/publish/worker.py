@@ -21,13 +21,14 @@ terminal one removes it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,6 +280,34 @@ def default_work_dir() -> str:
         tempfile.gettempdir(), "modelcache-publish")
 
 
+@contextlib.contextmanager
+def _staged(source: base.Source, options: Options, work_dir: str,
+            client: RegistryClient | None, ref: Reference | None, store: BlobStore | None,
+            tracker: Tracker) -> Iterator[tuple[base.Resolved, _Run, ModelInfo]]:
+    """Resolve, stage and verify ``source``; map any failure to ``PublishError``.
+
+    The staging area is finished (kept for resume or removed) on the way out,
+    whatever the body that pushes the result does.
+    """
+    root = ""
+    error: PublishError | None = None
+    try:
+        resolved, staged, root = _prepare(source, tracker, options, work_dir, store)
+        run = _Run(source, staged, tracker, options, client, ref)
+        info = _stage_and_verify(run, resolved, root)
+        tracker.set_phase("push")
+        yield resolved, run, info
+        tracker.set_phase("done")
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        error = as_publish_error(e)
+        raise error from e
+    finally:
+        if root:
+            _finish(root, store is not None, options, error)
+
+
 def publish(source: base.Source, client: RegistryClient, ref: Reference | str, *,
             work_dir: str | None = None, sink: Sink = null_sink, options: Options | None = None,
             store: BlobStore | None = None) -> PublishResult:
@@ -290,32 +319,16 @@ def publish(source: base.Source, client: RegistryClient, ref: Reference | str, *
     from modelpack.oci import reference
 
     options = options or Options()
-    work_dir = work_dir or default_work_dir()
     ref = reference.parse(ref) if isinstance(ref, str) else ref
-    tracker = Tracker(sink)
-    root = ""
-    error: PublishError | None = None
-    try:
-        resolved, staged, root = _prepare(source, tracker, options, work_dir, store)
-        run = _Run(source, staged, tracker, options, client, ref)
-        info = _stage_and_verify(run, resolved, root)
-        tracker.set_phase("push")
+    with _staged(source, options, work_dir or default_work_dir(), client, ref, store,
+                 Tracker(sink)) as (resolved, run, info):
         digests = {p: d for p, (d, _) in run.files.items()}
         run.parallel([(d, s) for d, s in {run.files[p] for p in run.files}],
                      lambda ds: run.push_one(*ds))
         pack = pushing.push_manifest(client, ref, info, digests, options.name)
-        tracker.set_phase("done")
-        return PublishResult(pack.digest, pack.size, str(ref.with_digest(pack.digest)),
-                             resolved.revision, pack.metadata(),
-                             {"uri": source.uri, **resolved.metadata})
-    except BaseException as e:
-        if isinstance(e, KeyboardInterrupt | SystemExit):
-            raise
-        error = as_publish_error(e)
-        raise error from e
-    finally:
-        if root:
-            _finish(root, store is not None, options, error)
+    return PublishResult(pack.digest, pack.size, str(ref.with_digest(pack.digest)),
+                         resolved.revision, pack.metadata(),
+                         {"uri": source.uri, **resolved.metadata})
 
 
 def publish_to_layout(source: base.Source, out_dir: str, tag: str | None = "latest", *,
@@ -323,25 +336,10 @@ def publish_to_layout(source: base.Source, out_dir: str, tag: str | None = "late
                       options: Options | None = None) -> PublishResult:
     """Like ``publish``, into an OCI image layout directory instead of a registry."""
     options = options or Options()
-    work_dir = work_dir or default_work_dir()
     tracker = Tracker(sink)
-    root = ""
-    error: PublishError | None = None
-    try:
-        resolved, staged, root = _prepare(source, tracker, options, work_dir, None)
-        run = _Run(source, staged, tracker, options, None, None)
-        info = _stage_and_verify(run, resolved, root)
-        tracker.set_phase("push")
+    with _staged(source, options, work_dir or default_work_dir(), None, None, None,
+                 tracker) as (resolved, _, info):
         result = pack_to_layout(info, out_dir, tag, name=options.name,
                                 progress=tracker.add_pushed)
-        tracker.set_phase("done")
-        return PublishResult(result.pack.digest, result.pack.size, out_dir, resolved.revision,
-                             result.pack.metadata(), {"uri": source.uri, **resolved.metadata})
-    except BaseException as e:
-        if isinstance(e, KeyboardInterrupt | SystemExit):
-            raise
-        error = as_publish_error(e)
-        raise error from e
-    finally:
-        if root:
-            _finish(root, False, options, error)
+    return PublishResult(result.pack.digest, result.pack.size, out_dir, resolved.revision,
+                         result.pack.metadata(), {"uri": source.uri, **resolved.metadata})
