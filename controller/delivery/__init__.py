@@ -1,0 +1,1 @@
+"""Workload delivery: admission webhook, scheduling gates, SharedPVC."""

@@ -1,0 +1,72 @@
+"""The workload delivery contract: every name the webhook, the gate lifter, the
+SharedPVC materializer and the node plugin agree on.
+
+One module so the pieces cannot drift apart. The node plugin (``csi/``) must
+not import ``controller``; it repeats the few names it needs (the CSI driver,
+the node label prefix) and a test checks they are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# -- what a workload writes ---------------------------------------------------
+ANN_MODELS = "modelcache.io/models"  # "qwen,embedder": Models of the workload's namespace
+ANN_CLUSTER_MODELS = "modelcache.io/cluster-models"  # "llama-3-8b": ClusterModels
+ANN_DELIVERY = "modelcache.io/delivery"  # NodeCache | SharedPVC (else the model's, else default)
+
+# -- what the webhook writes --------------------------------------------------
+# on the pod template / pod: a fingerprint of what was injected, so a pod made
+# from an injected template is not injected twice and a re-apply is idempotent
+ANN_INJECTED = "modelcache.io/injected"
+GATE = "modelcache.io/model-ready"  # the scheduling gate, lifted when every model is Ready
+MODES = ("NodeCache", "SharedPVC")
+
+MOUNT_ROOT = "/data/modelcache/models"  # each model at MOUNT_ROOT/<name>
+ENV_DIR = "AI_MODELS_MODELS_DIR"
+ENV_MODELS = "AI_MODELS_MODELS"  # JSON list of {name, path, digest, family, format}
+VOLUME_PREFIX = "modelcache-"  # injected volume names: modelcache-<kind>-<name>, ≤ 63 chars
+
+# -- NodeCache ------------------------------------------------------------------
+CSI_DRIVER = "nodecache.modelcache.io"
+# volumeAttributes of the inline volume
+ATTR_MODEL = "model"
+ATTR_CLUSTER_MODEL = "clusterModel"
+ATTR_DIGEST = "digest"
+# a node that holds a model's tree carries this label (value "true"), so a
+# preferred node affinity can lean toward it; the name part is
+# "sha256-" + the first 40 hex digits of the manifest digest (≤ 63 chars)
+NODE_LABEL_PREFIX = "nodecache.modelcache.io/"
+
+
+def node_label(digest: str) -> str:
+    """The node label that says "this node's cache holds ``digest``"."""
+    algo, _, hexpart = digest.partition(":")
+    return f"{NODE_LABEL_PREFIX}{algo}-{hexpart[:40]}"
+
+
+# -- SharedPVC --------------------------------------------------------------------
+# one RWX PVC per (namespace, digest), named after the digest; the model tree
+# sits at the PVC's root directory PVC_SUBPATH(digest), written by the
+# materializer Job into a staging dir and renamed into place, so a pod's
+# subPath never shows a partial tree
+PVC_PREFIX = "modelcache-"
+ANN_PVC_DIGEST = "modelcache.io/digest"  # the digest a PVC is for
+ANN_PVC_MATERIALIZED = "modelcache.io/materialized"  # set to the digest once the Job succeeded
+LABEL_PVC = "modelcache.io/shared-pvc"  # "true" on every PVC and materializer Job we own
+
+
+def pvc_name(digest: str) -> str:
+    """``modelcache-<first 40 hex digits>`` (a DNS label)."""
+    return PVC_PREFIX + digest.partition(":")[2][:40]
+
+
+def pvc_subpath(digest: str) -> str:
+    """The directory inside the PVC that holds the tree (manifest hex)."""
+    return digest.partition(":")[2]
+
+
+def materializer_job_name(namespace: str, digest: str) -> str:
+    """Materializer Jobs run in the workload's namespace (the PVC's)."""
+    h = hashlib.sha256(f"{namespace}/{digest}".encode()).hexdigest()[:10]
+    return f"modelcache-materialize-{digest.partition(':')[2][:20]}-{h}"
