@@ -70,3 +70,11 @@ def materializer_job_name(namespace: str, digest: str) -> str:
     """Materializer Jobs run in the workload's namespace (the PVC's)."""
     h = hashlib.sha256(f"{namespace}/{digest}".encode()).hexdigest()[:10]
     return f"modelcache-materialize-{digest.partition(':')[2][:20]}-{h}"
+
+# -- labels that let the controller find what it must act on ----------------------
+# on a pod (and a pod template) that still carries GATE: the gate lifter watches
+# only pods with this label; it sets the value to "false" once the gate is lifted
+LABEL_GATED = "modelcache.io/gated"
+# on a workload (top-level and its template) whose injected volumes use SharedPVC:
+# the SharedPVC reconciler lists these to know which PVCs are in use
+LABEL_USES_SHARED_PVC = "modelcache.io/uses-shared-pvc"
