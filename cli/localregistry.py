@@ -36,6 +36,7 @@ class LocalRegistry:
     proc: subprocess.Popen[bytes]
     username: str | None = None
     password: str | None = None
+    data_dir: str | None = None  # the storage root, when not ROOT/data
 
     @property
     def host(self) -> str:
@@ -44,7 +45,8 @@ class LocalRegistry:
     @property
     def storage(self) -> str:
         """Where distribution keeps blobs (for tests that corrupt one)."""
-        return os.path.join(self.root, "data", "docker", "registry", "v2")
+        return os.path.join(self.data_dir or os.path.join(self.root, "data"),
+                            "docker", "registry", "v2")
 
     def blob_path(self, digest: str) -> str:
         hexd = digest.split(":", 1)[1]
@@ -70,8 +72,14 @@ def _htpasswd(path: str, user: str, password: str) -> None:
 
 def start(root: str | None = None, port: int | None = None, *, username: str | None = None,
           password: str | None = None, log_path: str | None = None,
-          auth: dict[str, object] | None = None) -> LocalRegistry:
-    """Start the registry; ``username`` turns on htpasswd, ``auth`` is a raw auth section."""
+          auth: dict[str, object] | None = None, data_dir: str | None = None,
+          readonly: bool = False) -> LocalRegistry:
+    """Start the registry; ``username`` turns on htpasswd, ``auth`` is a raw auth section.
+
+    ``data_dir`` shares another registry's storage; ``readonly`` serves it in
+    distribution's read-only maintenance mode (pulls only: every write answers
+    405), the DMCR's pull endpoint.
+    """
     binary = shutil.which(BINARY) or "/usr/bin/docker-registry"
     if not os.path.exists(binary):
         raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
@@ -81,8 +89,10 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
     config: dict[str, object] = {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
-        "storage": {"filesystem": {"rootdirectory": os.path.join(root, "data")},
-                    "delete": {"enabled": True}, "maintenance": {"uploadpurging": {"enabled": False}}},
+        "storage": {"filesystem": {"rootdirectory": data_dir or os.path.join(root, "data")},
+                    "delete": {"enabled": True},
+                    "maintenance": {"uploadpurging": {"enabled": False},
+                                    "readonly": {"enabled": readonly}}},
         "http": {"addr": f"127.0.0.1:{port}", "secret": "modelcache-local"},
     }
     if username:
@@ -98,7 +108,7 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
     proc = subprocess.Popen([binary, "serve", cfg_path], stdout=log, stderr=log,
                             stdin=subprocess.DEVNULL)
     log.close()
-    reg = LocalRegistry(root, port, proc, username, password)
+    reg = LocalRegistry(root, port, proc, username, password, data_dir)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:

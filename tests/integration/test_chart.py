@@ -82,6 +82,7 @@ def test_rendered_kinds(helm: str) -> None:
     assert ids(objs) == {
         ("CSIDriver", "nodecache.modelcache.io"),
         ("ClusterRole", "modelcache-controller"), ("ClusterRole", "modelcache-node"),
+        ("ClusterRole", "modelcache:catalog:reader"),
         ("ClusterRoleBinding", "modelcache-controller"),
         ("ClusterRoleBinding", "modelcache-node"),
         ("Role", "modelcache-controller"), ("RoleBinding", "modelcache-controller"),
@@ -91,6 +92,7 @@ def test_rendered_kinds(helm: str) -> None:
         ("Deployment", "dmcr"), ("Service", "dmcr"), ("ConfigMap", "dmcr-config"),
         ("PersistentVolumeClaim", "dmcr-data"),
         ("Secret", "dmcr-htpasswd"), ("Secret", "dmcr-credentials"),
+        ("Secret", "dmcr-pull-htpasswd"), ("Secret", "dmcr-pull-credentials"),
         ("Secret", "modelcache-report-key"),
         ("DaemonSet", "modelcache-node"),
     }
@@ -164,3 +166,19 @@ def test_manifests_pass_server_dry_run(kube: kubeenv.KubeEnv) -> None:
     objs = [o for o in manifests() if o["kind"] != "Namespace"]
     out = _dry_run(kube, objs)
     assert out.count("created (server dry run)") == len(objs), out
+
+
+def test_dmcr_pull_endpoint_is_read_only(helm: str) -> None:
+    """The pull endpoint (nodes, materializers) shares the storage read-only,
+    with its own htpasswd, in the chart and in the plain manifests alike."""
+    for objs in (render(helm, "modelcache-system"), manifests()):
+        by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+        cfg = yaml.safe_load(by[("ConfigMap", "dmcr-config")]["data"]["config-pull.yml"])
+        assert cfg["storage"]["maintenance"]["readonly"] == {"enabled": True}
+        assert cfg["auth"]["htpasswd"]["path"] == "/auth-pull/htpasswd"
+        pod = by[("Deployment", "dmcr")]["spec"]["template"]["spec"]
+        pull = next(c for c in pod["containers"] if c["name"] == "registry-pull")
+        mounts = {m["name"]: m for m in pull["volumeMounts"]}
+        assert mounts["data"]["readOnly"] is True and "htpasswd" not in mounts
+        ports = {p["name"]: p["port"] for p in by[("Service", "dmcr")]["spec"]["ports"]}
+        assert ports == {"registry": 5000, "pull": 5002}

@@ -27,3 +27,13 @@ dmcr.{{ .Release.Namespace }}.svc:5000
 {{- end -}}
 {{- end -}}
 {{- end }}
+
+{{/* The DMCR pull user's password: generated once, kept across upgrades. */}}
+{{- define "modelcache.dmcrPullPassword" -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace "dmcr-pull-credentials" -}}
+{{- if and $old $old.data (hasKey $old.data "password") -}}
+{{- index $old.data "password" | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 32 -}}
+{{- end -}}
+{{- end }}
