@@ -73,12 +73,12 @@ def _htpasswd(path: str, user: str, password: str) -> None:
 def start(root: str | None = None, port: int | None = None, *, username: str | None = None,
           password: str | None = None, log_path: str | None = None,
           auth: dict[str, object] | None = None, data_dir: str | None = None,
-          readonly: bool = False) -> LocalRegistry:
+          readonly: bool = False, tls: tuple[str, str] | None = None) -> LocalRegistry:
     """Start the registry; ``username`` turns on htpasswd, ``auth`` is a raw auth section.
 
     ``data_dir`` shares another registry's storage; ``readonly`` serves it in
     distribution's read-only maintenance mode (pulls only: every write answers
-    405), the DMCR's pull endpoint.
+    405), the DMCR's pull endpoint. ``tls`` is (certificate, key) PEM files.
     """
     binary = shutil.which(BINARY) or "/usr/bin/docker-registry"
     if not os.path.exists(binary):
@@ -95,6 +95,8 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
                                     "readonly": {"enabled": readonly}}},
         "http": {"addr": f"127.0.0.1:{port}", "secret": "modelcache-local"},
     }
+    if tls:
+        config["http"]["tls"] = {"certificate": tls[0], "key": tls[1]}  # type: ignore[index]
     if username:
         htpasswd = os.path.join(root, "htpasswd")
         _htpasswd(htpasswd, username, password or "")
@@ -114,6 +116,9 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited with {proc.returncode}; see {root}/registry.log")
         try:
+            if tls:  # up when it accepts a connection; the caller verifies the certificate
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return reg
             urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=1)
             return reg
         except urllib.error.HTTPError as e:

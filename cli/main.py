@@ -203,10 +203,66 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cli import bundle
+
+    kc = bundle.connect(args.kubeconfig)
+    try:
+        obj = bundle.ready_cluster_model(kc, args.name)
+    finally:
+        kc.close()
+    host = args.registry or bundle.registry_host(obj)
+    if not host:
+        print("modelcache: MissingRegistry: the model's status names no registry; "
+              "give --registry HOST:PORT", file=sys.stderr)
+        return 1
+    client = _client(args, Reference(host, "x"))
+    t0 = time.monotonic()
+    with bar(int(obj["status"]["artifact"].get("sizeBytes") or 0), "export",
+             args.progress) as progress:
+        res = bundle.export_bundle(obj, client, args.output, progress)
+    dt = time.monotonic() - t0
+    rate = res.model_bytes / dt / 1e6 if dt > 0 else 0.0
+    print(f"exported ClusterModel {args.name}: {res.blobs} blobs, {res.model_bytes} bytes "
+          f"in {dt:.2f}s ({rate:.0f} MB/s)")
+    print(f"digest: {res.digest}")
+    print(f"bundle: {res.path} ({res.bundle_bytes} bytes, {res.sha256})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from cli import bundle
+
+    t0 = time.monotonic()
+    with bar(os.path.getsize(args.bundle), "verify", args.progress) as progress:
+        b = bundle.verify(args.bundle, progress)
+    kc = bundle.connect(args.kubeconfig)
+    try:
+        bundle.apply(kc, b.cr, dry_run=True)  # a CR this cluster refuses stops before a push
+        client = _client(args, Reference(args.registry, "x"))
+        with bar(sum(e.size for e in b.blobs.values()), "push", args.progress) as progress:
+            ref = bundle.push(b, client, bundle.repository(b), progress, args.jobs)
+        bundle.apply(kc, b.cr)
+        dt = time.monotonic() - t0
+        rate = b.pack.size / dt / 1e6 if dt > 0 else 0.0
+        print(f"imported ClusterModel {b.name}: {len(b.pack.layers)} files, {b.pack.size} bytes "
+              f"verified and pushed in {dt:.2f}s ({rate:.0f} MB/s)")
+        print(f"digest: {b.digest}")
+        print(f"pushed: {ref}")
+        if args.wait:
+            bundle.wait_ready(kc, b.name, b.digest, args.wait)
+            print(f"ready: ClusterModel {b.name}")
+        else:
+            print(f"applied: ClusterModel {b.name} (the controller adopts the artifact)")
+    finally:
+        kc.close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cli import demo
 
-    return demo.run(args.keep)
+    return demo.run_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,11 +327,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry_flags(ins)
     ins.set_defaults(func=cmd_inspect)
 
-    dm = sub.add_parser("demo", help="run the local demo: registry, pack, push, pull, inspect",
-                        description="Start a local registry and move the real MiniLM model "
-                        "through it: verify, pack, push, pull verified, inspect.")
-    dm.add_argument("--keep", action="store_true", help="leave the registry running")
+    dm = sub.add_parser("demo", help="the whole system on this machine, with a real model",
+                        description="Start etcd + kube-apiserver, the registry, a local hub, "
+                        "the controller and the node plugin on loopback; publish a real model "
+                        "as a Model and mount it read-only as kubelet would (needs root).")
+    from cli import demo
+
+    demo.add_arguments(dm)
     dm.set_defaults(func=cmd_demo)
+
+    ex = sub.add_parser("export", help="write a Ready ClusterModel as an air-gap bundle (tar)",
+                        description="Read the ClusterModel from the API server, pull its "
+                        "artifact by digest from the cluster registry, verified, and write one "
+                        "tar: an OCI image layout plus the CR (clustermodel.yaml, annotated "
+                        "with the digest). The same model always gives the same bytes; the "
+                        "bundle's sha256 is printed. Carry it across, then `modelcache import`.")
+    ex.add_argument("name", metavar="CLUSTERMODEL", help="the ClusterModel (must be Ready)")
+    ex.add_argument("--output", "-o", required=True, metavar="BUNDLE.tar",
+                    help="the bundle to write (appears only once complete and verified)")
+    ex.add_argument("--registry", metavar="HOST:PORT", help="the cluster registry as reachable "
+                    "from here (default: the host in status.artifact.reference)")
+    im = sub.add_parser("import", help="verify an air-gap bundle, push it, apply its ClusterModel",
+                        description="Verify every entry and digest of a bundle made by "
+                        "`modelcache export` (a tampered, truncated or unsafe bundle is refused "
+                        "with a reason, and nothing is pushed or applied), push the model to "
+                        "this cluster's registry, manifest last, and apply the ClusterModel "
+                        "with modelcache.io/imported-digest: the controller adopts the pushed "
+                        "artifact and never contacts the original source. updatePolicy does not "
+                        "apply to an imported model; import a newer bundle to update it.")
+    im.add_argument("bundle", metavar="BUNDLE.tar")
+    im.add_argument("--registry", required=True, metavar="HOST:PORT",
+                    help="the cluster registry (DMCR) as reachable from here")
+    im.add_argument("-j", "--jobs", type=int, default=4, help="blobs in parallel (default 4)")
+    im.add_argument("--wait", type=float, metavar="SECONDS", default=0,
+                    help="wait until the controller reports the ClusterModel Ready")
+    for sp in (ex, im):
+        sp.add_argument("--kubeconfig", help="default: in-cluster, else KUBECONFIG or "
+                        "~/.kube/config")
+        _add_registry_flags(sp)
+        sp.add_argument("--progress", dest="progress", action="store_true", default=None,
+                        help="always show the progress bar (default: only on a terminal)")
+        sp.add_argument("--no-progress", dest="progress", action="store_false")
+    ex.set_defaults(func=cmd_export)
+    im.set_defaults(func=cmd_import)
 
     for name in ("pack", "pull", "upload"):
         sp = sub.choices[name]

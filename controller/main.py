@@ -7,6 +7,12 @@
   success, 75 (EX_TEMPFAIL) for a retryable failure, 1 for a terminal one,
   with ``{"error": {"reason", "message", "retryable"}}`` as the result.
 * ``upload-gateway``: the upload gateway HTTP server.
+* ``materialize``: the SharedPVC materializer (a Job in the workload's
+  namespace): a ModelPack → a verified read-only tree on the mounted PVC
+  (``controller.delivery.materialize``); exit codes as ``publish``.
+* ``pvc-upload``: the ``source.pvc`` reader (a Job in the Model's
+  namespace): a mounted claim's files → an upload session of the upload
+  gateway (``controller.pvc_reader``); exit codes as ``publish``.
 * ``manager``: the controller manager (``controller.manager``): Model and
   ClusterModel reconcilers, publish Jobs, leader election, metrics, health.
 
@@ -64,6 +70,23 @@ def _publish_parser(sub: Any) -> None:
                    help="plain HTTP to an Ollama registry that is not on loopback")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--name", help="descriptor.name in the ModelPack config")
+    p.add_argument("--catalog-wait", type=float, default=1800.0,
+                   help="seconds a catalog import waits out source-side failures (a revoked "
+                   "token, the catalog down) before failing retryably")
+
+
+def _catalog_import(args: argparse.Namespace, client: Any, ref: Any, sink: Any) -> Any:
+    """``catalog+…`` sources are copied byte for byte (same digest), not re-packed;
+    token from $MODELCACHE_CATALOG_TOKEN or --token-file, CA from $MODELCACHE_CATALOG_CA."""
+    from controller.publish import default_work_dir
+    from controller.sources import catalog
+
+    return catalog.import_model(
+        args.source, client, ref,
+        token=os.environ.get("MODELCACHE_CATALOG_TOKEN") or _read_secret(args.token_file),
+        ca_pem=os.environ.get("MODELCACHE_CATALOG_CA"),
+        work_dir=args.work_dir or default_work_dir(), sink=sink, wait=args.catalog_wait,
+        workers=args.workers, allow_pickle=args.allow_pickle)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -96,12 +119,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
                                 or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
                                 password=_read_secret(args.registry_password_file)
                                 or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"))
-        res = publish_uri(args.source, push=args.to, client=client,
-                          progress=sink, work_dir=args.work_dir,
-                          options=Options(expected_format=args.format,
-                                          allow_pickle=args.allow_pickle,
-                                          workers=args.workers, name=args.name),
-                          **{k: v for k, v in creds.items() if v is not None})
+        if args.source.startswith("catalog+"):
+            res: Any = _catalog_import(args, client, ref, sink)
+        else:
+            res = publish_uri(args.source, push=args.to, client=client,
+                              progress=sink, work_dir=args.work_dir,
+                              options=Options(expected_format=args.format,
+                                              allow_pickle=args.allow_pickle,
+                                              workers=args.workers, name=args.name),
+                              **{k: v for k, v in creds.items() if v is not None})
         result = res.to_json()
     except PublishError as e:
         result = {"error": {"reason": e.reason, "message": str(e)[:1000],
@@ -228,6 +254,55 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--upload-poll-interval", type=float, default=5.0,
                    help="seconds between looks at a waiting upload session")
     p.add_argument("--log-level", default=env("MODELCACHE_LOG_LEVEL") or "INFO")
+    p.add_argument("--distribution-mode", choices=["Internal", "PublicCatalog"],
+                   default=env("MODELCACHE_DISTRIBUTION_MODE") or "Internal",
+                   help="PublicCatalog: serve the catalog API (Ready ClusterModels) over HTTPS")
+    p.add_argument("--catalog-listen", default="0.0.0.0:8443", help="HOST:PORT of the catalog")
+    p.add_argument("--catalog-tls-cert", help="PEM certificate (self-signed and written here "
+                   "when the file does not exist; in memory when unset)")
+    p.add_argument("--catalog-tls-key", help="PEM key of --catalog-tls-cert")
+    p.add_argument("--catalog-tls-host", action="append", default=[],
+                   help="DNS name or IP of a self-signed certificate (repeatable)")
+    p.add_argument("--catalog-auth-ttl", type=float, default=10.0,
+                   help="seconds a TokenReview/SubjectAccessReview decision is reused")
+    p.add_argument("--catalog-rate", type=float, default=50.0,
+                   help="catalog requests per second per client address")
+    p.add_argument("--catalog-burst", type=int, default=200)
+    p.add_argument("--catalog-audience", action="append", default=[],
+                   help="TokenReview audience (repeatable; default: the API server's)")
+    p.add_argument("--no-shared-pvc", dest="shared_pvc", action="store_false",
+                   help="do not run SharedPVC delivery (its PVCs, materializer Jobs, GC)")
+    p.add_argument("--shared-pvc-storage-class", default=env("MODELCACHE_SHARED_PVC_STORAGE_CLASS"),
+                   help="RWX StorageClass of SharedPVCs when the model names none "
+                   "(default: the cluster's default class)")
+    p.add_argument("--shared-pvc-grace", type=float, default=600.0,
+                   help="seconds an unused SharedPVC is kept before it is deleted")
+    p.add_argument("--shared-pvc-retry-base", type=float, default=30.0,
+                   help="seconds before a failed materializer Job is retried (doubled per "
+                   "failure, at most an hour)")
+    p.add_argument("--registry-pull-secret", default=env("MODELCACHE_REGISTRY_PULL_SECRET"),
+                   help="Secret (username/password keys, pull-only) in --namespace, copied "
+                   "next to each materializer Job (default: anonymous pulls)")
+    p.add_argument("--pull-registry", default=env("MODELCACHE_PULL_REGISTRY"),
+                   help="HOST:PORT materializer Jobs pull from instead of --registry (the "
+                   "DMCR's read-only endpoint, which --registry-pull-secret opens)")
+    p.add_argument("--webhook-service", default=env("MODELCACHE_WEBHOOK_SERVICE"),
+                   help="NAME:PORT of the Service in --namespace that reaches --webhook-listen: "
+                   "turns on workload delivery (admission webhook + scheduling gates)")
+    p.add_argument("--webhook-url", default=env("MODELCACHE_WEBHOOK_URL"),
+                   help="instead of --webhook-service: the https:// URL the API server calls "
+                   "(out of cluster, tests); the certificate is issued for its host")
+    p.add_argument("--webhook-listen", default="0.0.0.0:9443", help="HOST:PORT of the webhook")
+    p.add_argument("--webhook-secret", default="modelcache-webhook-tls",
+                   help="Secret in --namespace for the webhook's CA and certificate")
+    p.add_argument("--webhook-config-name", default="modelcache",
+                   help="the MutatingWebhookConfiguration the manager keeps in sync")
+    p.add_argument("--default-delivery", choices=["NodeCache", "SharedPVC"],
+                   default=env("MODELCACHE_DEFAULT_DELIVERY") or "NodeCache",
+                   help="delivery mode when neither the workload nor the model names one")
+    p.add_argument("--embedded-jobs", metavar="DIR", default=None,
+                   help="embedded mode, where no kubelet runs: execute the manager's Jobs as "
+                   "local processes, their files under DIR (controller/embedded/jobrunner.py)")
 
 
 def cmd_manager(args: argparse.Namespace) -> int:
@@ -253,8 +328,57 @@ def cmd_manager(args: argparse.Namespace) -> int:
         or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
         registry_password=_read_secret(args.registry_password_file)
         or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"),
-        progress_interval=args.progress_interval, upload=_upload_config(args))
-    return app.Manager(opts).run()
+        progress_interval=args.progress_interval, upload=_upload_config(args),
+        shared_pvc=_shared_pvc_config(args), catalog=_catalog_config(args),
+        delivery=_delivery_config(args))
+    manager = app.Manager(opts)
+    runner = None
+    if args.embedded_jobs:
+        from controller.embedded.jobrunner import JobRunner
+
+        runner = JobRunner(manager.client, args.namespace, work_root=args.embedded_jobs).start()
+    try:
+        return manager.run()
+    finally:
+        if runner is not None:
+            runner.stop()
+
+
+def _catalog_config(args: argparse.Namespace) -> Any:
+    from controller.catalog import server
+
+    if args.distribution_mode != "PublicCatalog":
+        return None
+    host, _, port = args.catalog_listen.rpartition(":")
+    return server.Config(listen=(host or "0.0.0.0", int(port)), cert_file=args.catalog_tls_cert,
+                         key_file=args.catalog_tls_key, hosts=tuple(args.catalog_tls_host),
+                         auth_ttl=args.catalog_auth_ttl, rate=args.catalog_rate,
+                         burst=args.catalog_burst, audiences=tuple(args.catalog_audience))
+
+
+def _delivery_config(args: argparse.Namespace) -> Any:
+    from controller.delivery import webhook
+
+    if not (args.webhook_service or args.webhook_url):
+        return None
+    if args.webhook_service and args.webhook_url:
+        raise SystemExit("modelcache-controller: --webhook-service or --webhook-url, not both")
+    host, _, port = args.webhook_listen.rpartition(":")
+    return webhook.Config(listen=(host or "0.0.0.0", int(port)), url=args.webhook_url,
+                          service=args.webhook_service, secret=args.webhook_secret,
+                          config_name=args.webhook_config_name,
+                          default_mode=args.default_delivery)
+
+
+def _shared_pvc_config(args: argparse.Namespace) -> Any:
+    from controller.delivery import sharedpvc
+
+    if not args.shared_pvc:
+        return None
+    return sharedpvc.Config(storage_class=args.shared_pvc_storage_class or None,
+                            grace=args.shared_pvc_grace, retry_base=args.shared_pvc_retry_base,
+                            pull_secret=args.registry_pull_secret or None,
+                            pull_registry=args.pull_registry or None)
 
 
 def _upload_config(args: argparse.Namespace) -> Any:
@@ -271,8 +395,47 @@ def _upload_config(args: argparse.Namespace) -> Any:
                           args.upload_poll_interval)
 
 
-PARSERS: list[Callable[[Any], None]] = [_publish_parser, _gateway_parser, _manager_parser]
+def _materialize_parser(sub: Any) -> None:
+    p = sub.add_parser("materialize", help="pull a ModelPack into a SharedPVC, verified")
+    p.add_argument("--reference", required=True, help="registry reference HOST/REPO[:TAG][@DIGEST]")
+    p.add_argument("--dest", required=True, help="the PVC's mount point")
+    p.add_argument("--digest", help="the manifest digest the tree must have (sha256:…)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
+    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--lock-timeout", type=float, default=600.0,
+                   help="seconds to wait for another materializer of the same volume")
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    """Exit 0 (the tree is in place), 75 (retryable) or 1 (terminal), like ``publish``;
+    registry credentials from MODELCACHE_REGISTRY_USERNAME/_PASSWORD."""
+    from controller.delivery import materialize
+
+    return materialize.main(args)
+
+
+def _pvc_upload_parser(sub: Any) -> None:
+    p = sub.add_parser("pvc-upload", help="send a mounted PVC's files to an upload session "
+                       "(the source.pvc reader Job); token from $MODELCACHE_UPLOAD_TOKEN")
+    p.add_argument("--mount", required=True, help="where the claim is mounted (read-only)")
+    p.add_argument("--path", default="", help="the directory (or file) inside the claim")
+    p.add_argument("--url", required=True, help="the upload session URL")
+    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
+
+
+def cmd_pvc_upload(args: argparse.Namespace) -> int:
+    """Exit codes as ``publish`` (controller/pvc_reader.py)."""
+    from controller import pvc_reader
+
+    return pvc_reader.main(args)
+
+
+PARSERS: list[Callable[[Any], None]] = [_publish_parser, _gateway_parser, _manager_parser,
+                                        _materialize_parser, _pvc_upload_parser]
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "materialize": cmd_materialize,
+    "pvc-upload": cmd_pvc_upload,
     "publish": cmd_publish,
     "upload-gateway": cmd_upload_gateway,
     "manager": cmd_manager,

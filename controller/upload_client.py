@@ -26,10 +26,15 @@ Progress = Callable[[int, int], None]
 
 
 class UploadError(Exception):
-    def __init__(self, message: str, *, reason: str = "UploadFailed", status: int = 0) -> None:
+    """``retryable``: the same upload may succeed later (the gateway or the network was
+    down, or the publish failed for a reason that may pass); else it needs a change."""
+
+    def __init__(self, message: str, *, reason: str = "UploadFailed", status: int = 0,
+                 retryable: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status
+        self.retryable = retryable
 
 
 def _noop(_done: int, _total: int) -> None:
@@ -44,7 +49,7 @@ def _fail(resp: requests.Response, what: str) -> UploadError:
     except ValueError:
         msg = resp.text[:200]
     return UploadError(f"{what}: HTTP {resp.status_code} {reason}: {msg}", reason=reason,
-                       status=resp.status_code)
+                       status=resp.status_code, retryable=resp.status_code >= 500)
 
 
 def _plan(path: str) -> list[tuple[str, str, int]]:
@@ -135,7 +140,7 @@ def upload(url: str, token: str, path: str, *, progress: Progress = _noop,
                 done = sum(s for r, _, s in plan[:plan.index((route, local, size))])
                 if attempts > retries:
                     raise UploadError(f"upload of {route} keeps failing: {e}",
-                                      reason="Unavailable") from e
+                                      reason="Unavailable", retryable=True) from e
                 time.sleep(min(0.2 * 2 ** attempts, 5.0))
     resp = http.post(f"{url.rstrip('/')}/complete", headers=auth, timeout=(10, 60))
     if resp.status_code != 202:
@@ -146,7 +151,8 @@ def upload(url: str, token: str, path: str, *, progress: Progress = _noop,
     deadline = time.monotonic() + timeout
     while status.get("phase") == "Publishing":
         if time.monotonic() > deadline:
-            raise UploadError("the gateway did not finish publishing in time", reason="Timeout")
+            raise UploadError("the gateway did not finish publishing in time", reason="Timeout",
+                              retryable=True)
         time.sleep(0.1)
         resp = http.get(url, headers=auth, timeout=(10, 60))
         if resp.status_code != 200:
@@ -155,5 +161,6 @@ def upload(url: str, token: str, path: str, *, progress: Progress = _noop,
     if status.get("phase") != "Ready":
         err = status.get("error") or {}
         raise UploadError(f"publish failed: {err.get('message', status.get('phase'))}",
-                          reason=str(err.get("reason", "PublishFailed")))
+                          reason=str(err.get("reason", "PublishFailed")),
+                          retryable=bool(err.get("retryable")))
     return status

@@ -113,6 +113,7 @@ class Cache:
         self._digest_locks: dict[str, threading.Lock] = {}
         self._refs: dict[str, dict[str, Any]] = {}
         self._pool = cf.ThreadPoolExecutor(max_workers=pull_workers, thread_name_prefix="pull")
+        self._listeners: list[Callable[[], None]] = []
 
     # -- paths ---------------------------------------------------------------
 
@@ -562,6 +563,18 @@ class Cache:
             _write_json(os.path.join(self.root, "inventory.json"), self.inventory())
         except (StoreError, OSError) as e:  # a full disk must not fail the caller
             log.warning("inventory not written", extra={"error": str(e)[:200]})
+        for fn in self._listeners:  # the inventory is rewritten whenever the trees change
+            fn()
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (no arguments; it must not block) whenever the set of cached trees
+        may have changed: after recovery, a pull, an eviction, a scrub (node labels)."""
+        self._listeners.append(fn)
+
+    def digests(self) -> list[str]:
+        """Manifest digests of the complete trees in the cache."""
+        with self._lock:
+            return ["sha256:" + h for h in self._index]
 
     def _update_gauges(self) -> None:
         metrics.CACHE_BYTES.set(self.usage())

@@ -3,6 +3,13 @@
 Parses flags, sets up JSON logs and metrics, builds the cache, the
 resolver and the registry clients, starts the gRPC server, recovers the
 cache, then runs periodic eviction and scrub until SIGTERM/SIGINT.
+
+Two resolvers: ``--models-file`` (standalone nodes, tests, csi-sanity) or
+the Kubernetes one (``--resolver kube``: Model/ClusterModel status, with
+``--kubeconfig`` or the pod's service account). With a cluster, the plugin
+also keeps its Node's cache labels (``csi.nodelabels``) and prefetches
+selected models (``csi.prefetch``); both default to on with the Kubernetes
+resolver and off otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import re
 import signal
 import threading
@@ -18,6 +26,9 @@ import threading
 from csi import logs, metrics
 from csi.cache import Cache
 from csi.identity import DRIVER_NAME
+from csi.kube_resolver import KubeResolver, api_client
+from csi.nodelabels import NodeLabeler
+from csi.prefetch import Prefetcher
 from csi.resolver import FileResolver, NoResolver, Resolver
 from csi.server import create_server, socket_path
 from modelpack.oci.registry import RegistryClient
@@ -50,6 +61,15 @@ def fraction_arg(text: str) -> float:
     return v
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the ``None`` of options that are off or inferred."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="modelcache-node",
@@ -58,8 +78,10 @@ def parser() -> argparse.ArgumentParser:
                     "content-addressed cache, read-only in the pod.",
         epilog="Example: modelcache-node --endpoint unix:///csi/csi.sock "
                "--cache-dir /var/lib/modelcache --node-id $NODE_NAME "
-               "--models-file /etc/modelcache/models.yaml --insecure-registry 127.0.0.1:5000",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               "--models-file /etc/modelcache/models.yaml --insecure-registry 127.0.0.1:5000; "
+               "in a cluster: --resolver kube (the pod's service account) or "
+               "--kubeconfig PATH.",
+        formatter_class=_Help)
     p.add_argument("--endpoint", required=True,
                    help="gRPC endpoint kubelet talks to, unix:///path/to/csi.sock")
     p.add_argument("--cache-dir", required=True,
@@ -69,10 +91,37 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models-file", default=None,
                    help="JSON/YAML mapping model names to registry references "
                         "({models: {ns/name: ref}, clusterModels: {name: ref}}); re-read on "
-                        "change. Without it every model is NOT_FOUND.")
+                        "change. Without it (and without --resolver kube) every model is "
+                        "NOT_FOUND.")
+    p.add_argument("--resolver", choices=["file", "kube"], default=None,
+                   help="where model names are looked up: 'file' (--models-file) or 'kube' "
+                        "(Model/ClusterModel status in the API server; a Model only in the "
+                        "pod's namespace). Default: 'file' with --models-file, else 'kube' "
+                        "with --kubeconfig or in a pod, else none (every model NOT_FOUND)")
+    p.add_argument("--kubeconfig", default=None, metavar="PATH",
+                   help="kubeconfig for the API server; without it, the pod's service "
+                        "account (in-cluster credentials)")
+    p.add_argument("--kube-max-stale", type=duration_arg, default=600.0,
+                   help="with the API server unreachable, keep answering from the watched "
+                        "Models this long, then answer UNAVAILABLE")
+    p.add_argument("--node-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="label this node (--node-id) nodecache.modelcache.io/sha256-<digest "
+                        "prefix>=true for every model its cache holds, and remove the labels "
+                        "of evicted ones, so workloads can prefer nodes that need no pull "
+                        "(default: on with --resolver kube)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="pull Ready models whose spec.delivery.nodeCache.prefetch.nodeSelector "
+                        "matches this node's labels ahead of any pod (needs --resolver kube; "
+                        "default: on with it)")
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                    help="talk plain HTTP to this registry (repeatable)")
     p.add_argument("--registry-ca", default=None, help="CA bundle for registry TLS")
+    p.add_argument("--pull-via", action="append", default=[], metavar="FROM=TO",
+                   help="fetch references on registry FROM from registry TO instead (in a "
+                        "cluster: the DMCR's read-only pull endpoint); repeatable")
+    p.add_argument("--registry-credentials", default=None, metavar="DIR",
+                   help="a directory with 'username' and 'password' files (a mounted Secret: "
+                        "the DMCR pull user), sent to every registry this node pulls from")
     p.add_argument("--metrics-address", default="",
                    help="host:port serving /metrics, /inventory and /healthz "
                         "(empty: not served)")
@@ -100,23 +149,53 @@ def parser() -> argparse.ArgumentParser:
 
 
 class Clients:
-    """One RegistryClient per registry host, created on first use."""
+    """One RegistryClient per registry host, created on first use.
 
-    def __init__(self, insecure: list[str], ca_bundle: str | None) -> None:
+    ``pull_via`` maps a host named in references to the host actually asked
+    (the DMCR's read-only endpoint serves the same repositories and digests),
+    so a node never holds a credential that can push.
+    """
+
+    def __init__(self, insecure: list[str], ca_bundle: str | None, *,
+                 pull_via: dict[str, str] | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:
         self.insecure = set(insecure)
         self.ca_bundle = ca_bundle
+        self.pull_via = dict(pull_via or {})
+        self.credentials = credentials
         self._lock = threading.Lock()
         self._clients: dict[str, RegistryClient] = {}
 
     def __call__(self, host: str) -> RegistryClient:
+        target = self.pull_via.get(host, host)
         with self._lock:
-            client = self._clients.get(host)
+            client = self._clients.get(target)
             if client is None:
-                client = RegistryClient(host, insecure=host in self.insecure,
+                user, password = self.credentials or (None, None)
+                client = RegistryClient(target, insecure=target in self.insecure,
                                         ca_bundle=self.ca_bundle, timeout=(5.0, 60.0),
-                                        retries=2)
-                self._clients[host] = client
+                                        retries=2, username=user, password=password)
+                self._clients[target] = client
             return client
+
+
+def pull_via_arg(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        src, sep, dst = v.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ValueError(f"--pull-via {v!r}: expected FROM=TO (two registry hosts)")
+        out[src.strip()] = dst.strip()
+    return out
+
+
+def read_credentials(directory: str | None) -> tuple[str, str] | None:
+    """username/password files of a mounted Secret; never logged."""
+    if not directory:
+        return None
+    with open(os.path.join(directory, "username")) as u, \
+            open(os.path.join(directory, "password")) as pw:
+        return u.read().strip(), pw.read().strip()
 
 
 async def _periodic(interval: float, fn: object, what: str) -> None:
@@ -129,12 +208,45 @@ async def _periodic(interval: float, fn: object, what: str) -> None:
             log.exception("periodic task failed", extra={"task": what})
 
 
-async def run(args: argparse.Namespace) -> None:
-    cache = Cache(args.cache_dir, Clients(args.insecure_registry, args.registry_ca),
+def settle_kube_flags(args: argparse.Namespace) -> str | None:
+    """Infer --resolver, --node-labels and --prefetch; an error message if they clash."""
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if args.resolver is None:
+        args.resolver = ("file" if args.models_file else
+                         "kube" if args.kubeconfig or in_cluster else None)
+    if args.resolver == "file" and not args.models_file:
+        return "--resolver file needs --models-file"
+    if args.resolver == "kube" and args.models_file:
+        return "--models-file and --resolver kube exclude each other"
+    if args.node_labels is None:
+        args.node_labels = args.resolver == "kube"
+    if args.prefetch is None:
+        args.prefetch = args.resolver == "kube"
+    if args.prefetch and args.resolver != "kube":
+        return "--prefetch reads Models from the API server: it needs --resolver kube"
+    if (args.resolver == "kube" or args.node_labels) and not (args.kubeconfig or in_cluster):
+        return "no API server: give --kubeconfig, or run in a pod"
+    return None
+
+
+async def run(args: argparse.Namespace, api: object = None) -> None:
+    clients = Clients(args.insecure_registry, args.registry_ca,
+                      pull_via=pull_via_arg(args.pull_via),
+                      credentials=read_credentials(args.registry_credentials))
+    cache = Cache(args.cache_dir, clients,
                   capacity=args.cache_capacity, high_watermark=args.high_watermark,
                   low_watermark=args.low_watermark, pull_workers=args.pull_workers,
                   blob_workers=args.blob_workers, tag_ttl=args.tag_ttl)
-    resolver: Resolver = FileResolver(args.models_file) if args.models_file else NoResolver()
+    resolver: Resolver = NoResolver()
+    kube: KubeResolver | None = None
+    if args.resolver == "file":
+        resolver = FileResolver(args.models_file)
+    elif args.resolver == "kube":
+        resolver = kube = KubeResolver(api, cache.client_for,
+                                         max_stale=args.kube_max_stale).start()
+    labeler = NodeLabeler(api, args.node_id, cache.digests) if args.node_labels else None
+    if labeler is not None:
+        cache.add_listener(labeler.poke)
     plugin = await create_server(args.endpoint, args.node_id, cache, resolver,
                                  max_wait=args.max_wait)
     log.info("serving", extra={"endpoint": args.endpoint, "nodeId": args.node_id,
@@ -149,6 +261,14 @@ async def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await plugin.recover()
+    # after recovery: the first label reconcile and prefetch round see the whole cache
+    background: list[NodeLabeler | Prefetcher] = []
+    if labeler is not None:
+        background.append(labeler.start())
+    if args.prefetch and kube is not None:
+        background.append(Prefetcher(api, args.node_id, kube, cache).start())
+    log.info("kubernetes", extra={"resolver": args.resolver or "none",
+                                  "nodeLabels": args.node_labels, "prefetch": args.prefetch})
     # What startup made (modules, grpc, protobuf, the cache index) lives as long as the
     # process: move it out of the collector's reach, so a full collection, which
     # stops the event loop, does not rescan it while publishes wait.
@@ -163,6 +283,10 @@ async def run(args: argparse.Namespace) -> None:
     log.info("stopping")
     for t in tasks:
         t.cancel()
+    for b in background:
+        b.stop()
+    if kube is not None:
+        kube.stop()
     await plugin.stop()
 
 
@@ -174,8 +298,22 @@ def main(argv: list[str] | None = None) -> None:
         parser().error(str(e))
     if args.low_watermark > args.high_watermark:
         parser().error("--low-watermark must not exceed --high-watermark")
+    try:
+        pull_via_arg(args.pull_via)
+        read_credentials(args.registry_credentials)
+    except (ValueError, OSError) as e:
+        parser().error(str(e))
+    problem = settle_kube_flags(args)
+    if problem:
+        parser().error(problem)
+    api = None
+    if args.resolver == "kube" or args.node_labels:
+        try:
+            api = api_client(args.kubeconfig)
+        except ValueError as e:
+            parser().error(str(e))
     logs.setup(args.log_level, args.log_format)
-    asyncio.run(run(args))
+    asyncio.run(run(args, api))
 
 
 if __name__ == "__main__":

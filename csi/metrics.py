@@ -36,6 +36,16 @@ EVICTIONS = prom.Counter("modelcache_node_evictions", "Model trees evicted from 
 EVICTED_BYTES = prom.Counter("modelcache_node_evicted_bytes", "Blob bytes freed by eviction")
 SCRUB_CORRUPT = prom.Counter("modelcache_node_scrub_corrupt_blobs",
                              "Blobs dropped by scrub because their content did not match")
+# the Kubernetes side (csi/kube_resolver.py, csi/nodelabels.py, csi/prefetch.py)
+KUBE_WATCH_CONNECTED = prom.Gauge("modelcache_node_kube_watch_connected",
+                                  "1 while the watch of this resource is connected",
+                                  ["resource"])
+NODE_LABEL_PATCHES = prom.Counter("modelcache_node_label_patches",
+                                  "Patches of this node's cache labels, by result", ["result"])
+PREFETCH = prom.Counter("modelcache_node_prefetch",
+                        "Prefetch pulls by result (started, pulled, error)", ["result"])
+PREFETCH_PENDING = prom.Gauge("modelcache_node_prefetch_pending",
+                              "Models selected for prefetch on this node and not cached yet")
 
 
 def serve(address: str, inventory: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:

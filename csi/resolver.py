@@ -2,10 +2,14 @@
 
 ``Resolver`` is the seam: the node server only asks ``resolve(volume)``.
 ``FileResolver`` serves standalone nodes and tests from ``--models-file``
-(JSON or YAML, re-read whenever its mtime, size or inode changes); the
-Kubernetes resolver (reading Model/ClusterModel status) plugs in here
-later. A ``model`` is looked up only in the pod's own namespace, so a
+(JSON or YAML, re-read whenever its mtime, size or inode changes);
+``csi.kube_resolver.KubeResolver`` reads Model/ClusterModel status from the
+API server. A ``model`` is looked up only in the pod's own namespace, so a
 name that exists elsewhere is still NOT_FOUND.
+
+The volume attribute names are the delivery contract's
+(``controller/delivery/contract.py``), repeated because ``csi`` never
+imports ``controller``; tests/unit/test_csi_contract.py keeps them equal.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from modelpack.oci.reference import Reference
 log = logging.getLogger(__name__)
 
 NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"
+ATTR_MODEL = "model"
+ATTR_CLUSTER_MODEL = "clusterModel"
+ATTR_DIGEST = "digest"
 
 
 @dataclass(frozen=True)
@@ -49,15 +56,15 @@ class Volume:
 
     @classmethod
     def from_context(cls, ctx: dict[str, str]) -> Volume:
-        model = ctx.get("model", "").strip() or None
-        cluster = ctx.get("clusterModel", "").strip() or None
+        model = ctx.get(ATTR_MODEL, "").strip() or None
+        cluster = ctx.get(ATTR_CLUSTER_MODEL, "").strip() or None
         if bool(model) == bool(cluster):
             raise errors.invalid("volumeAttributes need exactly one of 'model' or 'clusterModel'")
         namespace = ctx.get(NAMESPACE_KEY, "").strip() or None
         if model and not namespace:
             raise errors.invalid(f"'model' needs the pod's namespace ({NAMESPACE_KEY}); "
                                  "is podInfoOnMount set on the CSIDriver?")
-        digest = ctx.get("digest", "").strip() or None
+        digest = ctx.get(ATTR_DIGEST, "").strip() or None
         if digest:
             try:
                 dg.validate(digest)

@@ -2,7 +2,8 @@
 # Install everything modelcache's tests and demo need on a fresh Debian machine:
 # apt packages, the Python distribution with its extras, and the Go-built tools
 # (each hack/install.d/*.sh, cached under ~/.cache/modelcache-tools by version).
-# Idempotent and quick when nothing changed. `--runtime` skips the test tools.
+# Idempotent and quick when nothing changed. `--runtime` (the demo) installs only
+# the kube tools (install.d/kube.sh) of the Go-built ones.
 set -euo pipefail
 runtime_only=0
 [ "${1:-}" = "--runtime" ] && runtime_only=1
@@ -32,7 +33,11 @@ if [ ! -f "$stamp_dir/python-$py_key" ] || ! python3 -c "import modelpack" 2>/de
   touch "$stamp_dir/python-$py_key"
 fi
 
-[ "$runtime_only" = 1 ] && exit 0
+if [ "$runtime_only" = 1 ]; then
+  # the demo runs its own etcd + kube-apiserver (+ kubectl): the same builds as the tests'
+  bash hack/install.d/kube.sh
+  exit 0
+fi
 for f in hack/install.d/*.sh; do
   [ -e "$f" ] || continue
   bash "$f"

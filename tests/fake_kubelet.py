@@ -20,8 +20,10 @@ Stated shortcuts: the image is not pulled; a command whose first word is
 ``modelcache-controller`` runs as ``python -m controller.main`` of this
 checkout (what that image's entrypoint is). Paths the pod would see through
 volumes (``emptyDir`` mounts and ``terminationMessagePath``) are mapped to
-temp dirs/files, and occurrences of those paths in args and env values are
-rewritten accordingly, as the kubelet's bind mounts make them appear. No
+temp dirs/files, ``persistentVolumeClaim`` volumes to one directory per
+claim (``claim_dir``, shared by every pod of the namespace, ``subPath``
+honoured, read-only not enforced), and occurrences of those paths in args
+and env values are rewritten accordingly, as the kubelet's bind mounts make them appear. No
 resources, nodeSelector or tolerations are enforced. ``hold()`` makes new
 attempts wait until ``release()``, so a test can act while a Job is "running".
 """
@@ -270,15 +272,27 @@ class FakeKubelet:
         except kube.NotFound:
             pass
 
+    def claim_dir(self, claim: str) -> str:
+        """The directory standing for PVC ``claim`` of this namespace (every pod shares it)."""
+        return os.path.join(self.root, "pvcs", claim)
+
     def _mounts(self, pod_spec: dict[str, Any], container: dict[str, Any],
                 pod_dir: str) -> dict[str, str]:
-        empty = {v["name"] for v in pod_spec.get("volumes") or [] if "emptyDir" in v}
+        volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
         out = {}
         for m in container.get("volumeMounts") or []:
-            if m["name"] in empty:
+            v = volumes.get(m["name"]) or {}
+            if "emptyDir" in v:
                 host = os.path.join(pod_dir, "volumes", m["name"])
-                os.makedirs(host, exist_ok=True)
-                out[m["mountPath"]] = host
+            elif "persistentVolumeClaim" in v:
+                # no provisioner, no binding: one directory per claim, made on first use
+                host = self.claim_dir(v["persistentVolumeClaim"]["claimName"])
+            else:
+                continue
+            os.makedirs(host, exist_ok=True)
+            if m.get("subPath"):
+                host = os.path.join(host, m["subPath"])
+            out[m["mountPath"]] = host
         return out
 
     def _env(self, container: dict[str, Any], mapping: dict[str, str]) -> dict[str, str] | None:

@@ -54,6 +54,7 @@ PVC_PREFIX = "modelcache-"
 ANN_PVC_DIGEST = "modelcache.io/digest"  # the digest a PVC is for
 ANN_PVC_MATERIALIZED = "modelcache.io/materialized"  # set to the digest once the Job succeeded
 LABEL_PVC = "modelcache.io/shared-pvc"  # "true" on every PVC and materializer Job we own
+ANN_PVC_REFERENCE = "modelcache.io/reference"  # on the PVC: the registry reference, pinned
 
 
 def pvc_name(digest: str) -> str:

@@ -16,10 +16,15 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from controller.manager import jobs, kube, uploads
+from controller.catalog import server as catalog_server
+from controller.delivery import contract as delivery_contract
+from controller.delivery import gates as delivery_gates
+from controller.delivery import sharedpvc
+from controller.delivery import webhook as delivery_webhook
+from controller.manager import catalogsources, jobs, kube, pvcsource, uploads
 from controller.manager.errors import PermanentError, TemporaryError
 from controller.manager.events import Recorder
 from controller.manager.informer import Informer
@@ -47,6 +52,12 @@ class Options:
     registry_password: str | None = None
     progress_interval: float = 1.0
     upload: uploads.Config | None = None  # the upload gateway, for source.upload
+    # SharedPVC delivery (controller/delivery/sharedpvc.py); None: not run
+    shared_pvc: sharedpvc.Config | None = field(default_factory=sharedpvc.Config)
+    # the catalog API (--distribution-mode PublicCatalog); None: not served
+    catalog: catalog_server.Config | None = None
+    # the admission webhook and the gate lifter (controller/delivery); None: not run
+    delivery: delivery_webhook.Config | None = None
 
 
 class Manager:
@@ -65,13 +76,47 @@ class Manager:
                              transform=job_transform)
         self.secrets = Informer(self.client, kube.SECRETS, transform=secret_transform)
         self.informers = [self.models, self.cluster_models, self.jobs, self.secrets]
+        # source.pvc reader Jobs, in the Models' namespaces (pvcsource.py); they use the gateway
+        self.pvc_readers = Informer(self.client, kube.JOBS, label_selector=pvcsource.SELECTOR,
+                                    transform=job_transform) if opts.upload else None
+        if self.pvc_readers is not None:
+            self.informers.append(self.pvc_readers)
         self.recorder = Recorder(self.client)
+        self.shared_pvc = sharedpvc.SharedPVC(
+            self.client, s, opts.shared_pvc, models=self.models,
+            cluster_models=self.cluster_models, recorder=self.recorder,
+            metrics=self.metrics) if opts.shared_pvc is not None else None
+        if self.shared_pvc is not None:
+            self.informers += self.shared_pvc.informers
+        self.delivery: delivery_webhook.Delivery | None = None
+        if opts.delivery is not None:
+            # nodes as their cache labels; only pods still held by our scheduling gate
+            self.nodes = Informer(self.client, kube.NODES, transform=delivery_gates.node_transform)
+            self.gated_pods = Informer(
+                self.client, kube.PODS, label_selector=f"{delivery_contract.LABEL_GATED}=true",
+                transform=delivery_gates.pod_transform)
+            self.informers += [self.nodes, self.gated_pods]
+            self.delivery = delivery_webhook.Delivery(
+                self.client, opts.delivery, s.namespace, models=self.models,
+                cluster_models=self.cluster_models, pods=self.gated_pods, nodes=self.nodes,
+                pvcs=self.shared_pvc.pvcs if self.shared_pvc is not None else None,
+                recorder=self.recorder, metrics=self.metrics)
+        # ModelCatalogSources: listed by their own controller, read by catalog imports
+        self.catalog_sources = Informer(self.client, kube.MODEL_CATALOG_SOURCES)
+        self.informers.append(self.catalog_sources)
+        self.catalog_controller = catalogsources.Controller(
+            self.client, s.namespace, self.catalog_sources, self.secrets,
+            on_listed=self._on_catalog_source)
         self.reconciler = Reconciler(self.client, s, models=self.models,
                                      cluster_models=self.cluster_models, job_cache=self.jobs,
                                      secrets=self.secrets, recorder=self.recorder,
                                      metrics=self.metrics, registry=self._registry,
                                      upload_gateway=uploads.Gateway(opts.upload)
-                                     if opts.upload else None)
+                                     if opts.upload else None,
+                                     catalog_sources=self.catalog_sources)
+        self.catalog_server = catalog_server.build(
+            opts.catalog, self.client, self.cluster_models, self._registry) \
+            if opts.catalog is not None else None
         self.progress = Progress(self.client, self.models, self.cluster_models, self.metrics,
                                  opts.progress_interval)
         self.identity = opts.identity or f"{socket.gethostname()}_{pysecrets.token_hex(4)}"
@@ -99,8 +144,18 @@ class Manager:
                               username=self.opts.registry_username,
                               password=self.opts.registry_password)
 
+    def _on_catalog_source(self, name: str) -> None:
+        """A source listed (or changed): its imports still waiting for a pin look again."""
+        for m in self.cluster_models.items():
+            ref = (((m.get("spec") or {}).get("source") or {}).get("catalog") or {})
+            if ref.get("sourceRef") == name:
+                self.queue.add(("ClusterModel", "", m["metadata"]["name"]))
+
     def _job(self, name: str) -> dict[str, Any] | None:
-        return self.jobs.get((self.settings.namespace, name))
+        job = self.jobs.get((self.settings.namespace, name))
+        if job is None and self.pvc_readers is not None:
+            job = pvcsource.find(self.pvc_readers, name)  # a reader reporting its upload
+        return job
 
     def _wire(self) -> None:
         def on_model(kind: str) -> Any:
@@ -129,6 +184,8 @@ class Manager:
                                 lab.get(jobs.LABEL_NAMESPACE, ""), lab[jobs.LABEL_NAME]))
 
         self.jobs.handlers.append(on_job)
+        if self.pvc_readers is not None:
+            self.pvc_readers.handlers.append(on_job)
 
         def on_secret(event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
             if old is not None and old.get("hashes") == obj.get("hashes") and event != "DELETED":
@@ -218,9 +275,14 @@ class Manager:
 
     def start(self) -> None:
         threading.Thread(target=self.server.serve_forever, daemon=True, name="http").start()
+        if self.catalog_server is not None:  # standbys serve the catalog from warm caches too
+            threading.Thread(target=self.catalog_server.serve_forever, daemon=True,
+                             name="catalog").start()
         for i in self.informers:
             i.start()
         self.recorder.start()
+        if self.delivery is not None:  # every replica answers admissions
+            self.delivery.start()
         self.progress.start()
         threading.Thread(target=self._gauges, daemon=True, name="gauges").start()
         if self.elector is not None:
@@ -243,12 +305,22 @@ class Manager:
             t = threading.Thread(target=self._work, daemon=True, name=f"worker-{n}")
             t.start()
             self._workers.append(t)
+        if self.shared_pvc is not None:
+            self.shared_pvc.start_workers()
+        if self.delivery is not None:
+            self.delivery.lead()
+        self.catalog_controller.start()
 
     def stop(self) -> None:
         if self.stopping.is_set():
             return
         self.stopping.set()
         self.queue.shutdown()
+        self.catalog_controller.stop()
+        if self.shared_pvc is not None:
+            self.shared_pvc.stop()
+        if self.delivery is not None:
+            self.delivery.stop()
         for i in self.informers:
             i.stop()
         self.progress.stop()
@@ -260,6 +332,9 @@ class Manager:
         self.metrics.leader.set(0)
         self.server.shutdown()
         self.server.server_close()
+        if self.catalog_server is not None:
+            self.catalog_server.shutdown()
+            self.catalog_server.server_close()
 
     def run(self) -> int:
         """Start, wait for SIGTERM/SIGINT (or a lost Lease), stop; the exit status."""

@@ -75,13 +75,14 @@ class SecretUse:
 class Plan:
     """How to publish one model: the worker's source URI, extra args, credentials."""
 
-    kind: str  # "publish" | "upload" | "unsupported"
+    kind: str  # "publish" | "upload" | "pvc" | "unsupported"
     uri: str = ""
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     secret: SecretUse | None = None
     reason: str = ""
     message: str = ""
+    key_extra: str = ""  # more publish-key input (a catalog import: URL, CA, pinned digest)
 
 
 def _short(text: str, n: int) -> str:
@@ -140,8 +141,13 @@ def _auth(ref: Any, namespace: str, keys: dict[str, str | None], default_key: st
     return SecretUse(namespace, str(ref["name"]), mapping)
 
 
-def plan(obj: dict[str, Any], settings: Settings) -> Plan:
-    """The publish plan for ``obj``'s source; ``PermanentError`` for a source that cannot be."""
+def plan(obj: dict[str, Any], settings: Settings,
+         catalog_source: dict[str, Any] | None = None) -> Plan:
+    """The publish plan for ``obj``'s source; ``PermanentError`` for a source that cannot be.
+
+    ``catalog_source``: the ModelCatalogSource a ``source.catalog`` import
+    names, once its digest is pinned in ``status.catalog``
+    (``catalogsources.ensure_pin``)."""
     spec = obj.get("spec") or {}
     source = spec.get("source") or {}
     meta = obj["metadata"]
@@ -207,12 +213,48 @@ def plan(obj: dict[str, Any], settings: Settings) -> Plan:
         if not cluster:
             raise PermanentError("source.catalog is for ClusterModels only",
                                  reason="InvalidSource")
-        return Plan("unsupported", reason="CatalogImportPending",
-                    message="catalog imports are handled by the catalog controller")
+        digest = str(((obj.get("status") or {}).get("catalog") or {}).get("digest") or "")
+        if catalog_source is None or not digest:
+            return Plan("unsupported", reason="CatalogImportPending",
+                        message="waiting for the remote digest to be pinned")
+        return _catalog_plan(s, catalog_source, digest, settings, tuple(args))
     if kind == "pvc":
-        return Plan("unsupported", reason="PVCSourceUnsupported",
-                    message="publishing from a PVC is not implemented yet")
+        # read by a Job in the Model's namespace, published through the upload gateway
+        # (pvcsource.py): the only source whose bytes cannot reach our namespace directly
+        if cluster:
+            raise PermanentError("source.pvc is for Models only: a PVC is namespaced",
+                                 reason="InvalidSource")
+        if not s.get("claimName"):
+            raise PermanentError("source.pvc.claimName is empty", reason="InvalidSource")
+        return Plan("pvc", f"pvc://{s['claimName']}/{str(s.get('path') or '').lstrip('/')}")
     raise PermanentError(f"unknown source kind {kind!r}", reason="InvalidSource")
+
+
+def _catalog_plan(s: dict[str, Any], src: dict[str, Any], digest: str, settings: Settings,
+                  args: tuple[str, ...]) -> Plan:
+    """A catalog import: the pinned digest from the source's URL, its CA and token Secret."""
+    import base64
+
+    from controller.sources.catalog import build_uri
+
+    spec = src.get("spec") or {}
+    url = str(spec.get("url") or "")
+    env: list[tuple[str, str]] = []
+    if spec.get("caBundle"):
+        try:
+            env.append(("MODELCACHE_CATALOG_CA", base64.b64decode(str(spec["caBundle"])).decode()))
+        except ValueError as e:
+            raise PermanentError("the ModelCatalogSource's caBundle is not base64 PEM",
+                                 reason="InvalidSource") from e
+    ref = spec.get("tokenSecretRef")
+    secret = None
+    if isinstance(ref, dict) and ref.get("name"):
+        # a cluster-scoped source: the token Secret is always in the controller's namespace
+        secret = SecretUse(settings.namespace, str(ref["name"]),
+                           {"MODELCACHE_CATALOG_TOKEN": str(ref.get("key") or "token")})
+    uri = build_uri(url, str(s.get("model") or ""), digest)
+    extra = hashlib.sha256(f"{uri}\0{spec.get('caBundle') or ''}".encode()).hexdigest()[:12]
+    return Plan("publish", uri, args, tuple(env), secret, key_extra=extra)
 
 
 def copied_secret_name(job: str) -> str:

@@ -93,6 +93,18 @@ PODS = Resource("", "v1", "pods", True, "Pod")
 SECRETS = Resource("", "v1", "secrets", True, "Secret")
 EVENTS = Resource("", "v1", "events", True, "Event")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", True, "Lease")
+# workload delivery: the kinds the webhook injects into, and the SharedPVC claims
+PVCS = Resource("", "v1", "persistentvolumeclaims", True, "PersistentVolumeClaim")
+NODES = Resource("", "v1", "nodes", False, "Node")  # the gate lifter reads cache labels
+DEPLOYMENTS = Resource("apps", "v1", "deployments", True, "Deployment")
+STATEFULSETS = Resource("apps", "v1", "statefulsets", True, "StatefulSet")
+DAEMONSETS = Resource("apps", "v1", "daemonsets", True, "DaemonSet")
+CRONJOBS = Resource("batch", "v1", "cronjobs", True, "CronJob")
+MODEL_CATALOG_SOURCES = Resource("modelcache.io", "v1alpha1", "modelcatalogsources", False,
+                                 "ModelCatalogSource")
+TOKEN_REVIEWS = Resource("authentication.k8s.io", "v1", "tokenreviews", False, "TokenReview")
+SUBJECT_ACCESS_REVIEWS = Resource("authorization.k8s.io", "v1", "subjectaccessreviews", False,
+                                  "SubjectAccessReview")
 
 
 class Kube:

@@ -31,6 +31,18 @@ class Metrics:
                                         registry=r)
         self.status_patches = Counter("modelcache_status_patches_total", "Status writes",
                                       ["what"], registry=r)
+        self.shared_pvcs = Counter("modelcache_shared_pvc_events_total",
+                                   "SharedPVC delivery: PVCs created/materialized/deleted, "
+                                   "materializer Jobs created/failed", ["event"], registry=r)
+        self.admissions = Counter("modelcache_webhook_admissions_total",
+                                  "Admission reviews by kind, operation and result "
+                                  "(allowed, mutated, denied, error)",
+                                  ["kind", "operation", "result"], registry=r)
+        self.admission_seconds = Histogram(
+            "modelcache_webhook_admission_duration_seconds", "Time to answer one admission",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2), registry=r)
+        self.gates_lifted = Counter("modelcache_scheduling_gates_lifted_total",
+                                    "Pods whose modelcache scheduling gate was lifted", registry=r)
         self.leader = Gauge("modelcache_leader", "1 while this replica leads", registry=r)
         self.cached = Gauge("modelcache_cached_objects", "Objects in informer caches",
                             ["resource"], registry=r)

@@ -11,12 +11,14 @@ One pass, from the object as the cache has it:
    Job publishing an artifact nobody deletes. One write, one round trip;
    the urgent lane (below) keeps it off the queueing path;
 3. plan the source (``jobs.plan``); an invalid one is Failed (terminal), an
-   upload waits (WaitForUpload), a source this controller does not publish
-   stays Pending with a reason;
+   upload waits (WaitForUpload), a PVC is read by a Job in the Model's
+   namespace and published through the upload gateway (``pvcsource``), a
+   source this controller does not publish stays Pending with a reason;
 4. the publish key (generation, reimport annotation, upstream revision,
    Secret hash): if ``status.publish.key`` already equals it and the model
    is Ready or Failed, nothing is owed (an unchanged spec never re-publishes);
-   a Ready model with ``spec.updatePolicy.schedule`` gets its upstream check;
+   a model with ``spec.updatePolicy.schedule`` gets its upstream check
+   (``schedule.py``; Failed ones too, once published or moved);
 5. else the Job named by the key: absent → create it and stop there, asking
    for a follow-up pass (``Result.follow_up``) in the normal lane; active →
    Publishing; Complete → read the result from the pod's termination message
@@ -42,7 +44,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controller.manager import artifacts, conditions, jobs, kube, schedule, uploads
+from controller.manager import (
+    adopt,
+    artifacts,
+    catalogsources,
+    conditions,
+    jobs,
+    kube,
+    pvcsource,
+    schedule,
+    uploads,
+)
 from controller.manager import conditions as c
 from controller.manager.errors import PermanentError, TemporaryError
 from controller.manager.events import Recorder
@@ -89,9 +101,11 @@ class Reconciler:
                  cluster_models: Informer, job_cache: Informer, secrets: Informer,
                  recorder: Recorder, metrics: Metrics,
                  registry: Callable[[], RegistryClient],
-                 upload_gateway: uploads.Gateway | None = None) -> None:
+                 upload_gateway: uploads.Gateway | None = None,
+                 catalog_sources: Informer | None = None) -> None:
         self.client = client
         self.uploads = upload_gateway
+        self.catalog_sources = catalog_sources  # ModelCatalogSources, for source.catalog
         self.settings = settings
         self.informers = {"Model": models, "ClusterModel": cluster_models}
         self.jobs = job_cache
@@ -113,8 +127,18 @@ class Reconciler:
             self.finalize(obj)
             return Result()
         obj = self.ensure_finalizer(obj)
+        if adopt.imported_digest(obj) is not None:
+            # an air-gap import (`modelcache import`): adopt the pushed artifact; never a Job
+            return Result(requeue_after=adopt.ensure(self, obj, RESOLVED_FIELDS))
+        catalog_source = None
+        if catalogsources.is_import(obj):
+            # freeze the remote digest first; the Job imports exactly that one
+            obj, catalog_source, wait = catalogsources.ensure_pin(
+                obj, self.catalog_sources, self.write_status)
+            if wait is not None:
+                return Result(requeue_after=wait or None)
         try:
-            p = jobs.plan(obj, self.settings)
+            p = jobs.plan(obj, self.settings, catalog_source)
         except PermanentError as e:
             self.set_failed(obj, e.reason, str(e), cond="SourceResolved")
             raise
@@ -126,15 +150,16 @@ class Reconciler:
         secret_hash = self.secret_hash(obj, p)
         if secret_hash is None:
             return Result()
-        key = jobs.publish_key(obj, secret_hash)
+        key = jobs.publish_key(obj, secret_hash + p.key_extra)
         status = obj.get("status") or {}
         if (status.get("publish") or {}).get("key") == key and \
                 status.get("phase") in (c.READY, c.FAILED):
-            if status.get("phase") == c.READY:
-                return self.check_upstream(obj)
-            return Result()
+            # Failed too: a later upstream commit may repair what a moved one broke
+            return self.check_upstream(obj)
         if p.kind == "upload":
             return self.ensure_uploaded(obj, p, key)
+        if p.kind == "pvc":  # a reader Job in the Model's namespace → the upload gateway
+            return Result(requeue_after=pvcsource.ensure(self, obj, key))
         return self.ensure_published(obj, p, key)
 
     # -- steps --------------------------------------------------------------
@@ -351,7 +376,7 @@ class Reconciler:
         }
         was_ready = status.get("phase") == c.READY and \
             (status.get("publish") or {}).get("key") == key
-        self.write_status(obj, patch)
+        obj = self.write_status(obj, patch)  # the schedule compares with this revision
         if not was_ready:
             self.metrics.publishes.labels(jobs.model_kind(obj), "ready").inc()
             self.recorder.record(obj, "Normal", "Published",
@@ -471,7 +496,7 @@ class Reconciler:
     def check_upstream(self, obj: dict[str, Any], first: bool = False) -> Result:
         """``spec.updatePolicy.schedule``: re-resolve the revision; mark a move for re-publish."""
         policy = ((obj.get("spec") or {}).get("updatePolicy") or {}).get("schedule")
-        if not policy:
+        if not policy or not schedule.applies(obj):
             return Result()
         interval = schedule.interval(str(policy))
         if interval is None:
@@ -481,20 +506,20 @@ class Reconciler:
         due = self.scheduler.due(key, interval, reset=first)
         if due > 0:
             return Result(requeue_after=due)
-        current = ((obj.get("status") or {}).get("source") or {}).get("resolvedRevision")
+        current = ((obj.get("status") or {}).get("source") or {}).get("resolvedRevision") or "?"
         try:
             latest = schedule.upstream_revision(obj, self.settings, self._secret_value(obj))
         except TemporaryError:
             return Result(requeue_after=min(interval, 300.0))
-        self.scheduler.checked(key)
-        if latest and current and latest != current:
+        self.scheduler.checked(key, interval)
+        if latest and schedule.moved(obj, latest):
             log.info("upstream moved", extra={"model": _id(obj), "from": current, "to": latest})
             self.recorder.record(obj, "Normal", "UpstreamMoved",
                                  f"revision {current[:12]} → {latest[:12]}; publishing again")
             answer = self.client.patch(self.res(obj), obj["metadata"]["name"], {
                 "metadata": {"annotations": {jobs.UPSTREAM: latest}}}, self.ns(obj))
             self.observe(obj, answer)
-            return Result()
+        # after a move too: the annotation's watch event brings the publish pass
         return Result(requeue_after=interval)
 
     def _secret_value(self, obj: dict[str, Any]) -> str | None:
@@ -528,6 +553,8 @@ class Reconciler:
                 self.cleanup_secret_copy(jname)
         if "upload" in ((obj.get("spec") or {}).get("source") or {}):
             uploads.delete_secret(self.client, obj, self.settings)  # no GC without a kcm
+        if "pvc" in ((obj.get("spec") or {}).get("source") or {}):
+            pvcsource.cleanup(self.client, obj)  # a running reader would go on uploading
         known = [str(((obj.get("status") or {}).get("artifact") or {}).get("digest") or "")]
         deleted = artifacts.delete_all(self.registry(), jobs.repository(obj), known)
         self.metrics.artifacts_deleted.inc(len(deleted))

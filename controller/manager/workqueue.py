@@ -23,7 +23,7 @@ import collections
 import heapq
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 
 class ShutDown(Exception):
@@ -183,3 +183,42 @@ class WorkQueue:
                     continue
             for key in due:
                 self.add(key)
+
+
+class WorkerPool:
+    """``n`` threads taking keys from ``queue`` and handing each to ``handle``.
+
+    ``handle`` owns the retry decision (``forget``, ``add_after``,
+    ``add_rate_limited``) and must not raise; the pool only guarantees
+    ``done`` after every key and a stop that waits for the threads.
+    """
+
+    def __init__(self, queue: WorkQueue, handle: Callable[[Hashable], None], *, workers: int,
+                 name: str) -> None:
+        self.queue = queue
+        self.handle = handle
+        self.workers = workers
+        self.name = name
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for n in range(self.workers):
+            t = threading.Thread(target=self._run, daemon=True, name=f"{self.name}-{n}")
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.queue.shutdown()
+        for t in self._threads:
+            t.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                key = self.queue.get()
+            except ShutDown:
+                return
+            try:
+                self.handle(key)
+            finally:
+                self.queue.done(key)

@@ -2,7 +2,8 @@
 
 ``open_source`` turns what a user types into a source:
 ``hf://ORG/REPO[@REV]``, ``ollama://[HOST/]NS/MODEL[:TAG]``,
-``http(s)://…``, ``s3://BUCKET/PREFIX`` or a local directory. Credentials
+``http(s)://…``, ``s3://BUCKET/PREFIX``, ``catalog+https://HOST#MODEL[@DIGEST]``
+(another cluster's catalog API) or a local directory. Credentials
 and options come as keyword arguments (the CLI takes them from flags and
 the environment, the controller from Secrets); each source ignores the
 ones that are not its own.
@@ -36,7 +37,7 @@ def open_source(uri: str, **creds: Any) -> Source:
     Keywords: ``token`` (HF token or HTTP bearer), ``endpoint`` (HF endpoint or
     S3 endpoint URL), ``include``/``exclude`` (HF globs), ``sha256``/``archive``/
     ``headers`` (HTTP), ``region``/``access_key``/``secret_key``/``session_token``
-    (S3), ``insecure``/``username``/``password`` (Ollama registry).
+    (S3), ``insecure``/``username``/``password`` (Ollama registry), ``ca_pem`` (catalog).
     """
     if uri.startswith("hf://"):
         from controller.sources.huggingface import HuggingFaceSource
@@ -51,6 +52,10 @@ def open_source(uri: str, **creds: Any) -> Source:
         host, repo, tag = parse_uri(uri[len("ollama://"):])
         return OllamaSource(host, repo, tag,
                             **_pick(creds, "insecure", "username", "password", "token"))
+    if uri.startswith("catalog+"):
+        from controller.sources.catalog import CatalogSource
+
+        return CatalogSource(uri, **_pick(creds, "token", "ca_pem"))
     if uri.startswith(("http://", "https://")):
         from controller.sources.url import UrlSource
 
@@ -71,5 +76,5 @@ def open_source(uri: str, **creds: Any) -> Source:
         return LocalDirSource(path)
     if "://" in uri:
         raise InvalidSourceError(f"unknown source scheme in {uri[:100]!r} "
-                                 "(hf://, ollama://, http(s)://, s3:// or a directory)")
+                                 "(hf://, ollama://, http(s)://, s3://, catalog+https:// or a directory)")
     raise base.SourceNotFound(f"{uri[:200]} is not a directory", reason="NotADirectory")

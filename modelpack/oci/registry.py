@@ -61,6 +61,9 @@ class _TimeoutSession(requests.Session):
 
     def request(self, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
+        # requests lets $REQUESTS_CA_BUNDLE override a session's own CA file
+        # unless the request names one, so a ca_bundle would be ignored
+        kwargs.setdefault("verify", self.verify)
         return super().request(*args, **kwargs)
 
 

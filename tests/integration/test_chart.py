@@ -140,8 +140,14 @@ def test_values_change_the_rendering(helm: str) -> None:
     assert all(o["metadata"].get("namespace") in (None, "ai") for o in objs)
     k0s = render(helm, "ai", "node.kubeletRoot=/var/lib/k0s/kubelet")
     ds = next(o for o in k0s if o["kind"] == "DaemonSet")
-    paths = [v["hostPath"]["path"] for v in ds["spec"]["template"]["spec"]["volumes"]]
+    paths = [v["hostPath"]["path"] for v in ds["spec"]["template"]["spec"]["volumes"]
+             if "hostPath" in v]
     assert "/var/lib/k0s/kubelet/pods" in paths
+    node_args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--pull-via=dmcr.ai.svc:5000=dmcr.ai.svc:5002" in node_args
+    secrets = [v["secret"]["secretName"] for v in ds["spec"]["template"]["spec"]["volumes"]
+               if "secret" in v]
+    assert secrets == ["dmcr-pull-credentials"]  # never the push user
 
 
 def _dry_run(kube: kubeenv.KubeEnv, objs: list[dict[str, Any]]) -> str:

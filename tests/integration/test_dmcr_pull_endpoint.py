@@ -57,3 +57,27 @@ def test_pull_credential_is_not_a_push_credential(dmcr, small_model) -> None:
     wrong = RegistryClient(rw.host, insecure=True, username="puller", password="pull-secret")
     with pytest.raises(ModelPackError):
         pack_to_registry(small_model, wrong, parse(f"{rw.host}/models/team-a/evil:v1"))
+
+
+def test_node_plugin_pulls_through_the_pull_endpoint(dmcr, small_model, tmp_path) -> None:
+    """modelcache-node --pull-via RW=RO --registry-credentials DIR: references
+    name the push endpoint, bytes come from the read-only one."""
+    from csi.main import Clients, pull_via_arg, read_credentials
+
+    rw, ro = dmcr
+    pusher = RegistryClient(rw.host, insecure=True, username="modelcache", password="push-secret")
+    digest = pack_to_registry(small_model, pusher,
+                              parse(f"{rw.host}/models/team-a/n:v1")).pack.digest
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "username").write_text("puller\n")
+    (creds / "password").write_text("pull-secret\n")
+    clients = Clients([ro.host], None, pull_via=pull_via_arg([f"{rw.host}={ro.host}"]),
+                      credentials=read_credentials(str(creds)))
+    client = clients(rw.host)
+    assert client.host == ro.host and clients(rw.host) is client
+    dest = str(tmp_path / "out")
+    pull_to_dir(client, parse(f"{rw.host}/models/team-a/n@{digest}"), dest)
+    same_tree(small_model, dest)
+    with pytest.raises(ValueError, match="FROM=TO"):
+        pull_via_arg(["no-equals-sign"])

@@ -1,9 +1,11 @@
 """examples/ applied with the real kubectl to the real kube-apiserver.
 
-The models and cluster objects are created for real (so every CEL rule runs on
-them); the workloads go through ``--dry-run=server`` (admission and schema,
-nothing stored). Also checked without a server: every source kind has an
-example, and every annotation names a model some example defines.
+The models, the demo's ``model.yaml`` and the cluster objects are created for
+real (so every CEL rule runs on them); the workloads go through
+``--dry-run=server`` (admission and schema, nothing stored). Also checked
+without a server: every YAML file under examples/ is one of those applied,
+every source kind has an example, and every annotation names a model some
+example defines.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from typing import Any
 import pytest
 import yaml
 
+from cli import demo
 from tests import kubeenv
 from tests.integration.test_crds import install_crds
 
 kube = kubeenv.kube
 
 EXAMPLES = os.path.join(kubeenv.REPO_ROOT, "examples")
+FOLDERS = ("models", "cluster", "workloads")  # applied below, each as a whole
+DEMO_MODEL = os.path.join(EXAMPLES, "model.yaml")  # what `modelcache demo` applies
 MODEL_ANN, CLUSTER_ANN = "modelcache.io/models", "modelcache.io/cluster-models"
 
 
@@ -52,6 +57,26 @@ def test_models_apply(kube: kubeenv.KubeEnv, ns: str) -> None:
     assert table[0].split() == ["NAME", "PHASE", "PROGRESS", "FORMAT", "SIZE", "AGE"]
     assert sorted(line.split()[0] for line in table[1:]) == sorted(
         d["metadata"]["name"] for d in docs("models") if d["kind"] == "Model")
+
+
+def test_demo_model_applies(kube: kubeenv.KubeEnv, ns: str) -> None:
+    out = kube.kubectl("apply", "-n", ns, "-f", DEMO_MODEL).stdout
+    assert out.strip() == "model.modelcache.io/all-minilm-l6-v2 created"
+    got = kube.kubectl("get", "model", "all-minilm-l6-v2", "-n", ns,
+                       "-o", "jsonpath={.spec.source.huggingFace.repo}").stdout
+    # the demo's local hub serves exactly this repository
+    assert got == demo.DEMO_REPO
+
+
+def test_every_example_file_is_applied() -> None:
+    found = set()
+    for dirpath, _, names in os.walk(EXAMPLES):
+        found |= {os.path.relpath(os.path.join(dirpath, n), EXAMPLES)
+                  for n in names if n.endswith((".yaml", ".yml", ".json"))}
+    covered = {os.path.relpath(DEMO_MODEL, EXAMPLES)} | {
+        os.path.join(sub, n) for sub in FOLDERS
+        for n in os.listdir(os.path.join(EXAMPLES, sub)) if n.endswith(".yaml")}
+    assert found == covered
 
 
 def test_cluster_objects_apply(kube: kubeenv.KubeEnv, ns: str) -> None:

@@ -1,0 +1,8 @@
+"""The catalog API: this cluster's Ready ClusterModels, served to other clusters.
+
+``server`` (HTTP handlers and the read-only OCI proxy to the DMCR), ``auth``
+(TokenReview + SubjectAccessReview, decisions cached briefly), ``ratelimit``
+(a token bucket per client) and ``tls`` (the serving certificate). The
+importing side lives in ``controller.sources.catalog`` and
+``controller.manager.catalogsources``.
+"""

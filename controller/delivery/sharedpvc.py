@@ -1,0 +1,573 @@
+"""SharedPVC delivery: one RWX PVC per (namespace, digest), filled once, collected when unused.
+
+Where it sits: the admission webhook (``inject.py``) has already given a
+workload's pod template a read-only ``persistentVolumeClaim`` volume named
+``contract.pvc_name(digest)`` (``subPath`` = ``contract.pvc_subpath``) and
+the label ``LABEL_USES_SHARED_PVC=true``; the gate lifter holds its pods
+until the PVC carries ``ANN_PVC_MATERIALIZED=<digest>``. This reconciler
+makes that annotation come true, and takes the PVC away once nothing uses it.
+
+Its state is the cluster's: informers over the six workload kinds (only
+those labelled), over our PVCs and our materializer Jobs (``LABEL_PVC``).
+The work queue's key is ``(namespace, claimName)``. One pass:
+
+* in use (some workload's pod spec names the claim): ensure the PVC
+  (ReadWriteMany, storage class from the model's
+  ``spec.delivery.sharedPVC.storageClassName`` or ``--shared-pvc-storage-class``,
+  else the cluster default; size = artifact + 10 % + 1 GiB, see ``pvc_size``);
+  once it is materialized, nothing else. Else ensure the one materializer
+  Job (``contract.materializer_job_name``): absent → create; Complete →
+  annotate the PVC ``ANN_PVC_MATERIALIZED``; Failed → a Warning Event on the
+  PVC, then, after a backoff that doubles per failure (counted in the PVC's
+  annotations, so a restart keeps it), delete the Job and make it again.
+* not in use: stamp ``unused-since`` on the PVC; ``--shared-pvc-grace``
+  later, if still unused, delete the Job, the pull-credential copy and the
+  PVC. A user appearing meanwhile removes the stamp.
+
+Everything is found by name or label, so a restarted controller takes up
+the PVC and Job it made before; creates that race answer 409 and are taken
+as found.
+
+Registry credential: the materializer runs in the workload's namespace (the
+PVC's) and needs only PULL access. The publish Jobs' push credential never
+leaves the controller's namespace. If ``--registry-pull-secret`` names a
+Secret there (``username``/``password`` of a pull-only DMCR account), its
+two keys are copied next to each Job as ``<pvc>-pull`` (owned by the PVC,
+deleted once materialized and at collection); without it the materializer
+pulls anonymously, which the DMCR must then allow for reads. (The bundled
+DMCR's htpasswd accounts cannot be read-only: naming its push credential
+here works, and hands push rights to the namespace while a Job runs.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from controller.delivery import contract
+from controller.manager import jobs, kube
+from controller.manager.events import Recorder
+from controller.manager.informer import Informer
+from controller.manager.metrics import Metrics
+from controller.manager.reconciler import job_transform
+from controller.manager.workqueue import WorkerPool, WorkQueue
+
+log = logging.getLogger(__name__)
+
+WORKLOAD_KINDS: tuple[kube.Resource, ...] = (
+    kube.DEPLOYMENTS, kube.STATEFULSETS, kube.DAEMONSETS, kube.CRONJOBS, kube.JOBS, kube.PODS)
+MOUNT = "/var/lib/modelcache/pvc"  # where the materializer sees the PVC
+LABEL_CLAIM = "modelcache.io/pvc"  # on a materializer Job and a pull-secret copy: its PVC
+ANN_UNUSED_SINCE = "modelcache.io/unused-since"
+ANN_FAILURES = "modelcache.io/materialize-failures"
+ANN_FAILED_JOB = "modelcache.io/materialize-failed-job"  # the failed Job's uid, counted once
+ANN_RETRY_AT = "modelcache.io/materialize-retry-at"
+
+# PVC size = artifact + 10 % + 1 GiB, rounded up to a GiB. Why: a block-backed
+# RWX volume loses space to its filesystem (ext4 keeps 5 % for root and up to
+# 1 GiB of journal; XFS a log), every file rounds up to a block, and the
+# materializer places the tree by hardlink from its verified blobs on the same
+# volume, so its peak is one copy of the model plus metadata. (A volume whose
+# filesystem can neither hardlink nor reflink would need twice the model while
+# placing; NFS, CephFS and GlusterFS all hardlink.)
+HEADROOM_RATIO = 0.10
+HEADROOM_BYTES = 1 << 30
+GIB = 1 << 30
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the manager's ``--shared-pvc-*`` flags decide."""
+
+    storage_class: str | None = None  # the default when a model names none
+    grace: float = 600.0  # seconds a PVC stays after its last user went
+    pull_secret: str | None = None  # Secret (username/password) in the controller namespace
+    pull_registry: str | None = None  # HOST:PORT materializers pull from (the DMCR's read-only one)
+    retry_base: float = 30.0  # first delay after a failed materializer Job, doubled per failure
+    retry_max: float = 3600.0
+    workers: int = 2
+
+
+# -- pure functions: what a workload uses, what we create ----------------------------
+
+
+def pod_spec(kind: str, obj: Obj) -> Obj:
+    spec = obj.get("spec") or {}
+    if kind == "Pod":
+        return spec
+    if kind == "CronJob":
+        spec = ((spec.get("jobTemplate") or {}).get("spec") or {})
+    return ((spec.get("template") or {}).get("spec") or {})
+
+
+def claims_of(kind: str, obj: Obj) -> list[str]:
+    """The SharedPVC claims the webhook injected into a workload's pod spec."""
+    out = []
+    for v in pod_spec(kind, obj).get("volumes") or []:
+        claim = str(((v or {}).get("persistentVolumeClaim") or {}).get("claimName") or "")
+        if str(v.get("name", "")).startswith(contract.VOLUME_PREFIX) and \
+                claim.startswith(contract.PVC_PREFIX):
+            out.append(claim)
+    return sorted(set(out))
+
+
+def workload_transform(kind: str) -> Callable[[Obj], Obj]:
+    """Cache a workload as its identity and the claims it uses: nothing else is read."""
+    def transform(obj: Obj) -> Obj:
+        meta = obj.get("metadata") or {}
+        return {"kind": kind, "claims": claims_of(kind, obj),
+                "metadata": {k: meta.get(k) for k in (
+                    "name", "namespace", "uid", "resourceVersion", "deletionTimestamp")}}
+    return transform
+
+
+def pvc_transform(obj: Obj) -> Obj:
+    meta = obj.get("metadata") or {}
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {k: meta.get(k) for k in (
+                "name", "namespace", "uid", "resourceVersion", "labels", "annotations",
+                "deletionTimestamp", "creationTimestamp")},
+            "spec": obj.get("spec") or {}, "status": obj.get("status") or {}}
+
+
+def pvc_size(size_bytes: int) -> str:
+    """The storage request for an artifact of ``size_bytes`` (see HEADROOM_*)."""
+    want = max(0, size_bytes) * (1 + HEADROOM_RATIO) + HEADROOM_BYTES
+    return f"{math.ceil(want / GIB)}Gi"
+
+
+def _labels(claim: str) -> dict[str, str]:
+    return {contract.LABEL_PVC: "true", jobs.LABEL_MANAGED: jobs.MANAGER,
+            "app.kubernetes.io/component": "materialize", LABEL_CLAIM: claim}
+
+
+def build_pvc(namespace: str, digest: str, reference: str, size_bytes: int,
+              storage_class: str | None) -> Obj:
+    spec: Obj = {"accessModes": ["ReadWriteMany"], "volumeMode": "Filesystem",
+                 "resources": {"requests": {"storage": pvc_size(size_bytes)}}}
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    claim = contract.pvc_name(digest)
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace, "labels": _labels(claim),
+                         "annotations": {contract.ANN_PVC_DIGEST: digest,
+                                         contract.ANN_PVC_REFERENCE: reference}},
+            "spec": spec}
+
+
+def pull_secret_name(claim: str) -> str:
+    return f"{claim}-pull"
+
+
+def _owned_by(pvc: Obj) -> list[Obj]:
+    # not blockOwnerDeletion: that would need update on persistentvolumeclaims/finalizers
+    return [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "name": pvc["metadata"]["name"], "uid": pvc["metadata"]["uid"]}]
+
+
+def build_job(pvc: Obj, digest: str, reference: str, settings: jobs.Settings,
+              with_pull_secret: bool) -> Obj:
+    """The materializer Job: the PVC mounted read-write, ``modelcache-controller materialize``."""
+    meta = pvc["metadata"]
+    ns, claim = str(meta["namespace"]), str(meta["name"])
+    name = contract.materializer_job_name(ns, digest)
+    cmd = ["modelcache-controller", "materialize", "--reference", reference, "--dest", MOUNT,
+           "--digest", digest, "--result-file", jobs.TERMINATION_LOG]
+    if settings.registry_insecure:
+        cmd.append("--insecure")
+    env: list[Obj] = []
+    if with_pull_secret:
+        for var, key in (("MODELCACHE_REGISTRY_USERNAME", "username"),
+                         ("MODELCACHE_REGISTRY_PASSWORD", "password")):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {
+                "name": pull_secret_name(claim), "key": key}}})
+    container: Obj = {
+        "name": "materialize", "image": settings.image, "command": cmd, "env": env,
+        "volumeMounts": [{"name": "pvc", "mountPath": MOUNT}],
+        "terminationMessagePath": jobs.TERMINATION_LOG, "terminationMessagePolicy": "File",
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}}}
+    labels = _labels(claim)
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": ns, "labels": labels,
+                         "annotations": {contract.ANN_PVC_DIGEST: digest},
+                         "ownerReferences": _owned_by(pvc)},
+            "spec": {
+                "backoffLimit": settings.backoff_limit,
+                # exit 1 is the materializer's terminal failure (a corrupt blob, a missing
+                # manifest): the Job fails at once and our own, slower backoff takes over
+                "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                    "containerName": "materialize", "operator": "In", "values": [1]}}]},
+                "template": {"metadata": {"labels": labels}, "spec": {
+                    "restartPolicy": "Never", "automountServiceAccountToken": False,
+                    "containers": [container],
+                    "volumes": [{"name": "pvc", "persistentVolumeClaim": {
+                        "claimName": claim}}]}}}}
+
+
+def _ts(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_ts(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# -- the reconciler ------------------------------------------------------------------------
+
+
+class SharedPVC:
+    """Informers, an index of users per claim, a work queue and its workers."""
+
+    def __init__(self, client: kube.Kube, settings: jobs.Settings, config: Config, *,
+                 models: Informer, cluster_models: Informer, recorder: Recorder,
+                 metrics: Metrics) -> None:
+        self.client = client
+        self.settings = settings
+        self.config = config
+        self.models = models
+        self.cluster_models = cluster_models
+        self.recorder = recorder
+        self.metrics = metrics
+        selector = f"{contract.LABEL_USES_SHARED_PVC}=true"
+        self.workloads = {res.kind: Informer(client, res, label_selector=selector,
+                                             transform=workload_transform(res.kind))
+                          for res in WORKLOAD_KINDS}
+        self.pvcs = Informer(client, kube.PVCS, label_selector=f"{contract.LABEL_PVC}=true",
+                             transform=pvc_transform)
+        self.jobs = Informer(client, kube.JOBS, label_selector=f"{contract.LABEL_PVC}=true",
+                             transform=job_transform)
+        self.informers = [*self.workloads.values(), self.pvcs, self.jobs]
+        self.queue = WorkQueue(name="sharedpvc")
+        self._lock = threading.Lock()
+        self._users: dict[tuple[str, str], set[tuple[str, str]]] = {}  # (ns, claim) -> users
+        self._claims: dict[tuple[str, str, str], list[str]] = {}  # (kind, ns, name) -> claims
+        self._pool = WorkerPool(self.queue, self._handle, workers=self.config.workers,
+                                name="sharedpvc")
+        self._wire()
+
+    # -- wiring ---------------------------------------------------------------
+
+    def _wire(self) -> None:
+        def on_workload(event: str, obj: Obj, old: Obj | None) -> None:
+            meta = obj["metadata"]
+            ns, name, kind = str(meta.get("namespace") or ""), str(meta["name"]), obj["kind"]
+            claims = [] if event == "DELETED" else list(obj.get("claims") or [])
+            with self._lock:
+                before = self._claims.pop((kind, ns, name), [])
+                for c in before:
+                    users = self._users.get((ns, c))
+                    if users is not None:
+                        users.discard((kind, name))
+                        if not users:
+                            del self._users[(ns, c)]
+                if claims:
+                    self._claims[(kind, ns, name)] = claims
+                for c in claims:
+                    self._users.setdefault((ns, c), set()).add((kind, name))
+            changed = (set(before) ^ set(claims)) if event == "MODIFIED" \
+                else (set(before) | set(claims))
+            for c in changed:
+                self.queue.add((ns, c))
+
+        for inf in self.workloads.values():
+            inf.handlers.append(on_workload)
+
+        def on_pvc(event: str, obj: Obj, old: Obj | None) -> None:
+            meta = obj["metadata"]
+            self.queue.add((str(meta.get("namespace") or ""), str(meta["name"])))
+
+        self.pvcs.handlers.append(on_pvc)
+
+        def on_job(event: str, obj: Obj, old: Obj | None) -> None:
+            meta = obj["metadata"]
+            claim = (meta.get("labels") or {}).get(LABEL_CLAIM)
+            if claim:
+                self.queue.add((str(meta.get("namespace") or ""), str(claim)))
+
+        self.jobs.handlers.append(on_job)
+
+        def on_model(event: str, obj: Obj, old: Obj | None) -> None:
+            # a model turning Ready (or its cache arriving) may unblock a waiting claim
+            digest = str(((obj.get("status") or {}).get("artifact") or {}).get("digest") or "")
+            if event == "DELETED" or not digest.startswith("sha256:"):
+                return
+            claim = contract.pvc_name(digest)
+            ns = obj["metadata"].get("namespace")
+            with self._lock:
+                keys = [k for k in self._users if k[1] == claim and (not ns or k[0] == ns)]
+            for k in keys:
+                self.queue.add(k)
+
+        self.models.handlers.append(on_model)
+        self.cluster_models.handlers.append(on_model)
+
+    def users(self, namespace: str, claim: str) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted(self._users.get((namespace, claim), ()))
+
+    # -- workers --------------------------------------------------------------
+
+    def start_workers(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def _handle(self, key: Hashable) -> None:
+        ns, claim = (str(part) for part in key)  # type: ignore[attr-defined]
+        t0 = time.monotonic()
+        result = "ok"
+        try:
+            after = self.reconcile(ns, claim)
+            self.queue.forget(key)
+            if after is not None:
+                self.queue.add_after(key, after)
+        except kube.Conflict:
+            result = "conflict"
+            self.queue.add_rate_limited(key)
+        except Exception as e:
+            result = "error"
+            delay = self.queue.add_rate_limited(key)
+            log.warning("shared pvc reconcile error", exc_info=not isinstance(e, kube.ApiError),
+                        extra={"pvc": f"{ns}/{claim}", "error": str(e)[:300],
+                               "retryIn": round(delay, 3)})
+        finally:
+            self.metrics.reconciles.labels("SharedPVC", result).inc()
+            self.metrics.reconcile_seconds.labels("SharedPVC").observe(time.monotonic() - t0)
+
+    # -- one pass ---------------------------------------------------------------
+
+    def reconcile(self, namespace: str, claim: str) -> float | None:
+        """Ensure the state of one claim; the seconds after which to look again, if any."""
+        pvc = self.pvcs.get((namespace, claim))
+        if not self.users(namespace, claim):
+            return self.collect(namespace, claim, pvc)
+        if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
+            return 2.0  # collected just before a new user came: make it again once it is gone
+        if pvc is None:
+            pvc = self.create_pvc(namespace, claim)
+            if pvc is None:
+                return 30.0  # no model has this digest (yet): the model watch brings us back
+        ann = pvc["metadata"].get("annotations") or {}
+        if ann.get(ANN_UNUSED_SINCE):
+            pvc = self.annotate(pvc, {ANN_UNUSED_SINCE: None})
+            ann = pvc["metadata"].get("annotations") or {}
+        digest = str(ann.get(contract.ANN_PVC_DIGEST) or "")
+        if contract.pvc_name(digest) != claim:
+            log.warning("shared pvc without a matching digest annotation",
+                        extra={"pvc": f"{namespace}/{claim}", "digest": digest[:80]})
+            return None  # not ours to fix: a human edited it
+        if ann.get(contract.ANN_PVC_MATERIALIZED) == digest:
+            return None
+        return self.ensure_materialized(pvc, digest, str(ann.get(contract.ANN_PVC_REFERENCE)))
+
+    def find_model(self, namespace: str, claim: str) -> Obj | None:
+        """The Model of the namespace (first) or ClusterModel whose artifact this claim is for."""
+        for inf, ns in ((self.models, namespace), (self.cluster_models, "")):
+            for m in inf.items():
+                if (m["metadata"].get("namespace") or "") != ns:
+                    continue
+                digest = str(((m.get("status") or {}).get("artifact") or {}).get("digest") or "")
+                if digest.startswith("sha256:") and contract.pvc_name(digest) == claim:
+                    return dict(m, kind=inf.res.kind)
+        return None
+
+    def create_pvc(self, namespace: str, claim: str) -> Obj | None:
+        model = self.find_model(namespace, claim)
+        if model is None:
+            log.info("shared pvc waits for its model", extra={"pvc": f"{namespace}/{claim}"})
+            return None
+        artifact = (model.get("status") or {}).get("artifact") or {}
+        digest = str(artifact["digest"])
+        reference = str(artifact.get("reference") or "")
+        if not reference.endswith("@" + digest):
+            reference = f"{self.settings.registry}/{jobs.repository(model)}@{digest}"
+        if self.config.pull_registry:  # same repositories and digests, read-only
+            reference = f"{self.config.pull_registry}/{reference.split('/', 1)[1]}"
+        storage_class = (((model.get("spec") or {}).get("delivery") or {}).get("sharedPVC")
+                         or {}).get("storageClassName") or self.config.storage_class
+        body = build_pvc(namespace, digest, reference, int(artifact.get("sizeBytes") or 0),
+                         storage_class)
+        try:
+            answer = self.client.create(kube.PVCS, body, namespace)
+            self.metrics.shared_pvcs.labels("created").inc()
+            log.info("shared pvc created", extra={
+                "pvc": f"{namespace}/{claim}", "digest": digest,
+                "size": body["spec"]["resources"]["requests"]["storage"],
+                "storageClass": storage_class or "(cluster default)"})
+        except kube.Conflict:
+            answer = self.client.get(kube.PVCS, claim, namespace)  # ours from before a restart
+        pvc = pvc_transform(answer)
+        self.pvcs.observe(pvc)
+        return pvc
+
+    def annotate(self, pvc: Obj, annotations: dict[str, str | None]) -> Obj:
+        meta = pvc["metadata"]
+        answer = self.client.patch(kube.PVCS, meta["name"], {"metadata": {
+            "annotations": annotations, "resourceVersion": meta["resourceVersion"]}},
+            meta["namespace"])
+        out = pvc_transform(answer)
+        self.pvcs.observe(out)
+        return out
+
+    def ensure_materialized(self, pvc: Obj, digest: str, reference: str) -> float | None:
+        ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
+        name = contract.materializer_job_name(ns, digest)
+        job = self.jobs.get((ns, name))
+        if job is not None and job["metadata"].get("deletionTimestamp"):
+            return 1.0
+        if job is None:
+            ann = pvc["metadata"].get("annotations") or {}
+            retry_at = _parse_ts(ann.get(ANN_RETRY_AT))
+            if retry_at is not None and retry_at > time.time():
+                return retry_at - time.time()
+            self.create_job(pvc, digest, reference)
+            return None
+        state = jobs.state(job)
+        if state == "Active":
+            return None
+        if state == "Complete":
+            self.annotate(pvc, {contract.ANN_PVC_MATERIALIZED: digest, ANN_FAILURES: None,
+                                ANN_FAILED_JOB: None, ANN_RETRY_AT: None})
+            self.delete_pull_secret(ns, claim)
+            self.metrics.shared_pvcs.labels("materialized").inc()
+            self.recorder.record(pvc, "Normal", "Materialized",
+                                 f"{reference} is on the volume (Job {name})")
+            log.info("shared pvc materialized", extra={"pvc": f"{ns}/{claim}", "digest": digest})
+            return None
+        return self.on_failed(pvc, job)
+
+    def on_failed(self, pvc: Obj, job: Obj) -> float:
+        """Count a failed Job once, with an Event; after the backoff, delete it to retry."""
+        ann = pvc["metadata"].get("annotations") or {}
+        uid = str(job["metadata"].get("uid") or "")
+        if ann.get(ANN_FAILED_JOB) != uid:
+            failures = int(ann.get(ANN_FAILURES) or 0) + 1
+            delay = float(min(self.config.retry_base * 2 ** (failures - 1),
+                              self.config.retry_max))
+            reason, message = self.failure_of(job)
+            self.annotate(pvc, {ANN_FAILURES: str(failures), ANN_FAILED_JOB: uid,
+                                ANN_RETRY_AT: _ts(time.time() + delay)})
+            self.metrics.shared_pvcs.labels("failed").inc()
+            self.recorder.record(pvc, "Warning", "MaterializeFailed",
+                                 f"Job {job['metadata']['name']} failed ({reason}): "
+                                 f"{message[:600]}; retry {failures} in {delay:.0f}s")
+            log.info("materializer failed", extra={
+                "pvc": f"{pvc['metadata']['namespace']}/{pvc['metadata']['name']}",
+                "reason": reason, "failures": failures, "retryIn": delay})
+            return delay
+        retry_at = _parse_ts(ann.get(ANN_RETRY_AT)) or 0.0
+        if retry_at > time.time():
+            return retry_at - time.time()
+        self.client.delete(kube.JOBS, job["metadata"]["name"], job["metadata"]["namespace"])
+        return 1.0  # the Job's DELETED event brings the key back sooner
+
+    def failure_of(self, job: Obj) -> tuple[str, str]:
+        """The materializer's reason and message from its pod's termination message,
+        else the Job's condition."""
+        import json
+
+        meta = job["metadata"]
+        try:
+            pods, _ = self.client.list(kube.PODS, meta["namespace"],
+                                       label_selector=f"job-name={meta['name']}")
+        except kube.ApiError:
+            pods = []
+        pods.sort(key=lambda p: str(p["metadata"].get("creationTimestamp", "")), reverse=True)
+        for pod in pods:
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                text = ((cs.get("state") or {}).get("terminated") or {}).get("message")
+                try:
+                    err = json.loads(text or "")["error"]
+                    return str(err.get("reason")), str(err.get("message"))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        for c in (job.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "Failed":
+                return str(c.get("reason") or "JobFailed"), str(c.get("message") or "")
+        return "JobFailed", ""
+
+    def create_job(self, pvc: Obj, digest: str, reference: str) -> None:
+        ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
+        with_secret = self.ensure_pull_secret(pvc)
+        body = build_job(pvc, digest, reference, self.settings, with_secret)
+        try:
+            answer = self.client.create(kube.JOBS, body, ns)
+            self.metrics.shared_pvcs.labels("job_created").inc()
+            log.info("materializer job created", extra={
+                "pvc": f"{ns}/{claim}", "job": body["metadata"]["name"], "reference": reference})
+        except kube.Conflict:
+            answer = self.client.get(kube.JOBS, body["metadata"]["name"], ns)
+        self.jobs.observe(job_transform(answer))
+
+    def ensure_pull_secret(self, pvc: Obj) -> bool:
+        """Copy the pull-only credential's two keys next to the Job; False if none is set."""
+        if not self.config.pull_secret:
+            return False
+        ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
+        source = self.client.get(kube.SECRETS, self.config.pull_secret, self.settings.namespace)
+        data = {k: v for k, v in (source.get("data") or {}).items()
+                if k in ("username", "password")}
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": pull_secret_name(claim), "namespace": ns,
+                             "labels": _labels(claim), "ownerReferences": _owned_by(pvc)},
+                "data": data}
+        try:
+            self.client.create(kube.SECRETS, body, ns)
+        except kube.Conflict:
+            self.client.patch(kube.SECRETS, pull_secret_name(claim), {"data": data}, ns)
+        return True
+
+    def delete_pull_secret(self, namespace: str, claim: str) -> None:
+        if self.config.pull_secret:
+            self.client.delete(kube.SECRETS, pull_secret_name(claim), namespace,
+                               propagation=None)
+
+    def collect(self, namespace: str, claim: str, pvc: Obj | None) -> float | None:
+        """No user: after the grace period, the Job, the credential copy and the PVC go."""
+        leftover = [j for j in self.jobs.items() if j["metadata"].get("namespace") == namespace
+                    and (j["metadata"].get("labels") or {}).get(LABEL_CLAIM) == claim]
+        if pvc is None or pvc["metadata"].get("deletionTimestamp"):
+            for j in leftover:  # a Job whose PVC is gone has nothing left to fill
+                self.client.delete(kube.JOBS, j["metadata"]["name"], namespace)
+            return None
+        ann = pvc["metadata"].get("annotations") or {}
+        since = _parse_ts(ann.get(ANN_UNUSED_SINCE))
+        now = time.time()
+        if since is None:
+            self.annotate(pvc, {ANN_UNUSED_SINCE: _ts(now)})
+            return self.config.grace
+        if now - since < self.config.grace:
+            return self.config.grace - (now - since)
+        for j in leftover:
+            self.client.delete(kube.JOBS, j["metadata"]["name"], namespace)
+        self.delete_pull_secret(namespace, claim)
+        # exactly the version judged unused (a stale cache answers 409 and looks again);
+        # a user that appears after this recreates the PVC once this one is gone
+        meta = pvc["metadata"]
+        try:
+            answer = self.client.request("DELETE", kube.PVCS.path(namespace, claim), body={
+                "kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {
+                    "uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}})
+        except kube.NotFound:
+            return None
+        if answer.get("kind") == "PersistentVolumeClaim":  # still there: finalizers pending
+            self.pvcs.observe(answer)
+        self.metrics.shared_pvcs.labels("deleted").inc()
+        log.info("shared pvc collected", extra={"pvc": f"{namespace}/{claim}",
+                                                "unusedFor": round(now - since, 1)})
+        return None
