@@ -6,8 +6,8 @@
 # Model adoption) and the NodeCache plugin (Kubernetes resolver, node labels)
 # registered with kubelet; a Model and a Deployment that asks for it by
 # annotation only, read byte-exact and read-only in its containers.
-# Needs root. Opt-in: a plain `pytest` (hack/test.sh) deselects it, so CI
-# (.ci/run) runs it once, here.
+# Needs root. A plain `pytest` deselects it; hack/test.sh (the README's test
+# command, and CI's) runs this script after pytest, so it runs once.
 #
 # On a fresh machine hack/install.sh builds what it needs: install.d/kube.sh
 # (etcd, kube-apiserver, kubectl), then install.d/node-e2e.sh (kubelet,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the whole test suite: install what is missing, lint, then pytest.
+# Run the whole test suite: install what is missing, lint, pytest, then the node e2e.
 # Tests that mount filesystems need root (the CI machine and dev VMs are root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +8,9 @@ echo "lint: ruff, mypy (strict on modelpack/), import-linter"
 ruff check .
 mypy modelpack
 lint-imports --no-cache >/dev/null
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+python3 -m pytest -q -p no:cacheprovider "$@"
+# the full-node end-to-end (a real kubelet, containerd, the whole system on one
+# node; pytest above deselects it) runs with the whole suite, not with a selection
+if [ "$#" -eq 0 ]; then
+  bash hack/e2e.sh
+fi
