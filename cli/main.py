@@ -159,7 +159,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with bar(pack.size, "pull", args.progress) as progress:
         pull_to_dir(client, ref.with_digest(pack.digest), args.dest, progress=progress,
-                    workers=args.jobs)
+                    workers=args.jobs, pack=pack)
     dt = time.monotonic() - t0
     rate = pack.size / dt / 1e6 if dt > 0 else 0.0
     print(f"pulled {len(pack.layers)} files, {pack.size} bytes in {dt:.2f}s ({rate:.0f} MB/s)")
@@ -265,7 +265,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run_args(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``with_demo=False`` leaves out the demo's own flags.
+
+    The demo's module brings in the local cluster, yaml and cryptography (tens of
+    ms at every start); ``main`` builds them only when "demo" is on the command line.
+    """
     p = argparse.ArgumentParser(prog="modelcache", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
@@ -331,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Start etcd + kube-apiserver, the registry, a local hub, "
                         "the controller and the node plugin on loopback; publish a real model "
                         "as a Model and mount it read-only as kubelet would (needs root).")
-    from cli import demo
+    if with_demo:
+        from cli import demo
 
-    demo.add_arguments(dm)
+        demo.add_arguments(dm)
     dm.set_defaults(func=cmd_demo)
 
     ex = sub.add_parser("export", help="write a Ready ClusterModel as an air-gap bundle (tar)",
@@ -380,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_demo="demo" in words).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     try:

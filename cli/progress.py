@@ -1,4 +1,8 @@
-"""Progress bars for long transfers (tqdm on stderr; quiet when not a terminal)."""
+"""Progress bars for long transfers (tqdm on stderr; quiet when not a terminal).
+
+tqdm is imported only when a bar is shown: a scripted pull (no terminal,
+``--no-progress``) starts without it.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,20 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from tqdm import tqdm
+
+def _noop(_: int) -> None:
+    pass
 
 
 @contextmanager
 def bar(total: int, desc: str, enabled: bool | None = None) -> Iterator[Callable[[int], None]]:
     """A byte progress bar; yields a callback taking byte deltas (may be negative)."""
     disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    if disable:
+        yield _noop
+        return
+    from tqdm import tqdm
+
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
               file=sys.stderr, disable=disable, dynamic_ncols=True, miniters=1,
               mininterval=0.2) as t:
@@ -24,6 +35,8 @@ def open_bar(desc: str, enabled: bool | None = None
              ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
     """A byte bar whose total is learnt later; yields (update, set_total)."""
     disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    from tqdm import tqdm
+
     with tqdm(total=None, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
               file=sys.stderr, disable=disable, dynamic_ncols=True, mininterval=0.2) as t:
 

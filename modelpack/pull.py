@@ -102,11 +102,17 @@ def _staging(dest: str, digest: str) -> str:
 
 
 def pull_to_dir(client: RegistryClient, ref: Reference, dest: str,
-                progress: Progress = _noop, workers: int = WORKERS) -> ModelPack:
-    """Pull into a new directory ``dest``; nothing appears there unless all verified."""
+                progress: Progress = _noop, workers: int = WORKERS,
+                pack: ModelPack | None = None) -> ModelPack:
+    """Pull into a new directory ``dest``; nothing appears there unless all verified.
+
+    ``pack``: the manifest ``resolve`` already returned for ``ref`` (the CLI
+    resolves first to size its progress bar), so it is not fetched twice.
+    """
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise StoreError(f"{dest} exists and is not an empty directory")
-    pack = resolve(client, ref)
+    if pack is None:
+        pack = resolve(client, ref)
     staging = _staging(dest, pack.digest)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     store = BlobStore(staging)

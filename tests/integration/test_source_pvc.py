@@ -32,6 +32,7 @@ from modelpack.oci.reference import Reference
 from tests import kubeenv
 from tests.fake_kubelet import FakeKubelet
 from tests.integration.test_controller import (
+    REPO_ROOT,
     SYSTEM_NS,
     ManagerProcess,
     cond,
@@ -70,17 +71,25 @@ def kubelet(cluster: k.Kube, ns: str, tmp_path_factory: pytest.TempPathFactory
 def manager(kube: kubeenv.KubeEnv, cluster: k.Kube, gateway: Any, registry: Any,
             kubelet: FakeKubelet, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[ManagerProcess]:
-    m = ManagerProcess(kube, registry.host, "http://127.0.0.1:9",
-                       str(tmp_path_factory.mktemp("manager") / "manager.log"), extra=[
-                           "--upload-gateway-url", gateway.public_url,
-                           "--upload-poll-interval", "0.3"])
-    os.environ["MODELCACHE_UPLOAD_ADMIN_TOKEN"] = ADMIN  # the subprocess inherits it
-    try:
-        m.start()
-    finally:
-        del os.environ["MODELCACHE_UPLOAD_ADMIN_TOKEN"]
+    m = start(gateway_manager(kube, registry, gateway,
+                              str(tmp_path_factory.mktemp("manager") / "manager.log")))
     yield m
     m.stop()
+
+
+def gateway_manager(kube: kubeenv.KubeEnv, registry: Any, gateway: Any, log_path: str,
+                    *extra: str) -> ManagerProcess:
+    return ManagerProcess(kube, registry.host, "http://127.0.0.1:9", log_path, extra=[
+        "--upload-gateway-url", gateway.public_url, "--upload-poll-interval", "0.3", *extra])
+
+
+def start(m: ManagerProcess) -> ManagerProcess:
+    """Start ``m`` with the gateway's admin token in the environment it inherits."""
+    os.environ["MODELCACHE_UPLOAD_ADMIN_TOKEN"] = ADMIN
+    try:
+        return m.start()
+    finally:
+        del os.environ["MODELCACHE_UPLOAD_ADMIN_TOKEN"]
 
 
 def make_claim(client: k.Kube, ns: str, name: str) -> None:
@@ -106,6 +115,15 @@ def readers_of(client: k.Kube, ns: str, uid: str) -> list[dict[str, Any]]:
 def settled(client: k.Kube, ns: str, name: str, *phases: str) -> dict[str, Any]:
     m: dict[str, Any] = wait_for(phase_is(client, ns, name, *phases), 90, what="/".join(phases))
     return m
+
+
+def reader_exits(kubelet: FakeKubelet, job: dict[str, Any]) -> list[int]:
+    """Exit codes of the reader's runs; the model may be Ready a moment before the
+    reader process (which waits for the same result) has exited."""
+    def runs() -> list[int]:
+        return [r["exitCode"] for r in kubelet.runs if r["job"] == job["metadata"]["name"]]
+    wait_for(runs, 30, what="the reader's exit")
+    return runs()
 
 
 def metric(manager: ManagerProcess, line_prefix: str) -> float:
@@ -170,7 +188,7 @@ def test_pvc_model_becomes_ready_and_pulls_back_identical(cluster, ns, kubelet, 
     assert st["publish"]["jobName"] == job["metadata"]["name"]
     for t in ("SourceResolved", "Published", "Ready"):
         assert cond(m, t)["status"] == "True", cond(m, t)
-    assert [r["exitCode"] for r in kubelet.runs if r["job"] == job["metadata"]["name"]] == [0]
+    assert reader_exits(kubelet, job) == [0]
     # the reader's upload progress reached the manager's report endpoint
     assert metric(manager, 'modelcache_progress_reports_total{result="accepted"}') >= 1
     # done: no token left in the user's namespace, no reader either
@@ -259,19 +277,41 @@ def test_restarted_manager_finds_its_reader_and_session(cluster, ns, kubelet, ma
         (job,) = readers_of(cluster, ns, m["metadata"]["uid"])
         sessions = len(gateway.sessions.sessions)
         manager.kill()
-        os.environ["MODELCACHE_UPLOAD_ADMIN_TOKEN"] = ADMIN
-        try:
-            manager.start()
-        finally:
-            del os.environ["MODELCACHE_UPLOAD_ADMIN_TOKEN"]
+        start(manager)
     finally:
         kubelet.release()
     m = settled(cluster, ns, "kept", "Ready", "Failed")
     assert m["status"]["phase"] == "Ready", (m["status"], manager.logs())
     assert len(gateway.sessions.sessions) == sessions  # the same session, found again
-    runs = [r for r in kubelet.runs if r["job"] == job["metadata"]["name"]]
-    assert [r["exitCode"] for r in runs] == [0]
+    assert reader_exits(kubelet, job) == [0]  # one reader, run once
     assert m["status"]["publish"]["jobName"] == job["metadata"]["name"]
+
+
+def test_manager_needs_nothing_beyond_the_manifest_rbac(kube, cluster, ns, kubelet, manager,
+                                                        gateway, registry, small_model,
+                                                        tmp_path):
+    manager.stop()  # one leader at a time: this one holds only daemonset/controller-rbac.yaml
+    kube.kubectl("apply", "-f", os.path.join(REPO_ROOT, "daemonset", "controller-rbac.yaml"))
+    sa_config = kube.serviceaccount_kubeconfig("modelcache-controller", SYSTEM_NS)
+    rbac = start(gateway_manager(kube, registry, gateway, str(tmp_path / "rbac-manager.log"),
+                                 "--kubeconfig", sa_config))  # the later --kubeconfig wins
+    try:
+        cluster.create(k.MODELS, pvc_model("rbac", ns, "rbac-weights", "m"), ns)
+        m = wait_for(phase_is(cluster, ns, "rbac", "Pending"), 30, what="Pending")
+        assert cond(m, "Ready")["reason"] == "PVCNotFound"  # the claim was looked up
+        shutil.copytree(small_model, os.path.join(kubelet.claim_dir("rbac-weights"), "m"))
+        make_claim(cluster, ns, "rbac-weights")
+        m = settled(cluster, ns, "rbac", "Ready", "Failed")
+        assert m["status"]["phase"] == "Ready", (m["status"], rbac.logs())
+        wait_for(lambda: get_secret(cluster, ns, "rbac-upload-token") is None, 10,
+                 what="token Secret deleted")
+        cluster.delete(k.MODELS, "rbac", ns)
+        wait_for(lambda: get_model(cluster, ns, "rbac") is None, 30, what="finalizer released")
+    finally:
+        rbac.stop()
+    with open(rbac.log_path, errors="replace") as f:
+        logs = f.read()
+    assert " 403 " not in logs and "Forbidden" not in logs, logs
 
 
 # --- the reader Job and the reader, without a cluster --------------------------------------
