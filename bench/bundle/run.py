@@ -1,11 +1,12 @@
 """bench/bundle: air-gap export and import of a generated ModelPack, against skopeo.
 
 Two clusters on this machine, each a real etcd + kube-apiserver
-(``tests/kubeenv.py``, the project's CRDs applied from ``crds/``) and a real
-docker-registry (``cli/localregistry.py``). In cluster A the model is pushed
-with ``pack_to_registry`` and its ClusterModel's status is written Ready, as
-A's manager would after a publish (no manager runs: stated shortcut). Per
-run, every contender as its own process, times include process start-up:
+(``cli/localcluster.py``, as tests/kubeenv.py runs it; the project's CRDs
+applied from ``crds/``) and a real docker-registry (``cli/localregistry.py``).
+In cluster A the model is pushed with ``pack_to_registry`` and its
+ClusterModel's status is written Ready, as A's manager would after a
+publish (no manager runs: stated shortcut). Per run, every contender as its
+own process, times include process start-up:
 
 - export: ``modelcache export`` (the real CLI: reads the CR, pulls every
   blob by digest, verified, writes the tar, fsync) against ``skopeo copy
@@ -36,12 +37,11 @@ import time
 from collections.abc import Callable
 
 from bench import common
-from cli import localregistry
+from cli import localcluster, localregistry
 from controller.manager import kube as k
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_registry
-from tests import kubeenv
 from tests.integration.test_crds import install_crds
 
 NAME = "bench-bundle"
@@ -61,7 +61,7 @@ def evict(path: str) -> None:
 def run(argv: list[str], durable: bool = False) -> float:
     """Wall seconds of one command (and of ``sync`` after it when ``durable``)."""
     t0 = time.perf_counter()
-    r = subprocess.run(argv, cwd=kubeenv.REPO_ROOT, capture_output=True, text=True)
+    r = subprocess.run(argv, cwd=localcluster.REPO_ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:4])} … failed ({r.returncode}):\n{r.stderr[-3000:]}")
     if durable:
@@ -88,7 +88,8 @@ def curl_put_blobs(host: str, repo: str, files: dict[str, str]) -> float:
     t0 = time.perf_counter()
     urls = []
     for path, digest in files.items():
-        head = subprocess.run(["curl", "-sfi", "-X", "POST", f"http://{host}/v2/{repo}/blobs/uploads/"],
+        head = subprocess.run(["curl", "-sfi", "-X", "POST",
+                               f"http://{host}/v2/{repo}/blobs/uploads/"],
                               check=True, capture_output=True, text=True).stdout
         loc = next(line.split(":", 1)[1].strip() for line in head.splitlines()
                    if line.lower().startswith("location:"))
@@ -113,7 +114,7 @@ def main() -> None:
     py = [sys.executable, "-m", "cli.main"]
     load0 = os.getloadavg()[0]
     try:
-        with kubeenv.running() as a, kubeenv.running() as b, \
+        with localcluster.running() as a, localcluster.running() as b, \
                 localregistry.running() as ra, localregistry.running() as rb:
             install_crds(a)
             install_crds(b)

@@ -1,6 +1,6 @@
 """bench/catalog: a catalog import from cluster A into B's registry, against skopeo.
 
-Cluster A: a real etcd + kube-apiserver (tests/kubeenv.py, CRDs from
+Cluster A: a real etcd + kube-apiserver (cli/localcluster.py, CRDs from
 crds/, the controller RBAC of daemonset/controller-rbac.yaml) and a real
 docker-registry; a generated ~256 MiB, 4-shard model is published into it
 with the publish worker and its ClusterModel written Ready, as A's manager
@@ -51,13 +51,12 @@ import requests
 from bench import common
 from bench.bundle.run import curl_put_blobs, dd_rate
 from bench.publish.run import pct
-from cli import localregistry
+from cli import localcluster, localregistry
 from controller.manager import kube as k
 from controller.sources.catalog import LIST_PATH, build_uri
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pull import resolve
-from tests import kubeenv
 from tests.integration.test_catalog_api import (
     SYSTEM_NS,
     apply_controller_rbac,
@@ -91,7 +90,7 @@ def filler(client: k.Kube, n: int) -> None:
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run(argv, cwd=kubeenv.REPO_ROOT, capture_output=True, text=True,
+    r = subprocess.run(argv, cwd=localcluster.REPO_ROOT, capture_output=True, text=True,
                        env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:5])} … failed ({r.returncode}):\n"
@@ -121,7 +120,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     serve: subprocess.Popen[str] | None = None
     try:
-        with kubeenv.running() as a, localregistry.running() as ra, \
+        with localcluster.running() as a, localregistry.running() as ra, \
                 localregistry.running() as rb:
             install_crds(a)
             client = k.Kube.from_config(a.kubeconfig)
@@ -138,8 +137,9 @@ def main() -> None:
             filler(client, FILLER)
 
             serve = subprocess.Popen([sys.executable, "-m", "bench.catalog.serve", "--kubeconfig",
-                                      ctrl_kc, "--registry", ra.host], cwd=kubeenv.REPO_ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      ctrl_kc, "--registry", ra.host],
+                                     cwd=localcluster.REPO_ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
             assert serve.stdout is not None
             hello = json.loads(serve.stdout.readline())
             url, ca_pem = hello["url"], hello["ca"]
@@ -250,10 +250,12 @@ def main() -> None:
               f"{t / ours:.2f}× |")
     print("\n| machine limit / latency (same run) | value |")
     print("|---|---:|")
-    print(f"| curl every blob from A's registry → /dev/null, all at once | {mib / curl_reg:.0f} MiB/s |")
+    print(f"| curl every blob from A's registry → /dev/null, all at once | "
+          f"{mib / curl_reg:.0f} MiB/s |")
     print(f"| curl every blob through A's catalog (TLS, token) → /dev/null, all at once | "
           f"{mib / curl_cat:.0f} MiB/s |")
-    print(f"| curl PUT every blob into B, all at once (registry ingest) | {mib / put_s:.0f} MiB/s |")
+    print(f"| curl PUT every blob into B, all at once (registry ingest) | "
+          f"{mib / put_s:.0f} MiB/s |")
     print(f"| sha256, one core | {sha1 / (1 << 20):.0f} MiB/s |")
     print(f"| dd 4 MiB blocks + fsync, buffered | {dd_buf / (1 << 20):.0f} MiB/s |")
     print(f"| catalog list p50 / p99, decision cached ({len(lat)} calls at 40/s, "

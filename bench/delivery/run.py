@@ -1,6 +1,6 @@
 """bench/delivery: what workload delivery adds to the paths a pod goes through.
 
-(a) Admission. A real etcd + kube-apiserver (tests/kubeenv.py, CRDs from
+(a) Admission. A real etcd + kube-apiserver (cli/localcluster.py, CRDs from
 crds/), the modelcache webhook in its own process (``bench.delivery.hook``:
 the manager's informers and ``webhook.Delivery``, TLS, a
 MutatingWebhookConfiguration by URL). 200 Pod creates per case, each timed
@@ -45,7 +45,7 @@ from typing import Any
 
 from bench import common
 from bench.publish.run import pct
-from cli import localregistry
+from cli import localcluster, localregistry
 from controller.delivery import certs
 from controller.delivery import contract as c
 from controller.manager import kube as k
@@ -53,7 +53,6 @@ from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_registry
 from tests import csi_fixtures as fx
-from tests import kubeenv
 from tests.integration.test_crds import install_crds
 from tests.integration.test_csi_kube import KubePlugin
 from tests.integration.test_delivery_webhook import NAMESPACES, SYSTEM_NS, body, new_digest
@@ -104,15 +103,16 @@ def wait_until(fn: Any, what: str, timeout: float = 30) -> None:
 # -- (a) admission -----------------------------------------------------------------------
 
 
-def admission(kube: kubeenv.KubeEnv, creates: int, rounds: int) -> list[tuple[str, str]]:
+def admission(kube: localcluster.LocalCluster, creates: int,
+              rounds: int) -> list[tuple[str, str]]:
     client = k.Kube.from_config(kube.kubeconfig)
     namespace(client, SYSTEM_NS)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     namespace(client, ns)
     ready_model(client, ns, "qwen")
     hook = subprocess.Popen([sys.executable, "-m", "bench.delivery.hook", "--kubeconfig",
-                             kube.kubeconfig], cwd=kubeenv.REPO_ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+                             kube.kubeconfig], cwd=localcluster.REPO_ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert hook.stdin is not None and hook.stdout is not None
     try:
         config = json.loads(hook.stdout.readline())["config"]
@@ -201,7 +201,7 @@ def admission(kube: kubeenv.KubeEnv, creates: int, rounds: int) -> list[tuple[st
 # -- (b) warm publish, file vs kube resolver --------------------------------------------------
 
 
-def publish(kube: kubeenv.KubeEnv, rounds: int, size: int) -> list[tuple[str, str]]:
+def publish(kube: localcluster.LocalCluster, rounds: int, size: int) -> list[tuple[str, str]]:
     if os.geteuid() != 0:
         raise SystemExit("the publish part needs root (bind mounts); or --skip-publish")
     work = tempfile.mkdtemp(prefix="modelcache-bench-delivery-", dir="/var/tmp")
@@ -218,9 +218,9 @@ def publish(kube: kubeenv.KubeEnv, rounds: int, size: int) -> list[tuple[str, st
         client.close()
         models = os.path.join(work, "models.json")
         fx.write_models_file(models, {f"{ns}/m": str(ref)})
-        kube.kubectl("apply", "-f", os.path.join(kubeenv.REPO_ROOT, "daemonset",
+        kube.kubectl("apply", "-f", os.path.join(localcluster.REPO_ROOT, "daemonset",
                                                  "controller-namespace.yaml"))
-        kube.kubectl("apply", "-f", os.path.join(kubeenv.REPO_ROOT, "daemonset",
+        kube.kubectl("apply", "-f", os.path.join(localcluster.REPO_ROOT, "daemonset",
                                                  "node-rbac.yaml"))
         node_kc = kube.serviceaccount_kubeconfig("modelcache-node", "modelcache-system")
         for name in ("file", "kube"):
@@ -246,7 +246,7 @@ def publish(kube: kubeenv.KubeEnv, rounds: int, size: int) -> list[tuple[str, st
                     "--concurrency", "50", "--rounds", "1", "--server-pid", str(p.proc.pid),
                     *(["--floor"] if floor else [])]
             out = subprocess.run(argv, check=True, capture_output=True, text=True,
-                                 cwd=kubeenv.REPO_ROOT).stdout
+                                 cwd=localcluster.REPO_ROOT).stdout
             return dict(json.loads(out))
 
         lat: dict[str, list[float]] = {"file": [], "kube": []}
@@ -298,7 +298,7 @@ def main() -> None:
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
     rows: list[tuple[str, str]] = []
-    with kubeenv.running() as kube:
+    with localcluster.running() as kube:
         install_crds(kube)
         if not args.skip_admission:
             rows += admission(kube, args.creates, args.rounds)

@@ -131,13 +131,13 @@ def main() -> None:
         print(f"modelcache pull (verified, on disk) = {common.fmt_rate(size / ours_synced)}: "
               f"{100 * size / ours_synced / raw_limit:.0f} % of the raw limit, "
               f"{100 * size / ours_synced / net_hash:.0f} % of the network + hash limit")
-        budget(size, raw_limit, cpus, startup, curl_cpu, sha_cpu, write_cpu)
+        budget(size, raw_limit, disk_direct, cpus, startup, curl_cpu, sha_cpu, write_cpu)
     finally:
         s.close()
 
 
-def budget(size: int, raw_limit: float, cpus: dict[str, cpu.Cpu], startup: cpu.Cpu,
-           curl: cpu.Cpu, sha: cpu.Cpu, write: cpu.Cpu) -> None:
+def budget(size: int, raw_limit: float, disk_direct: float, cpus: dict[str, cpu.Cpu],
+           startup: cpu.Cpu, curl: cpu.Cpu, sha: cpu.Cpu, write: cpu.Cpu) -> None:
     """Print the CPU table and the floor it puts under any verifying, durable pull."""
     cores = os.cpu_count() or 1
     print(f"\n#### CPU budget (CPU-seconds = user + sys; median of the runs; {cores} cores)\n")
@@ -156,24 +156,31 @@ def budget(size: int, raw_limit: float, cpus: dict[str, cpu.Cpu], startup: cpu.C
           f"{write.wall:.2f} | {write.user:.2f} | {write.sys:.2f} | {write.total:.2f} | – |")
     floor_cpu = curl.registry + curl.total + sha.total + write.total
     floor = floor_cpu / cores
-    target = size / (0.7 * raw_limit)
     print(f"\nunavoidable CPU for any verifying, durable client = registry serving "
           f"{curl.registry:.2f} + receiving (curl) {curl.total:.2f} + sha256 {sha.total:.2f} "
           f"+ O_DIRECT write {write.total:.2f} = {floor_cpu:.2f} CPU-s; on {cores} cores "
-          f"≥ {floor:.2f} s wall = at most {common.fmt_rate(size / floor)} = "
-          f"{100 * size / floor / raw_limit:.0f} % of the raw limit.")
-    print(f"70 % of the raw limit ({common.fmt_rate(raw_limit)}) asks for ≤ {target:.2f} s wall: "
-          f"{'reachable' if floor <= target else 'NOT reachable'} on CPU alone "
-          f"(floor {floor:.2f} s {'≤' if floor <= target else '>'} {target:.2f} s, "
-          f"{100 * (floor - target) / target:+.0f} %).")
+          f"≥ {floor:.2f} s wall = at most {common.fmt_rate(size / floor)}.")
+    # The raw limit's terms are wall-time rates, which other load drags down (and
+    # with them the bar); the same terms from CPU-seconds are what a quiet machine
+    # would show: curl all at once is bound by registry + curl CPU on these cores.
+    quiet = min(cores * size / (curl.registry + curl.total), cores * size / sha.total,
+                max(disk_direct, size / write.wall))
+    for label, limit in (("same run, wall-based", raw_limit),
+                         ("from CPU-seconds, as on a quiet machine", quiet)):
+        target = size / (0.7 * limit)
+        ok = floor <= target
+        print(f"raw limit ({label}) = {common.fmt_rate(limit)}: 70 % of it asks for ≤ "
+              f"{target:.2f} s wall; the floor is {floor:.2f} s = "
+              f"{100 * size / floor / limit:.0f} % of it → 70 % "
+              f"{'reachable' if ok else 'NOT reachable'} on this core count "
+              f"(floor {100 * (floor - target) / target:+.0f} % against the target).")
     ours = cpus.get("modelcache pull")
     if ours is not None:
         ours_floor = (ours.total + ours.registry) / cores
         print(f"modelcache pull: {ours.total:.2f} CPU-s (of which start-up ≈ "
               f"{startup.total:.2f}) + registry {ours.registry:.2f} = "
               f"{ours.total + ours.registry:.2f} CPU-s → its own floor on {cores} cores "
-              f"{ours_floor:.2f} s = {100 * size / ours_floor / raw_limit:.0f} % of the raw "
-              f"limit; measured {ours.wall:.2f} s wall.")
+              f"{ours_floor:.2f} s; measured {ours.wall:.2f} s wall.")
 
 
 if __name__ == "__main__":

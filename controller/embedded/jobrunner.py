@@ -21,12 +21,14 @@ cluster would show it:
 
 What is not done: the image is not pulled (a command whose first word is
 ``modelcache-controller`` runs as ``python -m controller.main`` of this
-install, which is that image's entrypoint); ``emptyDir`` mounts and the
-termination message path are mapped to directories under ``work_root``, and
-those paths in args and env values are rewritten to match, as a bind mount
-would make them appear; resources, nodeSelector, tolerations and the
-security context are not enforced. A Job deleted while it runs has its
-process killed. ``hold()`` makes new attempts wait until ``release()``.
+install, which is that image's entrypoint); the process runs in its pod's
+own directory under ``work_root``, where ``emptyDir`` mounts (``subPath``
+honoured; removed when the attempt ends, as the pod's would be) and the
+termination message path are mapped, and those paths in args and env values
+are rewritten to match, as a bind mount would make them appear; resources,
+nodeSelector, tolerations and the security context are not enforced. A Job
+deleted while it runs has its process killed. ``hold()`` makes new attempts
+wait until ``release()``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ def _now() -> str:
 
 
 class JobRunner:
-    """Runs the manager's Jobs in ``namespace`` as local processes (see the module doc)."""
+    """Runs the manager's Jobs in ``namespace`` as local processes (see the module doc).
+
+    ``label_selector=None`` takes on every Job of the namespace.
+    """
 
     def __init__(self, client: kube.Kube, namespace: str, *, work_root: str | None = None,
                  base_env: dict[str, str] | None = None,
@@ -313,14 +318,28 @@ class JobRunner:
 
     def _mounts(self, pod_spec: dict[str, Any], container: dict[str, Any],
                 pod_dir: str) -> dict[str, str]:
-        empty = {v["name"] for v in pod_spec.get("volumes") or [] if "emptyDir" in v}
+        """Each mount path the container sees -> the host directory standing for it."""
+        volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
         out = {}
         for m in container.get("volumeMounts") or []:
-            if m["name"] in empty:
-                host = os.path.join(pod_dir, "volumes", m["name"])
-                os.makedirs(host, exist_ok=True)
-                out[m["mountPath"]] = host
+            host = self._volume_dir(volumes.get(m["name"]) or {}, pod_dir)
+            if host is None:
+                continue
+            os.makedirs(host, exist_ok=True)
+            if m.get("subPath"):
+                host = os.path.join(host, m["subPath"])
+            out[m["mountPath"]] = host
         return out
+
+    def _volume_dir(self, volume: dict[str, Any], pod_dir: str) -> str | None:
+        """The host directory for a pod ``volume``, or None for a kind not mapped.
+
+        Only ``emptyDir``: the publish Jobs of the controller's namespace mount
+        nothing else. The tests' FAKE kubelet (tests/fake_kubelet.py) adds PVCs.
+        """
+        if "emptyDir" in volume:
+            return os.path.join(pod_dir, "volumes", volume["name"])
+        return None
 
     def _env(self, container: dict[str, Any], mapping: dict[str, str]) -> dict[str, str] | None:
         pythonpath = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH"))
