@@ -155,6 +155,7 @@ class Controller:
 
     def reconcile(self, name: str) -> float | None:
         """List one source; seconds until the next listing, or None: retry with backoff."""
+        from controller.sources import base as sources_base
         from controller.sources import catalog
 
         obj = self.sources.get(("", name))
@@ -194,14 +195,14 @@ class Controller:
                 self._write(obj, reachable=(True, "Answered", "the catalog answered"),
                             ready=(e.reason, str(e)))
             return None
-        except (catalog.CatalogNotFound, catalog.base.SourceError) as e:
+        except (catalog.CatalogNotFound, sources_base.SourceError) as e:
             reason = getattr(e, "reason", "CatalogBadResponse")
             self._write(obj, reachable=(True, "Answered", "the catalog answered"),
                         ready=(reason, str(e)))
             return None
         self.last_list_seconds = time.monotonic() - t0
-        offered = [_offered(m) for m in models]
-        offered = sorted((m for m in offered if m is not None), key=lambda m: m["name"])
+        found = [_offered(m) for m in models]
+        offered = sorted((m for m in found if m is not None), key=lambda m: m["name"])
         log.info("catalog listed", extra={"source": name, "models": len(offered),
                                           "seconds": round(self.last_list_seconds, 4)})
         self._write(obj, reachable=(True, "Answered", "the catalog answered over TLS"),
@@ -286,7 +287,8 @@ def ensure_pin(obj: dict[str, Any], sources: Informer | None,
     if pinned:
         return obj, src, None
     src_status = src.get("status") or {}
-    ready = next((x for x in src_status.get("conditions") or [] if x.get("type") == "Ready"), {})
+    ready: dict[str, Any] = next(
+        (x for x in src_status.get("conditions") or [] if x.get("type") == "Ready"), {})
     offered = next((m for m in src_status.get("models") or [] if m.get("name") == model), None)
     if offered is None:
         if ready.get("status") != "True":

@@ -145,7 +145,7 @@ class CatalogClient(RegistryClient):
         super().__init__(parts.netloc, insecure=parts.scheme == "http", token=token or "",
                          ca_bundle=ca_file(ca_pem), timeout=timeout, retries=retries)
         self.base = base_url.rstrip("/")
-        self._bearer = token or ""
+        self._catalog_token = token or ""
         # per request: a session's verify loses to $REQUESTS_CA_BUNDLE (requests' merge order)
         self._verify: str | bool = self.session.verify if isinstance(self.session.verify, str) \
             else True
@@ -155,8 +155,8 @@ class CatalogClient(RegistryClient):
                 what: str = "") -> requests.Response:
         url = self.base + path_or_url
         h = dict(headers or {})
-        if self._bearer:
-            h["Authorization"] = f"Bearer {self._bearer}"
+        if self._catalog_token:
+            h["Authorization"] = f"Bearer {self._catalog_token}"
         what = what or path_or_url
         try:
             resp = self.session.request(method, url, data=data, headers=h, stream=stream,
