@@ -24,7 +24,7 @@ def _version() -> str:
         return "0.0.0-dev"
 
 
-class IdentityService(rpc.IdentityServicer):  # type: ignore[misc]
+class IdentityService(rpc.IdentityServicer):  # type: ignore[misc,name-defined]
     def __init__(self, ready: asyncio.Event) -> None:
         self.ready = ready
         self.version = _version()

@@ -85,7 +85,7 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
         fut.set_result(result)
 
 
-class NodeService(rpc.NodeServicer):  # type: ignore[misc]
+class NodeService(rpc.NodeServicer):  # type: ignore[misc,name-defined]
     def __init__(self, node_id: str, cache: Cache, resolver: Resolver, *,
                  max_wait: float = 110.0, workers: int = 8) -> None:
         self.node_id = node_id

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import grpc
 import yaml
 
 from csi import errors
@@ -107,7 +108,7 @@ class FileResolver:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            raise errors.CsiError(errors.grpc.StatusCode.UNAVAILABLE,
+            raise errors.CsiError(grpc.StatusCode.UNAVAILABLE,
                                   f"models file {self.path} does not exist") from None
         sig = (st.st_mtime_ns, st.st_size, st.st_ino)
         if sig == self._sig:
@@ -124,7 +125,7 @@ class FileResolver:
             log.error("models file unreadable; keeping the previous one",
                       extra={"path": self.path, "error": str(e)[:300]})
             if self._sig is None:
-                raise errors.CsiError(errors.grpc.StatusCode.UNAVAILABLE,
+                raise errors.CsiError(grpc.StatusCode.UNAVAILABLE,
                                       f"models file {self.path} is invalid: {e}") from e
             return
         self._models, self._cluster, self._sig = models, cluster, sig
