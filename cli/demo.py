@@ -14,9 +14,9 @@ the env contract a container gets.
 
 Two stated shortcuts, because no kubelet runs here: the manager's publish
 Jobs run as local processes (``controller/embedded/jobrunner.py``), and this
-command plays kubelet's part for the one CSI volume. The node plugin learns
-where the model lives from a ``--models-file`` written from the Model's
-status (the standalone resolver), as the cluster's resolver is not used here.
+command plays kubelet's part for the one CSI volume. The node plugin resolves
+the model as it does in a cluster: from the Model's status in the API server
+(``--resolver kube``), in the pod's own namespace.
 
 Every step prints ``[n] …``; a failure names the component and why, then
 everything started so far is stopped.
@@ -46,7 +46,6 @@ import yaml
 
 from cli import localcluster, localhub, localregistry
 from cli.progress import open_bar
-from modelpack.oci import reference
 
 DEMO_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_FILE = os.path.join(localcluster.REPO_ROOT, "examples", "model.yaml")
@@ -121,7 +120,6 @@ class Demo:
         self.manager: subprocess.Popen[bytes] | None = None
         self.node: subprocess.Popen[bytes] | None = None
         self.node_socket = os.path.join(self.work, "node", "csi.sock")
-        self.models_file = os.path.join(self.work, "node", "models.yaml")
         self.manager_log = os.path.join(self.work, "manager.log")
         self.node_log = os.path.join(self.work, "node", "node.log")
         self.model: dict[str, Any] = {}
@@ -129,7 +127,6 @@ class Demo:
         self.volume_id = ""
         self.env: dict[str, str] = {}
         self.csi: Any = None  # the node plugin's Node service stub
-        self.kube_resolver = _node_plugin_reads_kubernetes()
 
     @property
     def processes(self) -> list[subprocess.Popen[bytes]]:
@@ -262,18 +259,14 @@ class Demo:
         argv = [sys.executable, "-m", "csi.main", "--endpoint", f"unix://{self.node_socket}",
                 "--cache-dir", os.path.join(self.work, "node", "cache"), "--node-id", NODE_ID,
                 "--insecure-registry", self.registry.host, "--log-format", "text"]
-        if self.kube_resolver:
-            assert self.cluster is not None
-            # no kubelet registers this node: the Node object the plugin labels is ours
-            from controller.manager import kube
+        assert self.cluster is not None
+        # no kubelet registers this node: the Node object the plugin labels is ours
+        from controller.manager import kube
 
-            with contextlib.suppress(kube.Conflict):
-                self.client.create(kube.Resource("", "v1", "nodes", False, "Node"), {"apiVersion": "v1", "kind": "Node", "metadata": {
-                    "name": NODE_ID, "labels": {"kubernetes.io/hostname": NODE_ID}}})
-            argv += ["--kubeconfig", self.cluster.kubeconfig]
-        else:
-            self._write_models_file({})
-            argv += ["--models-file", self.models_file]
+        with contextlib.suppress(kube.Conflict):
+            self.client.create(kube.NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {
+                "name": NODE_ID, "labels": {"kubernetes.io/hostname": NODE_ID}}})
+        argv += ["--resolver", "kube", "--kubeconfig", self.cluster.kubeconfig]
         self.node = self._spawn(argv, self.node_log)
         import grpc
 
@@ -293,11 +286,6 @@ class Demo:
         _say(f"{info.name} {info.vendor_version}, node {NODE_ID}, pid {self.node.pid}, "
              f"log {self.node_log}")
 
-    def _write_models_file(self, models: dict[str, str]) -> None:
-        tmp = self.models_file + ".tmp"
-        with open(tmp, "w") as f:
-            yaml.safe_dump({"models": models, "clusterModels": {}}, f)
-        os.replace(tmp, self.models_file)
 
     # -- the model --------------------------------------------------------------
 
@@ -421,12 +409,6 @@ class Demo:
             spec["schedulingGates"] = [g for g in spec["schedulingGates"]
                                        if g["name"] != contract.GATE]
             _say(f"scheduling gate {contract.GATE}: lifted, the model is Ready")
-        if not self.kube_resolver:
-            # the node plugin's standalone resolver: the Model's name -> its artifact
-            art = self.model["status"]["artifact"]
-            ref = reference.parse(art["reference"])
-            pinned = reference.Reference(ref.host, ref.repository, None, art["digest"])
-            self._write_models_file({f"{self.namespace}/{name}": str(pinned)})
         return injected
 
     def publish(self, n: int, pod: dict[str, Any]) -> None:
@@ -475,8 +457,7 @@ class Demo:
                 time.sleep(1)
         _say(f"volume {self.volume_id} published in {time.monotonic() - t0:.2f} s")
         _say(f"target {self.target}")
-        if self.kube_resolver:
-            self._show_node_label()
+        self._show_node_label()
         self.env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
 
     def _show_node_label(self) -> None:
@@ -575,14 +556,6 @@ Everything keeps running. Try:
     ls -l {self.target}
 Logs: {self.manager_log}, {self.node_log}, {self.cluster.dir}/kube-apiserver.log
 Press Ctrl-C to unmount, stop everything and remove {self.work}.""", flush=True)
-
-
-def _node_plugin_reads_kubernetes() -> bool:
-    """Whether this install's node plugin resolves models from the API server
-    (``--kubeconfig``); else the demo writes its ``--models-file``."""
-    from csi import main as node_main
-
-    return "--kubeconfig" in node_main.parser()._option_string_actions
 
 
 def _ready_condition(status: dict[str, Any]) -> str:

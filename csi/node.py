@@ -242,6 +242,7 @@ class NodeService(rpc.NodeServicer):  # type: ignore[misc,name-defined]
                 if tree is not None:
                     metrics.HITS.inc()
                     return tree
+            metrics.MISSES.inc()  # counted per pull started or joined, not per retry of it
             fut = self.cache.pull(ref, pin)
             wait = until - time.monotonic()
             try:

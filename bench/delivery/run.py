@@ -260,6 +260,9 @@ def publish(kube: localcluster.LocalCluster, rounds: int, size: int) -> list[tup
                 lat[name] += d["latencies"]
                 cpu[name] += d["server_cpu"]
                 round_p99[name].append(pct(d["latencies"], 99))
+        for name, xs in round_p99.items():  # which rounds were slow: a pattern or noise
+            print(f"per-round p99, {name}: " + " ".join(f"{x * 1e3:.0f}" for x in xs),
+                  file=sys.stderr)
         for _ in range(max(1, rounds // 2)):
             for name in ("file", "kube"):
                 floor[name] += load(plugins[name], floor=True)["latencies"]
