@@ -140,7 +140,7 @@ def budget(size: int, raw_limit: float, disk_direct: float, cpus: dict[str, cpu.
            startup: cpu.Cpu, curl: cpu.Cpu, sha: cpu.Cpu, write: cpu.Cpu) -> None:
     """Print the CPU table and the floor it puts under any verifying, durable pull."""
     cores = os.cpu_count() or 1
-    print(f"\n#### CPU budget (CPU-seconds = user + sys; median of the runs; {cores} cores)\n")
+    print(f"\n#### CPU budget (CPU-seconds = user + sys; of each, the run with the median CPU; {cores} cores)\n")
     print("| work | wall s | client user s | client sys s | client CPU s | registry CPU s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, c in cpus.items():
@@ -161,12 +161,13 @@ def budget(size: int, raw_limit: float, disk_direct: float, cpus: dict[str, cpu.
           f"+ O_DIRECT write {write.total:.2f} = {floor_cpu:.2f} CPU-s; on {cores} cores "
           f"≥ {floor:.2f} s wall = at most {common.fmt_rate(size / floor)}.")
     # The raw limit's terms are wall-time rates, which other load drags down (and
-    # with them the bar); the same terms from CPU-seconds are what a quiet machine
-    # would show: curl all at once is bound by registry + curl CPU on these cores.
+    # with them the bar); its network and hash terms from CPU-seconds are what an
+    # otherwise idle CPU would give (curl all at once is bound by registry + curl
+    # CPU on these cores). The disk term stays as measured: it is I/O, not CPU.
     quiet = min(cores * size / (curl.registry + curl.total), cores * size / sha.total,
                 max(disk_direct, size / write.wall))
     for label, limit in (("same run, wall-based", raw_limit),
-                         ("from CPU-seconds, as on a quiet machine", quiet)):
+                         ("network + hash from CPU-seconds, disk as measured", quiet)):
         target = size / (0.7 * limit)
         ok = floor <= target
         print(f"raw limit ({label}) = {common.fmt_rate(limit)}: 70 % of it asks for ≤ "
