@@ -164,21 +164,55 @@ def _gateway_parser(sub: Any) -> None:
     p.add_argument("--public-url", default="", help="the URL clients reach the gateway at")
     p.add_argument("--admin-token-file", help="the token that may create sessions")
     p.add_argument("--insecure-registry", action="store_true")
+    p.add_argument("--registry-username-file", help="the registry user it pushes as (re-read "
+                   "for every publish; else $MODELCACHE_REGISTRY_USERNAME, else a docker "
+                   "config.json)")
+    p.add_argument("--registry-password-file")
+    p.add_argument("--max-staging-bytes", default="0",
+                   help="bytes --root may hold or have promised for uploads (e.g. 100Gi; "
+                   "0: no limit); an upload past it is refused with 507, not staged")
+    p.add_argument("--log-level", default=os.environ.get("MODELCACHE_LOG_LEVEL") or "INFO")
     p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", help="the certificate's key (PEM)")
     p.add_argument("--session-grace", type=float, default=24 * 3600,
                    help="seconds an expired session's files are kept before removal")
 
 
+def _registry_login(username_file: str | None, password_file: str | None
+                    ) -> tuple[str | None, str | None]:
+    """The registry user from files (a mounted Secret) or the environment; never logged."""
+    return (_read_secret(username_file) or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
+            _read_secret(password_file) or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"))
+
+
 def cmd_upload_gateway(args: argparse.Namespace) -> int:
-    from controller.upload.gateway import Gateway, create_server
+    from controller.manager import logs
+    from controller.upload.gateway import Gateway, create_server, size_arg
     from modelpack.oci.registry import RegistryClient
+
+    if bool(args.registry_username_file) != bool(args.registry_password_file):
+        raise SystemExit("modelcache-controller upload-gateway: --registry-username-file and "
+                         "--registry-password-file go together")
+    try:
+        max_staging = size_arg(args.max_staging_bytes)
+        _registry_login(args.registry_username_file, args.registry_password_file)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"modelcache-controller upload-gateway: {e}") from e
+    logs.setup(args.log_level)
+
+    def client_for(registry_host: str) -> RegistryClient:
+        # read at every publish: a changed dmcr-credentials Secret (kubelet updates the
+        # mounted files) is used without a restart
+        user, password = _registry_login(args.registry_username_file,
+                                         args.registry_password_file)
+        return RegistryClient(registry_host, insecure=args.insecure_registry, username=user,
+                              password=password)
 
     host, _, port = args.listen.rpartition(":")
     gateway = Gateway(args.root, public_url=args.public_url,
                       admin_token=_read_secret(args.admin_token_file)
                       or os.environ.get("MODELCACHE_UPLOAD_ADMIN_TOKEN"),
-                      client_factory=lambda h: RegistryClient(h, insecure=args.insecure_registry))
+                      client_factory=client_for, max_staging_bytes=max_staging)
     if args.tls_cert and not args.public_url:
         gateway.public_url = f"https://{host or '127.0.0.1'}:{port}"
     server = create_server((host or "127.0.0.1", int(port)), gateway)
@@ -258,11 +292,20 @@ def _manager_parser(sub: Any) -> None:
                    default=env("MODELCACHE_DISTRIBUTION_MODE") or "Internal",
                    help="PublicCatalog: serve the catalog API (Ready ClusterModels) over HTTPS")
     p.add_argument("--catalog-listen", default="0.0.0.0:8443", help="HOST:PORT of the catalog")
-    p.add_argument("--catalog-tls-cert", help="PEM certificate (self-signed and written here "
-                   "when the file does not exist; in memory when unset)")
+    p.add_argument("--catalog-tls-cert", help="PEM certificate file (self-signed and written "
+                   "here when it does not exist); re-read when it changes")
     p.add_argument("--catalog-tls-key", help="PEM key of --catalog-tls-cert")
+    p.add_argument("--catalog-tls-secret", help="a kubernetes.io/tls Secret in --namespace "
+                   "(tls.crt, tls.key, optional ca.crt) served as-is; re-read when it changes")
+    p.add_argument("--catalog-ca-secret", default="modelcache-catalog-tls",
+                   help="without a certificate: the Secret in --namespace where the replicas "
+                   "keep one self-signed CA and serving certificate (the first creates it, "
+                   "any rotates it); '' = a certificate per process, in memory")
+    p.add_argument("--catalog-tls-interval", type=float, default=30.0,
+                   help="seconds between looks at the certificate's file or Secret")
     p.add_argument("--catalog-tls-host", action="append", default=[],
-                   help="DNS name or IP of a self-signed certificate (repeatable)")
+                   help="DNS name or IP of a self-signed certificate, besides the "
+                   "modelcache-controller Service's names (repeatable)")
     p.add_argument("--catalog-auth-ttl", type=float, default=10.0,
                    help="seconds a TokenReview/SubjectAccessReview decision is reused")
     p.add_argument("--catalog-rate", type=float, default=50.0,
@@ -314,6 +357,8 @@ def cmd_manager(args: argparse.Namespace) -> int:
     key = (_read_secret(args.report_key_file) or os.environ.get("MODELCACHE_REPORT_KEY")
            or secrets.token_hex(32)).encode()
     host, _, port = args.listen.rpartition(":")
+    username, password = _registry_login(args.registry_username_file,
+                                         args.registry_password_file)
     settings = jobs.Settings(
         namespace=args.namespace, registry=args.registry, image=args.worker_image,
         registry_insecure=args.registry_insecure, registry_secret=args.registry_secret,
@@ -324,10 +369,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
         settings=settings, kubeconfig=args.kubeconfig, listen=(host or "0.0.0.0", int(port)),
         workers=args.workers, leader_elect=args.leader_elect,
         lease_duration=args.lease_duration, lease_renew=args.lease_renew,
-        registry_username=_read_secret(args.registry_username_file)
-        or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
-        registry_password=_read_secret(args.registry_password_file)
-        or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"),
+        registry_username=username, registry_password=password,
         progress_interval=args.progress_interval, upload=_upload_config(args),
         shared_pvc=_shared_pvc_config(args), catalog=_catalog_config(args),
         delivery=_delivery_config(args))
@@ -350,10 +392,17 @@ def _catalog_config(args: argparse.Namespace) -> Any:
     if args.distribution_mode != "PublicCatalog":
         return None
     host, _, port = args.catalog_listen.rpartition(":")
-    return server.Config(listen=(host or "0.0.0.0", int(port)), cert_file=args.catalog_tls_cert,
-                         key_file=args.catalog_tls_key, hosts=tuple(args.catalog_tls_host),
-                         auth_ttl=args.catalog_auth_ttl, rate=args.catalog_rate,
-                         burst=args.catalog_burst, audiences=tuple(args.catalog_audience))
+    try:
+        return server.Config(listen=(host or "0.0.0.0", int(port)),
+                             cert_file=args.catalog_tls_cert, key_file=args.catalog_tls_key,
+                             hosts=tuple(args.catalog_tls_host), auth_ttl=args.catalog_auth_ttl,
+                             rate=args.catalog_rate, burst=args.catalog_burst,
+                             audiences=tuple(args.catalog_audience), namespace=args.namespace,
+                             tls_secret=args.catalog_tls_secret or None,
+                             ca_secret=args.catalog_ca_secret or None,
+                             tls_interval=args.catalog_tls_interval)
+    except ValueError as e:
+        raise SystemExit(f"modelcache-controller: {e}") from e
 
 
 def _delivery_config(args: argparse.Namespace) -> Any:

@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import threading
+import time
 
 from csi import logs, metrics
 from csi.cache import Cache
@@ -121,7 +122,8 @@ def parser() -> argparse.ArgumentParser:
                         "cluster: the DMCR's read-only pull endpoint); repeatable")
     p.add_argument("--registry-credentials", default=None, metavar="DIR",
                    help="a directory with 'username' and 'password' files (a mounted Secret: "
-                        "the DMCR pull user), sent to every registry this node pulls from")
+                        "the DMCR pull user), sent to every registry this node pulls from; "
+                        "re-read when they change")
     p.add_argument("--metrics-address", default="",
                    help="host:port serving /metrics, /inventory and /healthz "
                         "(empty: not served)")
@@ -154,21 +156,50 @@ class Clients:
     ``pull_via`` maps a host named in references to the host actually asked
     (the DMCR's read-only endpoint serves the same repositories and digests),
     so a node never holds a credential that can push.
+
+    ``credentials_dir`` (a mounted Secret) is read again at most every
+    ``reread`` seconds: kubelet replaces a mounted Secret's files when the
+    Secret changes, so a new DMCR pull password reaches the plugin without a
+    restart. When the pair changed, the clients are made again with it; pulls
+    already running keep the client they have.
     """
 
     def __init__(self, insecure: list[str], ca_bundle: str | None, *,
                  pull_via: dict[str, str] | None = None,
-                 credentials: tuple[str, str] | None = None) -> None:
+                 credentials: tuple[str, str] | None = None,
+                 credentials_dir: str | None = None, reread: float = 10.0) -> None:
         self.insecure = set(insecure)
         self.ca_bundle = ca_bundle
         self.pull_via = dict(pull_via or {})
-        self.credentials = credentials
+        self.credentials_dir = credentials_dir
+        self.credentials = credentials if credentials is not None else \
+            read_credentials(credentials_dir)
+        self.reread = reread
+        self._read_at = time.monotonic()
         self._lock = threading.Lock()
         self._clients: dict[str, RegistryClient] = {}
+
+    def _refresh(self) -> None:
+        """Re-read the credential files when due (holding ``_lock``)."""
+        now = time.monotonic()
+        if not self.credentials_dir or now - self._read_at < self.reread:
+            return
+        self._read_at = now
+        try:
+            fresh = read_credentials(self.credentials_dir)
+        except OSError as e:  # mid-update or gone: keep the pair that worked
+            log.warning("registry credentials unreadable; keeping the previous ones",
+                        extra={"dir": self.credentials_dir, "error": type(e).__name__})
+            return
+        if fresh != self.credentials:
+            log.info("registry credentials changed", extra={"dir": self.credentials_dir})
+            self.credentials = fresh
+            self._clients.clear()
 
     def __call__(self, host: str) -> RegistryClient:
         target = self.pull_via.get(host, host)
         with self._lock:
+            self._refresh()
             client = self._clients.get(target)
             if client is None:
                 user, password = self.credentials or (None, None)
@@ -232,7 +263,7 @@ def settle_kube_flags(args: argparse.Namespace) -> str | None:
 async def run(args: argparse.Namespace, api: object = None) -> None:
     clients = Clients(args.insecure_registry, args.registry_ca,
                       pull_via=pull_via_arg(args.pull_via),
-                      credentials=read_credentials(args.registry_credentials))
+                      credentials_dir=args.registry_credentials)
     cache = Cache(args.cache_dir, clients,
                   capacity=args.cache_capacity, high_watermark=args.high_watermark,
                   low_watermark=args.low_watermark, pull_workers=args.pull_workers,

@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from controller.catalog import tls
 from controller.catalog.auth import Authorizer, Denied
 from controller.catalog.ratelimit import RateLimiter
 from controller.manager import jobs
@@ -322,7 +323,33 @@ class Handler(BaseHTTPRequestHandler):
 class CatalogServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
-    cert_pem: bytes | None = None
+    tls_keeper: tls.Keeper | None = None
+
+    @property
+    def cert_pem(self) -> bytes | None:
+        """What importing clusters put in their ``caBundle``, when this side knows it: the
+        shared Secret's CA bundle, or a self-signed certificate made here."""
+        return self.tls_keeper.material.ca if self.tls_keeper is not None else None
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = self.socket.accept()
+        if self.tls_keeper is not None:
+            # the context of this moment: a renewed certificate is served from the next
+            # connection on. No handshake in accept(): a slow client must not stall the
+            # accepting thread; OpenSSL does it on the handler thread's first read
+            sock = self.tls_keeper.context.wrap_socket(sock, server_side=True,
+                                                       do_handshake_on_connect=False)
+        return sock, addr
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        if self.tls_keeper is not None:
+            self.tls_keeper.start()
+        super().serve_forever(poll_interval)
+
+    def server_close(self) -> None:
+        if self.tls_keeper is not None:
+            self.tls_keeper.stop()
+        super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
@@ -338,21 +365,23 @@ class CatalogServer(ThreadingHTTPServer):
 
 
 def create_server(address: tuple[str, int], catalog: Catalog,
-                  tls: ssl.SSLContext | None) -> CatalogServer:
-    """Bind ``address`` (port 0: any); HTTPS when ``tls`` is given (always, in a cluster)."""
+                  keeper: tls.Keeper | None) -> CatalogServer:
+    """Bind ``address`` (port 0: any); HTTPS with ``keeper``'s current certificate when
+    given (always, in a cluster)."""
     handler = type("BoundHandler", (Handler,), {"catalog": catalog})
     server = CatalogServer(address, handler)
-    if tls is not None:
-        # no handshake in accept(): a slow client must not stall the accepting thread;
-        # OpenSSL does it on the handler thread's first read
-        server.socket = tls.wrap_socket(server.socket, server_side=True,
-                                        do_handshake_on_connect=False)
+    server.tls_keeper = keeper
     return server
 
 
 @dataclass(frozen=True)
 class Config:
-    """The manager's catalog flags (``--distribution-mode PublicCatalog``)."""
+    """The manager's catalog flags (``--distribution-mode PublicCatalog``).
+
+    The certificate, first that applies (tls.py): ``cert_file``/``key_file``;
+    ``tls_secret`` served as-is; the shared self-signed ``ca_secret``; else one
+    made in memory by this process.
+    """
 
     listen: tuple[str, int] = ("0.0.0.0", 8443)
     cert_file: str | None = None  # PEM; generated (self-signed) and written here if missing
@@ -362,44 +391,67 @@ class Config:
     rate: float = 50.0  # requests per second per client address
     burst: int = 200
     audiences: tuple[str, ...] = ()  # TokenReview audiences; default: the API server's
+    namespace: str = ""  # of the Secrets below (the controller's)
+    tls_secret: str | None = None  # a kubernetes.io/tls Secret kept by someone else
+    ca_secret: str | None = None  # the replicas' shared self-signed CA + certificate
+    service: str = "modelcache-controller"  # its DNS names are SANs of the shared certificate
+    tls_interval: float = 30.0  # seconds between looks at the certificate's source
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("catalog TLS: give both the certificate and the key file")
+        if self.cert_file and self.tls_secret:
+            raise ValueError("catalog TLS: certificate files or a Secret, not both")
+        if (self.tls_secret or self.ca_secret) and not self.namespace:
+            raise ValueError("catalog TLS: a Secret needs the controller's namespace")
+
+    def shared_hosts(self) -> list[str]:
+        """SANs of the shared certificate: the same on every replica (a replica that saw
+        other names would re-issue it back and forth), so no pod name."""
+        svc, ns = self.service, self.namespace
+        names = [f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local", f"{svc}.{ns}", svc]
+        return list(dict.fromkeys([*self.hosts, *names]))
 
 
-def _tls(config: Config) -> tuple[ssl.SSLContext, bytes | None]:
-    import os
+def _tls(config: Config, client: Any) -> tls.Keeper:
     import socket
 
-    from controller.catalog import tls
-
-    if config.cert_file and config.key_file and os.path.exists(config.cert_file):
-        return tls.server_context(config.cert_file, config.key_file), None
-    cert, key = tls.self_signed(list(config.hosts) or [socket.gethostname(), "localhost",
-                                                      "127.0.0.1"])
+    source: tls.Source
     if config.cert_file and config.key_file:
-        for path, data, mode in ((config.key_file, key, 0o600), (config.cert_file, cert, 0o644)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-    return tls.context_from_pem(cert, key), cert
+        source = tls.Files(config.cert_file, config.key_file,
+                           list(config.hosts) or [socket.gethostname(), "localhost", "127.0.0.1"])
+    elif config.tls_secret:
+        source = tls.UserSecret(client, config.namespace, config.tls_secret)
+    elif config.ca_secret:
+        source = tls.SharedSecret(client, config.namespace, config.ca_secret,
+                                  config.shared_hosts())
+    else:
+        source = tls.InMemory(list(config.hosts) or [socket.gethostname(), "localhost",
+                                                     "127.0.0.1"])
+    return tls.Keeper(source, config.tls_interval)
 
 
 def build(config: Config, client: Any, cluster_models: Any,
           registry: Callable[[], RegistryClient]) -> CatalogServer:
     """The catalog server over the manager's ClusterModel informer and DMCR client.
 
-    ``server.cert_pem`` holds a self-signed certificate made here (else None):
-    what importing clusters put in their ``caBundle``.
+    ``server.cert_pem`` is what importing clusters put in their ``caBundle``
+    when this side made the certificate (the shared Secret's CA bundle, or a
+    self-signed certificate), else None.
     """
-    import hashlib
-
-    ctx, cert = _tls(config)
+    keeper = _tls(config, client)
     catalog = Catalog(get_model=lambda name: cluster_models.get(("", name)),
                       list_models=cluster_models.items, registry=registry,
                       authorizer=Authorizer(client, ttl=config.auth_ttl,
                                             audiences=config.audiences),
                       limiter=RateLimiter(config.rate, config.burst))
-    server = create_server(config.listen, catalog, ctx)
-    server.cert_pem = cert
-    if cert is not None:
-        log.warning("catalog serves a self-signed certificate", extra={
-            "sha256": hashlib.sha256(cert).hexdigest(), "certFile": config.cert_file or ""})
+    server = create_server(config.listen, catalog, keeper)
+    fields = {"sha256": tls.fingerprint(keeper.material.cert)}
+    if isinstance(keeper.source, tls.SharedSecret):
+        log.info("catalog serves the replicas' shared certificate", extra={
+            **fields, "secret": f"{config.namespace}/{config.ca_secret}"})
+    elif isinstance(keeper.source, tls.InMemory) or (
+            isinstance(keeper.source, tls.Files) and keeper.source.made):
+        log.warning("catalog serves a self-signed certificate of its own", extra={
+            **fields, "certFile": config.cert_file or ""})
     return server

@@ -149,8 +149,8 @@ def _split_pems(data: bytes) -> list[bytes]:
 
 
 def plan_secret(data: dict[str, bytes], hosts: list[str], now: datetime.datetime, *,
-                ca_lifetime: datetime.timedelta, cert_lifetime: datetime.timedelta
-                ) -> dict[str, bytes]:
+                ca_lifetime: datetime.timedelta, cert_lifetime: datetime.timedelta,
+                component: str = "webhook") -> dict[str, bytes]:
     """The Secret's data as it should be: ``data`` itself when nothing is due."""
     out = dict(data)
     try:
@@ -161,7 +161,7 @@ def plan_secret(data: dict[str, bytes], hosts: list[str], now: datetime.datetime
     if ca is None or _due(ca, now):
         old = [p for p in _split_pems(data.get(CA_BUNDLE, b""))
                if x509.load_pem_x509_certificate(p).not_valid_after_utc > now]
-        out[CA_CERT], out[CA_KEY] = new_ca(now, ca_lifetime)
+        out[CA_CERT], out[CA_KEY] = new_ca(now, ca_lifetime, f"modelcache-{component}-ca")
         # the retiring CA stays trusted until it expires: replicas still serve its certs
         out[CA_BUNDLE] = out[CA_CERT] + b"".join(p for p in old if p != out[CA_CERT])
         ca = x509.load_pem_x509_certificate(out[CA_CERT])
@@ -190,7 +190,8 @@ class CertKeeper:
     def __init__(self, client: kube.Kube, namespace: str, name: str, hosts: list[str], *,
                  ca_lifetime: datetime.timedelta = datetime.timedelta(days=730),
                  cert_lifetime: datetime.timedelta = datetime.timedelta(days=90),
-                 clock: Callable[[], datetime.datetime] = _now) -> None:
+                 clock: Callable[[], datetime.datetime] = _now,
+                 component: str = "webhook") -> None:
         if not hosts:
             raise ValueError("the serving certificate needs at least one host name or IP")
         self.client = client
@@ -200,6 +201,7 @@ class CertKeeper:
         self.ca_lifetime = ca_lifetime
         self.cert_lifetime = cert_lifetime
         self.clock = clock
+        self.component = component  # whose certificate: labels, CA name, logs
 
     def ensure(self) -> Bundle:
         for _ in range(5):
@@ -210,7 +212,7 @@ class CertKeeper:
                 secret = None
             data = {k: base64.b64decode(v) for k, v in ((secret or {}).get("data") or {}).items()}
             want = plan_secret(data, self.hosts, self.clock(), ca_lifetime=self.ca_lifetime,
-                               cert_lifetime=self.cert_lifetime)
+                               cert_lifetime=self.cert_lifetime, component=self.component)
             if want != data:
                 encoded = {k: base64.b64encode(v).decode() for k, v in want.items()}
                 try:
@@ -219,7 +221,8 @@ class CertKeeper:
                             "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                             "metadata": {"name": self.name, "namespace": self.namespace,
                                          "labels": {"app.kubernetes.io/name": "modelcache",
-                                                    "app.kubernetes.io/component": "webhook"}},
+                                                    "app.kubernetes.io/component":
+                                                        self.component}},
                             "data": encoded}, self.namespace)
                     else:
                         # the resourceVersion makes the patch conditional: a replica that
@@ -229,7 +232,7 @@ class CertKeeper:
                             "data": encoded}, self.namespace)
                 except kube.Conflict:
                     continue
-                log.info("webhook certificate written",
+                log.info(f"{self.component} certificate written",
                          extra={"secret": f"{self.namespace}/{self.name}",
                                 "rotatedCA": data.get(CA_CERT) != want[CA_CERT]})
             return Bundle(cert=want[TLS_CERT], key=want[TLS_KEY], ca_bundle=want[CA_BUNDLE])

@@ -18,8 +18,13 @@ Protocol (every upload route needs ``Authorization: Bearer <session token>``):
 
 Bodies stream into the session's store, hashed in the same pass; a
 request whose declared size would pass the session's limit is refused
-(413) before its body is read. An expired or wrong token is 401 with a
-reason, compared in constant time.
+(413) before its body is read, and one that would pass the gateway's
+staging limit (``max_staging_bytes``: the size of the volume under
+``root``) with 507. An expired or wrong token is 401 with a reason,
+compared in constant time.
+
+Probes: ``GET /healthz`` (the process answers) and ``GET /readyz`` (the
+staging root takes writes and has room; else 503 with a reason).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -48,6 +54,18 @@ log = logging.getLogger(__name__)
 CHUNK = 4 << 20
 MAX_JSON = 64 << 10
 _RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+MIN_FREE = 64 << 20  # below this the staging volume is full for readiness
+_QUANTITY = re.compile(r"^\s*(\d+)\s*(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?\s*$")
+_UNITS = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+          "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50}
+
+
+def size_arg(text: str) -> int:
+    """A byte count as Kubernetes writes quantities (``100Gi``, ``500G``, ``1048576``)."""
+    m = _QUANTITY.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 100Gi)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
 
 
 class UploadSource:
@@ -78,12 +96,47 @@ class UploadSource:
 class Gateway:
     def __init__(self, root: str, *, public_url: str = "", admin_token: str | None = None,
                  client_factory: Callable[[str], RegistryClient] | None = None,
-                 options: Options | None = None) -> None:
+                 options: Options | None = None, max_staging_bytes: int = 0) -> None:
         self.sessions = SessionStore(root)
         self.public_url = public_url.rstrip("/")
         self.admin_token = admin_token
         self.client_factory = client_factory or (lambda host: RegistryClient(host))
         self.options = options or Options()
+        self.max_staging_bytes = max_staging_bytes  # 0: no limit
+
+    def staged_bytes(self, exclude: tuple[Session, str] | None = None) -> int:
+        """Bytes the staging root holds or has been promised: committed files of sessions
+        not yet published (an archive twice: it is expanded beside itself before it is
+        deleted) and the declared sizes of files in progress. An estimate without
+        locking the other sessions: a guard against filling the volume (an emptyDir past
+        its sizeLimit gets the pod evicted, with every session on it), not an account."""
+        total = 0
+        with self.sessions.lock:
+            sessions = list(self.sessions.sessions.values())
+        for s in sessions:
+            if s.state.phase == "Ready":  # its store was removed after the push
+                continue
+            for path, (_, size) in list(s.state.files.items()):
+                if (s, path) != exclude:
+                    total += int(size) * (2 if path == ARCHIVE else 1)
+            for path, size in list(s.sizes.items()):
+                if (s, path) != exclude and path not in s.state.files:
+                    total += size * (2 if path == ARCHIVE else 1)
+        return total
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Whether uploads can be taken: the staging root exists, is writable, has room."""
+        root = self.sessions.root
+        try:
+            st = os.statvfs(root)
+        except OSError as e:
+            return False, {"reason": "StagingUnavailable", "message": str(e)[:200]}
+        free = st.f_bavail * st.f_frsize
+        if not os.access(root, os.W_OK):
+            return False, {"reason": "StagingReadOnly", "freeBytes": free}
+        if free < MIN_FREE:
+            return False, {"reason": "StagingFull", "freeBytes": free}
+        return True, {"ok": True, "freeBytes": free}
 
     def create_session(self, model: str, reference: str, ttl_seconds: float = 3600,
                        max_bytes: int = 1 << 40) -> dict[str, Any]:
@@ -126,6 +179,13 @@ class Gateway:
                 raise SessionError(
                     f"upload of {total} bytes exceeds the session limit of "
                     f"{session.state.max_bytes} bytes", status=413, reason="TooLarge")
+            need = total * (2 if path == ARCHIVE else 1)
+            if self.max_staging_bytes and start == 0 and \
+                    need > self.max_staging_bytes - self.staged_bytes(exclude=(session, path)):
+                raise SessionError(
+                    f"the gateway's staging volume has no room for {total} more bytes "
+                    f"(limit {self.max_staging_bytes}); retry when other uploads are "
+                    "published", status=507, reason="StagingFull")
             if path in session.state.files:
                 if start == 0:  # a new whole upload replaces the committed file
                     del session.state.files[path]
@@ -246,7 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._route(path)
         except SessionError as e:
-            if self.command == "PUT" and e.status in (401, 411, 413, 409):
+            if self.command == "PUT" and e.status in (401, 411, 413, 409, 507):
                 self.close_connection = True  # the body was not read
             # the reason also rides in a header, since a HEAD answer has no body
             self._json(e.status, {"reason": e.reason, "message": str(e)},
@@ -257,6 +317,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, path: str) -> None:
         if path == "/healthz" and self.command in ("GET", "HEAD"):
             return self._json(200, {"ok": True})
+        if path == "/readyz" and self.command in ("GET", "HEAD"):
+            ok, detail = self.gateway.ready()
+            return self._json(200 if ok else 503, detail)
         parts = path.strip("/").split("/", 4)
         if parts[:2] == ["v1", "sessions"] and len(parts) == 2 and self.command == "POST":
             return self._create()

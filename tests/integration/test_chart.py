@@ -95,6 +95,9 @@ def test_rendered_kinds(helm: str) -> None:
         ("Secret", "dmcr-pull-htpasswd"), ("Secret", "dmcr-pull-credentials"),
         ("Secret", "modelcache-report-key"),
         ("DaemonSet", "modelcache-node"),
+        ("ServiceAccount", "modelcache-upload-gateway"),
+        ("Deployment", "modelcache-upload-gateway"), ("Service", "modelcache-upload-gateway"),
+        ("Secret", "modelcache-upload-admin-token"),
     }
     # the same objects as the plain manifests, but for the generated Secrets
     # and the Namespace (Helm installs into the release namespace)
@@ -112,7 +115,7 @@ def test_rendered_objects_match_manifests(helm: str) -> None:
         assert objs[key].get("rules", objs[key].get("spec")) == \
             plain[key].get("rules", plain[key].get("spec")), key
     for key in [("Deployment", "modelcache-controller"), ("Deployment", "dmcr"),
-                ("DaemonSet", "modelcache-node")]:
+                ("DaemonSet", "modelcache-node"), ("Deployment", "modelcache-upload-gateway")]:
         a, b = objs[key]["spec"]["template"]["spec"], plain[key]["spec"]["template"]["spec"]
         assert a["volumes"] == b["volumes"], key
         for ca, cb in zip(a["containers"], b["containers"], strict=True):
@@ -120,6 +123,12 @@ def test_rendered_objects_match_manifests(helm: str) -> None:
             assert [x for x in ca.get("args", []) if not x.startswith("--log-level")] == \
                 cb.get("args", []), key
             assert ca["image"] == cb["image"] and ca.get("volumeMounts") == cb.get("volumeMounts")
+            for probe in ("livenessProbe", "readinessProbe", "securityContext", "ports"):
+                assert ca.get(probe) == cb.get(probe), (key, probe)
+        assert a.get("securityContext") == b.get("securityContext"), key
+        assert a.get("serviceAccountName") == b.get("serviceAccountName"), key
+    for key in [("Service", "modelcache-upload-gateway"), ("Service", "modelcache-controller")]:
+        assert objs[key]["spec"]["ports"] == plain[key]["spec"]["ports"], key
     cfg = yaml.safe_load(objs[("ConfigMap", "dmcr-config")]["data"]["config.yml"])
     assert cfg["storage"]["delete"]["enabled"] is True
     assert cfg["auth"]["htpasswd"]["path"] == "/auth/htpasswd"
@@ -188,3 +197,112 @@ def test_dmcr_pull_endpoint_is_read_only(helm: str) -> None:
         assert mounts["data"]["readOnly"] is True and "htpasswd" not in mounts
         ports = {p["name"]: p["port"] for p in by[("Service", "dmcr")]["spec"]["ports"]}
         assert ports == {"registry": 5000, "pull": 5002}
+
+
+def _pod(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    obj = next(o for o in objs if (o["kind"], o["metadata"]["name"]) == (kind, name))
+    return obj["spec"]["template"]  # type: ignore[no-any-return]
+
+
+def _args(pod: dict[str, Any], container: str | None = None) -> list[str]:
+    c = next(c for c in pod["spec"]["containers"] if container in (None, c["name"]))
+    return c["args"]  # type: ignore[no-any-return]
+
+
+def test_upload_gateway_is_wired(helm: str) -> None:
+    """The gateway runs the controller image with its own token-less account, the push
+    user and a bounded staging emptyDir; the manager is pointed at its Service."""
+    for objs, ns in ((render(helm, "ai"), "ai"), (manifests(), "modelcache-system")):
+        by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+        gw = _pod(objs, "Deployment", "modelcache-upload-gateway")
+        spec, args = gw["spec"], _args(gw)
+        assert args[0] == "upload-gateway"
+        assert by[("Deployment", "modelcache-upload-gateway")]["spec"]["strategy"] == \
+            {"type": "Recreate"}
+        assert spec["containers"][0]["image"] == \
+            _pod(objs, "Deployment", "modelcache-controller")["spec"]["containers"][0]["image"]
+        sa = by[("ServiceAccount", "modelcache-upload-gateway")]
+        assert sa["automountServiceAccountToken"] is False
+        assert spec["serviceAccountName"] == "modelcache-upload-gateway"
+        assert spec["automountServiceAccountToken"] is False
+        # no Role or binding names the gateway: it never calls the API server
+        assert not [o for o in objs if o["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                    and any(s.get("name") == "modelcache-upload-gateway"
+                            for s in o.get("subjects", []))]
+        c = spec["containers"][0]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        vols = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        staging = vols[mounts["/var/lib/modelcache-upload"]]["emptyDir"]
+        assert "--root=/var/lib/modelcache-upload" in args
+        assert f"--max-staging-bytes={staging['sizeLimit']}" in args  # refuses before eviction
+        assert vols["registry"]["secret"]["secretName"] == "dmcr-credentials"  # it pushes
+        assert "--registry-username-file=/etc/modelcache/registry/username" in args
+        assert "--registry-password-file=/etc/modelcache/registry/password" in args
+        assert vols["admin-token"]["secret"]["secretName"] == "modelcache-upload-admin-token"
+        url = f"http://modelcache-upload-gateway.{ns}.svc:8444"
+        assert f"--public-url={url}" in args
+        manager = _pod(objs, "Deployment", "modelcache-controller")
+        assert f"--upload-gateway-url={url}" in _args(manager)
+        assert "--upload-admin-token-file=/etc/modelcache/upload/token" in _args(manager)
+        mvols = {v["name"]: v for v in manager["spec"]["volumes"]}
+        assert mvols["upload-admin-token"]["secret"]["secretName"] == \
+            "modelcache-upload-admin-token"
+
+
+def test_upload_gateway_values(helm: str) -> None:
+    objs = render(helm, "ai", "uploadGateway.staging.sizeLimit=20Gi",
+                  "uploadGateway.publicURL=https://uploads.example.com",
+                  "uploadGateway.service.port=9000", "uploadGateway.replicas=0")
+    gw = _pod(objs, "Deployment", "modelcache-upload-gateway")
+    assert "--max-staging-bytes=20Gi" in _args(gw)
+    assert "--public-url=https://uploads.example.com" in _args(gw)
+    assert {"name": "staging", "emptyDir": {"sizeLimit": "20Gi"}} in gw["spec"]["volumes"]
+    assert "--upload-gateway-url=http://modelcache-upload-gateway.ai.svc:9000" in \
+        _args(_pod(objs, "Deployment", "modelcache-controller"))
+    off = render(helm, "ai", "uploadGateway.enabled=false")
+    assert not [i for i in ids(off) if "upload" in i[1]]
+    manager = _pod(off, "Deployment", "modelcache-controller")
+    assert not [a for a in _args(manager) if a.startswith("--upload-")]
+    assert "upload-admin-token" not in {v["name"] for v in manager["spec"]["volumes"]}
+    done = subprocess.run([helm, "template", "mc", CHART, "--kube-version", KUBE_VERSION,
+                           "--set", "uploadGateway.replicas=2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "uploadGateway.replicas: at most 1" in done.stderr
+
+
+def test_catalog_tls_values(helm: str) -> None:
+    """Without tlsSecret the replicas share the Secret the manager keeps (its default
+    --catalog-ca-secret); with one, it is read through the API, not mounted."""
+    shared = _args(_pod(render(helm, "ai", "distribution.mode=PublicCatalog",
+                               "distribution.catalog.hosts={catalog.example.com}"),
+                        "Deployment", "modelcache-controller"))
+    assert "--distribution-mode=PublicCatalog" in shared
+    assert not [a for a in shared if a.startswith(("--catalog-tls-secret", "--catalog-tls-cert"))]
+    assert "--catalog-tls-host=catalog.example.com" in shared
+    given = render(helm, "ai", "distribution.mode=PublicCatalog",
+                   "distribution.catalog.tlsSecret=my-catalog-tls")
+    pod = _pod(given, "Deployment", "modelcache-controller")
+    assert "--catalog-tls-secret=my-catalog-tls" in _args(pod)
+    assert "my-catalog-tls" not in str(pod["spec"]["volumes"])
+
+
+def test_a_new_dmcr_password_restarts_what_reads_it_at_start(helm: str) -> None:
+    """The DMCR and the manager pods change with dmcr.password (and only then: a render
+    of the same values keeps them, whatever bcrypt salt the htpasswd Secret got)."""
+    def checksums(*sets: str) -> tuple[str, str]:
+        objs = render(helm, "ai", *sets)
+        return (_pod(objs, "Deployment", "dmcr")["metadata"]["annotations"]["checksum/htpasswd"],
+                _pod(objs, "Deployment", "modelcache-controller")["metadata"]["annotations"][
+                    "checksum/credentials"])
+
+    one = checksums("dmcr.password=one")
+    assert checksums("dmcr.password=one") == one
+    two = checksums("dmcr.password=two")
+    assert two[0] != one[0] and two[1] != one[1]
+    # the node plugin and the gateway re-read their mounted credentials instead
+    objs = render(helm, "ai", "dmcr.password=two")
+    assert not [k for k in _pod(objs, "DaemonSet", "modelcache-node")["metadata"]
+                ["annotations"] if k.startswith("checksum/")]

@@ -37,3 +37,10 @@ dmcr.{{ .Release.Namespace }}.svc:5000
 {{- randAlphaNum 32 -}}
 {{- end -}}
 {{- end }}
+
+{{/* Restarts what reads the DMCR push credential only at start (the manager, the
+registry's htpasswd). Of the values, not of the rendered Secrets: those carry a
+fresh bcrypt salt and, at install, a random password each render. */}}
+{{- define "modelcache.dmcrChecksum" -}}
+{{- printf "%s:%s" .Values.dmcr.username .Values.dmcr.password | sha256sum | trunc 16 -}}
+{{- end }}
