@@ -14,7 +14,8 @@ Where things happen (one file, one job):
 * ``report``: the HTTP side: ``/healthz``, ``/readyz``, ``/metrics`` and the
   publish workers' progress reports;
 * ``artifacts``: deleting a model's artifact from the registry;
-* ``schedule``: ``spec.updatePolicy.schedule`` and the upstream revision check;
+* ``schedule``: ``spec.updatePolicy.schedule`` (cron in UTC, macros, ``@every``): when to look;
+* ``upstream``: the look itself, per source kind (commit, tag digest, ETag, listing hash);
 * ``app``: wiring, the ``manager`` subcommand's body.
 
 docs/architecture.md ("Control plane") says why this is not kopf.

@@ -18,7 +18,8 @@ One pass, from the object as the cache has it:
    Secret hash): if ``status.publish.key`` already equals it and the model
    is Ready or Failed, nothing is owed (an unchanged spec never re-publishes);
    a model with ``spec.updatePolicy.schedule`` gets its upstream check
-   (``schedule.py``; Failed ones too, once published or moved);
+   (``schedule.py`` says when, ``upstream.py`` probes; Failed ones too, once
+   published or moved);
 5. else the Job named by the key: absent → create it and stop there, asking
    for a follow-up pass (``Result.follow_up``) in the normal lane; active →
    Publishing; Complete → read the result from the pod's termination message
@@ -54,6 +55,7 @@ from controller.manager import (
     pvcsource,
     schedule,
     uploads,
+    upstream,
 )
 from controller.manager import conditions as c
 from controller.manager.errors import PermanentError, TemporaryError
@@ -115,6 +117,7 @@ class Reconciler:
         self.registry = registry
         self.completed_without_result: dict[str, float] = {}
         self.scheduler = schedule.Scheduler()
+        self.prober = upstream.Prober()  # upstream probes: manager threads, not Jobs
 
     # -- entry --------------------------------------------------------------
 
@@ -263,7 +266,11 @@ class Reconciler:
         if st == "Complete":
             return self.on_complete(obj, job, key)
         self.on_failed(obj, job, key)
-        return Result()
+        # the schedule goes on (from the status just written): a later upstream revision
+        # may repair what this one broke
+        fresh = self.informers[jobs.model_kind(obj)].get(
+            (obj["metadata"].get("namespace") or "", obj["metadata"]["name"]))
+        return self.check_upstream(dict(fresh, kind=jobs.model_kind(obj))) if fresh else Result()
 
     def create_job(self, obj: dict[str, Any], p: jobs.Plan, key: str) -> dict[str, Any]:
         body = jobs.build(obj, p, key, self.settings)
@@ -494,47 +501,11 @@ class Reconciler:
             log.info("copied secret not deleted", extra={"job": job, "error": str(e)[:200]})
 
     def check_upstream(self, obj: dict[str, Any], first: bool = False) -> Result:
-        """``spec.updatePolicy.schedule``: re-resolve the revision; mark a move for re-publish."""
-        policy = ((obj.get("spec") or {}).get("updatePolicy") or {}).get("schedule")
-        if not policy or not schedule.applies(obj):
-            return Result()
-        interval = schedule.interval(str(policy))
-        if interval is None:
-            return Result()
-        key = (jobs.model_kind(obj), obj["metadata"].get("namespace") or "",
-               obj["metadata"]["name"])
-        due = self.scheduler.due(key, interval, reset=first)
-        if due > 0:
-            return Result(requeue_after=due)
-        current = ((obj.get("status") or {}).get("source") or {}).get("resolvedRevision") or "?"
-        try:
-            latest = schedule.upstream_revision(obj, self.settings, self._secret_value(obj))
-        except TemporaryError:
-            return Result(requeue_after=min(interval, 300.0))
-        self.scheduler.checked(key, interval)
-        if latest and schedule.moved(obj, latest):
-            log.info("upstream moved", extra={"model": _id(obj), "from": current, "to": latest})
-            self.recorder.record(obj, "Normal", "UpstreamMoved",
-                                 f"revision {current[:12]} → {latest[:12]}; publishing again")
-            answer = self.client.patch(self.res(obj), obj["metadata"]["name"], {
-                "metadata": {"annotations": {jobs.UPSTREAM: latest}}}, self.ns(obj))
-            self.observe(obj, answer)
-        # after a move too: the annotation's watch event brings the publish pass
-        return Result(requeue_after=interval)
-
-    def _secret_value(self, obj: dict[str, Any]) -> str | None:
-        p = jobs.plan(obj, self.settings)
-        if p.secret is None:
-            return None
-        import base64
-
-        try:
-            secret = self.client.get(kube.SECRETS, p.secret.name, p.secret.namespace)
-        except kube.NotFound:
-            return None
-        key = next(iter(p.secret.keys.values()))
-        raw = (secret.get("data") or {}).get(key)
-        return base64.b64decode(raw).decode() if raw else None
+        """``spec.updatePolicy.schedule``: probe the upstream when due (``upstream.py``).
+        A move was marked (0): pass again now to publish it; the annotation's own watch
+        event finds it already in the cache and brings no pass."""
+        wait = upstream.ensure_checked(self, obj, first)
+        return Result(follow_up=True) if wait == 0 else Result(requeue_after=wait)
 
     # -- deletion -----------------------------------------------------------
 
