@@ -80,6 +80,7 @@ class JobRunner:
         self._gate.set()
         self._stop = threading.Event()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # Job uid -> its running attempt
+        self._deleted: set[str] = set()  # uids of Jobs whose running attempt was killed
         self._thread: threading.Thread | None = None
 
     # -- control ------------------------------------------------------------
@@ -162,6 +163,8 @@ class JobRunner:
             proc = self._procs.get(uid)
         if proc is not None and proc.poll() is None:
             log.info("job deleted: killing its process", extra={"jobUid": uid, "pid": proc.pid})
+            with self._lock:
+                self._deleted.add(uid)
             proc.kill()
 
     def _job_status(self, job: dict[str, Any], status: dict[str, Any]) -> None:
@@ -299,8 +302,12 @@ class JobRunner:
             return None
         with open(host_term, "rb") as f:
             message = f.read(MESSAGE_LIMIT).decode(errors="replace")
+        with self._lock:
+            deleted = jmeta["uid"] in self._deleted
+        # "deleted": killed because its Job was deleted (as kubelet kills the pod's
+        # containers), not a failure of its own
         self.runs.append({"job": jmeta["name"], "pod": name, "exitCode": code,
-                          "stderr": stderr_path})
+                          "stderr": stderr_path, "deleted": deleted})
         log.info("job attempt finished", extra={"job": jmeta["name"], "pod": name,
                                                 "exitCode": code})
         self._pod_status(name, {"phase": "Succeeded" if code == 0 else "Failed",
