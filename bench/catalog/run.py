@@ -16,8 +16,9 @@ Per run, each from an empty registry B, order rotated, each its own process:
 
 - ours: ``modelcache-controller publish --source catalog+https://A#MODEL@DIGEST``,
   the publish Job's entry (``controller/sources/catalog.py``: every blob
-  downloaded through the catalog, hashed, the safetensors header checked,
-  then pushed to B; manifest last);
+  streamed from the catalog into B's upload, hashed in the same pass, the
+  upload committed only when the digest and the safetensors header check
+  pass; manifest last);
 - ``skopeo copy docker://A/… docker://B/…`` straight between the two
   registries (no TLS, no token, no proxy: the cheapest possible copy);
 - ``skopeo copy`` of the same model through A's catalog (same TLS, token

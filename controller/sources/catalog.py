@@ -9,14 +9,19 @@ bearer token.
 
 An import does not re-pack: the manifest digest is the model's identity, so
 the manifest, config and layers are copied byte for byte and the model has
-the same digest here as there. In one pass per blob: the bytes go into a
-local ``.part`` while hashed (``RegistryClient.download_blob``, resumed
-with ``Range`` after a drop), are committed only if they match the layer
-digest, a weight file's own format is checked (safetensors/GGUF headers;
-pickle refused unless allowed), then the blob goes to the DMCR and the
-local copy is dropped. Blobs the DMCR already holds are skipped, so an
-import that stopped half way (a revoked token, a pod restart) continues
-where it was; the manifest goes last, under the frozen digest only.
+the same digest here as there. Each blob streams from the catalog's
+response straight into a DMCR upload (``RegistryClient.upload_blob``),
+hashed in the same pass, with a weight file's head kept aside for its
+format check (safetensors/GGUF headers, ``_Probe``; pickle refused unless
+allowed): the upload is committed only when the bytes hash to the layer
+digest and the check passed, else it is cancelled and the DMCR never shows
+the blob (it checks the digest of the commit once more itself). Downloads
+and uploads of all blobs overlap; nothing is staged on local disk but the
+headers. Blobs the DMCR already holds are skipped, so an import that
+stopped half way (a revoked token, a pod restart) continues where it was;
+a blob cut mid-stream starts again from its first byte (the upload session
+cannot take it up from a resumed ``Range``); the manifest goes last, under
+the frozen digest only.
 
 Source-side failures — a 401/403 (token expired or unbound), the catalog
 unreachable or refusing TLS, a 404/5xx/429 — do not fail the import at once:
@@ -29,17 +34,21 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import http.client
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from controller.sources import base
 from modelpack import digest as dg
@@ -50,7 +59,6 @@ from modelpack.oci.manifest import Layer, ModelPack
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
 from modelpack.pull import resolve as resolve_pack
-from modelpack.store.blobs import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -225,56 +233,157 @@ class ImportResult:
                 "source": self.source}
 
 
-def _check_file(layer: Layer, path: str, allow_pickle: bool) -> None:
-    """A weight file's own format, before its blob may enter the DMCR."""
-    if classify(layer.path, allow_pickle) != "weight":
-        return
-    if layer.path.endswith(".safetensors"):
-        safetensors.verify(path)
-    elif layer.path.endswith(".gguf"):
-        gguf.verify(path)
+SMALL = 4 << 20  # a blob this small never waits for a worker
+GGUF_PREFIX = 64 << 20  # what of a GGUF is kept for its header check (see _Probe)
+
+
+class _Probe:
+    """The head of a weight file as it streams by, for its format check before the commit.
+
+    The bytes are written to a sparse file of the blob's full size in the
+    work dir (disk, not memory), named like the layer so the check's messages
+    name the file; the rest of it is a hole. safetensors: exactly the 8-byte
+    length and the header it announces (<= 100 MiB by the format's own bound),
+    so the check is the one a whole local copy would get (it reads only the
+    header and the file size). GGUF: the first 64 MiB, which holds the header
+    of any real model (vocabularies are a few MiB); a header longer than that
+    would be read as zeros past it, which the check refuses in practice
+    (zero-filled tensor records overlap one another).
+    """
+
+    def __init__(self, layer: Layer, work: str, allow_pickle: bool) -> None:
+        self.layer = layer
+        self.allow_pickle = allow_pickle
+        self.safetensors = layer.path.endswith(".safetensors")
+        self.dir = tempfile.mkdtemp(prefix="probe-", dir=work)
+        self.path = os.path.join(self.dir, os.path.basename(layer.path))
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.restart()
+
+    @staticmethod
+    def wanted(layer: Layer, allow_pickle: bool) -> bool:
+        """Whether ``layer`` is a weight file whose format is checked here."""
+        return classify(layer.path, allow_pickle) == "weight" and \
+            layer.path.endswith((".safetensors", ".gguf"))
+
+    def restart(self) -> None:
+        """A new stream of the blob begins at byte 0."""
+        self.want = min(self.layer.size, 8 if self.safetensors else GGUF_PREFIX)
+        self.known = not self.safetensors  # a safetensors head grows once its length is read
+
+    def feed(self, data: memoryview, at: int) -> None:
+        """``data`` is the blob's bytes from offset ``at``."""
+        if at >= self.want:
+            return
+        n = min(len(data), self.want - at)
+        os.pwrite(self.fd, data[:n], at)
+        if not self.known and at + n >= 8:
+            self.known = True
+            (hlen,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            # past the bound: 8 bytes are enough for the check to say why it refuses
+            self.want = min(self.layer.size, 8 + hlen) if hlen <= safetensors.MAX_HEADER else 8
+            if len(data) > n:
+                self.feed(data[n:], at + n)
+
+    def check(self) -> None:
+        """Raise ``FormatError`` unless the file's format holds (the blob is all streamed)."""
+        os.ftruncate(self.fd, self.layer.size)  # a hole: only the head is on disk
+        if self.safetensors:
+            safetensors.verify(self.path)
+        else:
+            gguf.verify(self.path)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Source:
+    """A catalog blob's response, read into the upload's buffer (RegistryClient.upload_blob).
+
+    Opened lazily by the upload, so each retry is a fresh GET from byte 0.
+    Transport failures become ``CatalogUnavailable`` (retryable): raised from
+    inside the upload's body, they must not pass for the destination's own
+    errors, and urllib3 would wrap a bare ``OSError`` as one.
+    """
+
+    def __init__(self, cat: CatalogClient, model: str, layer: Layer,
+                 probe: _Probe | None) -> None:
+        self.layer = layer
+        self.probe = probe
+        self.offset = 0
+        if probe is not None:
+            probe.restart()
+        self.resp = cat.request("GET", f"/v2/{model}/blobs/{layer.digest}", stream=True,
+                                what=layer.digest)
+        raw = self.resp.raw
+        fp = getattr(raw, "_fp", None)  # http.client response: readinto without a copy
+        self._fp = fp if fp is not None and not raw.headers.get("Content-Encoding") else None
+
+    def readinto(self, view: memoryview) -> int:
+        want = min(len(view), self.layer.size - self.offset)
+        if want <= 0:
+            return 0
+        try:
+            if self._fp is not None:
+                n = int(self._fp.readinto(view[:want]) or 0)
+            else:
+                chunk = self.resp.raw.read(want, decode_content=False)
+                n = len(chunk)
+                view[:n] = chunk
+        except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as e:
+            raise CatalogUnavailable(f"GET blob {self.layer.digest}: {type(e).__name__}: {e}",
+                                     retryable=True, reason="CatalogUnreachable") from e
+        if not n:
+            raise CatalogUnavailable(f"GET blob {self.layer.digest}: connection closed at byte "
+                                     f"{self.offset} of {self.layer.size}", retryable=True,
+                                     reason="CatalogUnreachable")
+        if self.probe is not None:
+            self.probe.feed(view[:n], self.offset)
+        self.offset += n
+        return n
+
+    def __enter__(self) -> _Source:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.resp.close()
 
 
 class _Copy:
     def __init__(self, cat: CatalogClient, local: RegistryClient, model: str,
-                 ref: Reference, store: BlobStore, tracker: Any, allow_pickle: bool) -> None:
+                 ref: Reference, work: str, tracker: Any, allow_pickle: bool) -> None:
         self.cat = cat
         self.local = local
         self.model = model
         self.ref = ref
-        self.store = store
+        self.work = work
         self.tracker = tracker
         self.allow_pickle = allow_pickle
         self.skipped = 0
 
+    def _progress(self, n: int) -> None:
+        self.tracker.add(n)  # staged and pushed move together: nothing is staged locally
+        self.tracker.add_pushed(n)
+
     def layer(self, layer: Layer) -> None:
-        repo, d = self.ref.repository, layer.digest
-        if self.local.blob_exists(repo, d):
-            self.tracker.add(layer.size)
-            self.tracker.add_pushed(layer.size)
+        """Stream one blob from the catalog into the DMCR: hashed and format-checked on the
+        way, committed only when both hold; a blob cut mid-stream starts again from 0."""
+        repo = self.ref.repository
+        if self.local.blob_exists(repo, layer.digest):
+            self._progress(layer.size)
             self.skipped += layer.size
             return
-        if not self.store.has(d, layer.size):
-            part = self.store.open_partial(d, layer.size)  # resumes an earlier attempt's prefix
-            try:
-                try:
-                    self.cat.download_blob(self.model, d, layer.size, part, self.tracker.add)
-                except (CatalogAuthError, CatalogNotFound, IntegrityError):
-                    raise
-                except RegistryError as e:
-                    if not e.retryable:
-                        raise
-                    raise CatalogUnavailable(str(e), retryable=True,
-                                             reason="CatalogUnreachable") from e
-                self.store.commit(part)  # discards the .part and raises if the digest is off
-            finally:
-                part.close()
-        else:
-            self.tracker.add(layer.size)
-        path = self.store.path(d)
-        _check_file(layer, path, self.allow_pickle)
-        self.local.upload_file(repo, path, layer.size, d, self.tracker.add_pushed)
-        self.store.delete(d)
+        probe = _Probe(layer, self.work, self.allow_pickle) \
+            if _Probe.wanted(layer, self.allow_pickle) else None
+        try:
+            self.local.upload_blob(
+                repo, lambda: _Source(self.cat, self.model, layer, probe), layer.size,
+                self._progress, digest=layer.digest,
+                before_commit=probe.check if probe is not None else None, check_present=False)
+        finally:
+            if probe is not None:
+                probe.close()
 
     def run(self, digest: str, workers: int) -> ModelPack:
         pack = resolve_pack(self.cat, Reference(self.cat.host, self.model, digest=digest))
@@ -284,10 +393,24 @@ class _Copy:
             self.tracker.done = self.tracker.pushed = 0
         self.tracker.set_phase("download", total=pack.size)
         unique = list({layer.digest: layer for layer in pack.layers}.values())
-        unique.sort(key=lambda x: -x.size)  # the long transfers first
+        # small files (configs, tokenizers) go at once on threads of their own rather than
+        # wait for a big one to finish (a few round trips each, not bandwidth); the big ones
+        # longest first, at most ``workers`` at a time
+        small = sorted((x for x in unique if x.size < SMALL), key=lambda x: x.size)
+        big = sorted((x for x in unique if x.size >= SMALL), key=lambda x: -x.size)
+        slots = threading.BoundedSemaphore(max(1, workers))
+
+        def one(layer: Layer) -> None:
+            if layer.size < SMALL:
+                self.layer(layer)
+                return
+            with slots:
+                self.layer(layer)
+
         if unique:
-            with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, len(unique)))) as pool:
-                futures = [pool.submit(self.layer, layer) for layer in unique]
+            threads = min(len(unique), max(1, workers) + len(small))
+            with cf.ThreadPoolExecutor(max_workers=threads) as pool:
+                futures = [pool.submit(one, layer) for layer in small + big]
                 try:
                     for fut in cf.as_completed(futures):
                         fut.result()
@@ -323,8 +446,8 @@ def import_model(uri: str, local: RegistryClient, ref: Reference, *, token: str 
     cat = CatalogClient(base_url, token, ca_pem=ca_pem)
     tracker = Tracker(sink or null_sink)
     root = os.path.join(work_dir, f"catalog-{dg.hex_of(digest)[:16]}")
-    store = BlobStore(os.path.join(root, "store"))
-    copy = _Copy(cat, local, model, ref, store, tracker, allow_pickle)
+    os.makedirs(root, exist_ok=True)
+    copy = _Copy(cat, local, model, ref, root, tracker, allow_pickle)
     deadline = time.monotonic() + wait
     delay = 1.0
     while True:

@@ -6,9 +6,13 @@ digest and reads a whole blob into memory to upload it. So the blob I/O is
 ours: downloads read >= 1 MiB at a time straight into a ``PartialBlob``
 that hashes in the same pass, resume with ``Range`` after a dropped
 connection, and are renamed into place only when the digest matches;
-uploads stream the file once through a PATCH while hashing it, and the
-registry checks the digest we then PUT. Transport and HTTP failures map to
-``RegistryError`` with the retry decision made here, once.
+uploads stream once through a PATCH while hashing (a file, or another
+server's response: a catalog import copies blob to blob without a local
+copy), are committed only when they hash to the digest expected of them,
+and the registry checks the digest we then PUT; a file already hashed goes
+with sendfile, from an offset when it sits inside an archive. Transport and
+HTTP failures map to ``RegistryError`` with the retry decision made here,
+once.
 
 oras-py is imported on first need (a token realm's challenge, a docker
 config to read): its import pulls in jsonschema and costs ~0.1-0.3 s of
@@ -71,6 +75,27 @@ class _TimeoutSession(requests.Session):
         # unless the request names one, so a ca_bundle would be ignored
         kwargs.setdefault("verify", self.verify)
         return super().request(*args, **kwargs)
+
+
+class _Sized:
+    """A streamed request body of known length.
+
+    requests sends an iterable with a ``__len__`` under ``Content-Length``,
+    each chunk as it comes; a plain generator would go chunked, and urllib3
+    copies every chunk into a new bytes object to frame it (a fresh 4 MiB
+    allocation, page faults included, per chunk). The generator must raise
+    rather than end short: the server would wait for the missing bytes.
+    """
+
+    def __init__(self, chunks: Iterator[bytes | memoryview], size: int) -> None:
+        self.chunks = chunks
+        self.size = size
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        return self.chunks
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class RegistryClient:
@@ -363,13 +388,25 @@ class RegistryClient:
             resp.close()
 
     def upload_blob(self, repository: str, open_stream: Callable[[], Any], size: int,
-                    progress: Progress = _noop, digest: str | None = None) -> str:
+                    progress: Progress = _noop, digest: str | None = None,
+                    before_commit: Callable[[], None] | None = None,
+                    check_present: bool = True) -> str:
         """Upload a blob in one pass, hashing as it streams; return its digest.
 
-        ``open_stream`` returns a fresh binary stream (called again on retry).
-        If ``digest`` is known and the registry has the blob, nothing is sent.
+        ``open_stream`` returns a fresh binary stream (called again on retry);
+        one with ``readinto`` is read into a reused 4 MiB buffer, so the bytes
+        are not copied on the way in. An exception the stream raises leaves
+        this call as it is (a ``RegistryError`` subclass with ``retryable``
+        set is retried here with a fresh stream): this is also the path for a
+        blob streamed from another server's response. If ``digest`` is known
+        and the registry has the blob, nothing is sent (one HEAD, skipped with
+        ``check_present=False`` when the caller has just asked). The registry
+        commits the blob only after exactly ``size`` bytes arrived, hashed to
+        ``digest`` (when given) and ``before_commit`` (a format check of what
+        went by) returned; otherwise the upload session is cancelled and
+        nothing is visible.
         """
-        if digest is not None and self.blob_exists(repository, digest):
+        if digest is not None and check_present and self.blob_exists(repository, digest):
             progress(size)
             return digest
 
@@ -380,33 +417,52 @@ class RegistryClient:
             location = self._location(resp)
             hasher = hashlib.sha256()
 
-            def body() -> Iterator[bytes]:
+            def body() -> Iterator[bytes | memoryview]:
                 nonlocal sent
                 with open_stream() as f:
+                    readinto: Callable[[memoryview], int | None] | None = \
+                        getattr(f, "readinto", None)
+                    view = memoryview(bytearray(READ))
                     while True:
-                        chunk = f.read(READ)
+                        # at most ``size`` bytes go out, then one more read must find the end
+                        want = min(READ, size - sent) or 1
+                        if readinto is not None:
+                            # urllib3 sends each chunk before it asks for the next:
+                            # the buffer is free again when the generator resumes
+                            chunk: bytes | memoryview = view[:readinto(view[:want]) or 0]
+                        else:
+                            chunk = f.read(want)
                         if not chunk:
                             break
+                        if sent == size:
+                            raise IntegrityError(f"source gave more than {size} bytes",
+                                                 reason="SizeMismatch")
                         hasher.update(chunk)
                         sent += len(chunk)
                         progress(len(chunk))
                         yield chunk
+                if sent != size:  # stop the request: the registry waits for Content-Length
+                    raise IntegrityError(f"source gave {sent} bytes, expected {size}",
+                                         reason="SizeMismatch")
 
             try:
-                resp = self.request("PATCH", location, data=body(), ok=(202,),
-                                    headers={"Content-Type": "application/octet-stream"},
-                                    what=f"{repository} upload")
-            except RegistryError:
-                progress(-sent)
+                try:
+                    resp = self.request("PATCH", location, data=_Sized(body(), size),
+                                        ok=(202,),
+                                        headers={"Content-Type": "application/octet-stream"},
+                                        what=f"{repository} upload")
+                except BaseException:
+                    progress(-sent)
+                    raise
+                location = self._location(resp)  # the session's state moved with the PATCH
+                got = "sha256:" + hasher.hexdigest()
+                if digest is not None and got != digest:
+                    raise IntegrityError(f"source hashes to {got}, expected {digest}")
+                if before_commit is not None:
+                    before_commit()
+            except BaseException:
+                self._cancel_upload(location)
                 raise
-            if sent != size:
-                progress(-sent)
-                raise IntegrityError(f"source gave {sent} bytes, expected {size}",
-                                     reason="SizeMismatch")
-            got = "sha256:" + hasher.hexdigest()
-            if digest is not None and got != digest:
-                raise IntegrityError(f"source hashes to {got}, expected {digest}")
-            location = self._location(resp)
             sep = "&" if "?" in location else "?"
             self.request("PUT", f"{location}{sep}digest={urllib.parse.quote(got)}",
                          ok=(201,), what=f"{repository} commit {got}")
@@ -414,6 +470,18 @@ class RegistryClient:
 
         result: str = self._with_retries(f"upload to {repository}", once)
         return result
+
+    def _cancel_upload(self, location: str) -> None:
+        """Best effort: drop an upload session that must never be committed.
+
+        Not needed for safety (an uncommitted upload is no blob, and the
+        registry purges stale ones), only to free its space now.
+        """
+        try:
+            self.request("DELETE", location, ok=(204, 202, 200, 404),
+                         what="cancel upload")
+        except Exception as e:  # the refusal that brought us here is the error to report
+            log.debug("upload not cancelled", extra={"error": str(e)[:200]})
 
     def upload_bytes(self, repository: str, data: bytes) -> str:
         digest = dg.of_bytes(data)
@@ -442,8 +510,9 @@ class RegistryClient:
         return loc
 
     def upload_file(self, repository: str, path: str, size: int, digest: str,
-                    progress: Progress = _noop) -> None:
-        """Ensure the registry has blob ``digest``, the already-hashed file at ``path``.
+                    progress: Progress = _noop, offset: int = 0) -> None:
+        """Ensure the registry has blob ``digest``, the already-hashed file at ``path``
+        (or its ``size`` bytes from ``offset``: a blob inside an archive).
 
         Skipped when present (one HEAD). Otherwise one POST/PATCH/PUT; on a
         plain-HTTP registry the PATCH body goes with sendfile (no copy
@@ -460,8 +529,9 @@ class RegistryClient:
             def body() -> Iterator[bytes]:
                 nonlocal sent
                 with open(path, "rb", buffering=0) as f:
-                    while True:
-                        chunk = f.read(READ)
+                    f.seek(offset)
+                    while sent < size:
+                        chunk = f.read(min(READ, size - sent))
                         if not chunk:
                             return
                         sent += len(chunk)
@@ -474,7 +544,7 @@ class RegistryClient:
                 location = self._location(resp)
                 # the credentials that opened the session (requests records what it sent)
                 auth = resp.request.headers.get("Authorization")
-                moved = self._patch_sendfile(location, path, size, auth, progress) \
+                moved = self._patch_sendfile(location, path, size, auth, progress, offset) \
                     if location.startswith("http://") else None
                 if moved is not None:
                     sent = size
@@ -503,7 +573,7 @@ class RegistryClient:
 
     @staticmethod
     def _patch_sendfile(location: str, path: str, size: int, auth: str | bytes | None,
-                        progress: Progress) -> str | None:
+                        progress: Progress, offset: int = 0) -> str | None:
         """PATCH the whole file with sendfile; the new Location, or None to use the slow path.
 
         Anything but a clean 202 (a 401 for an expired token, a redirect, an
@@ -524,7 +594,7 @@ class RegistryClient:
             assert conn.sock is not None
             with open(path, "rb") as f:
                 while sent < size:
-                    n = conn.sock.sendfile(f, sent, min(size - sent, 64 << 20))
+                    n = conn.sock.sendfile(f, offset + sent, min(size - sent, 64 << 20))
                     if not n:
                         break
                     sent += n

@@ -15,8 +15,8 @@ with ``source.catalog`` reaches Ready in B with A's digest frozen in
 ``status.catalog``, byte-identical (same manifest bytes, same files); the
 reader binding deleted mid-import makes it wait, restored it completes
 without fetching any blob twice; a tampered blob is refused and nothing is
-tagged in B. ``MODELCACHE_CATALOG_BENCH=1`` adds the throughput figure
-(a ~256 MiB import vs ``skopeo copy``).
+tagged in B. The throughput figure against ``skopeo copy`` is
+bench/catalog/run.py's.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import base64
 import collections
 import json
 import os
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -348,39 +346,3 @@ def test_tampered_blob_is_refused(cluster_b: k.Kube, source_b: str,
     b_client = RegistryClient(registry_b.host, insecure=True)
     assert b_client.list_tags(f"cluster/{m['name']}") == []
     assert not b_client.blob_exists(f"cluster/{m['name']}", layer["digest"])
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MODELCACHE_CATALOG_BENCH"),
-                    reason="figure for the report: MODELCACHE_CATALOG_BENCH=1")
-def test_import_throughput_vs_skopeo(cluster: k.Kube, registry: localregistry.LocalRegistry,
-                                     registry_b: localregistry.LocalRegistry, catalog: CatalogA,
-                                     importer: dict[str, str], tmp_path: Any) -> None:
-    from controller.sources import catalog as source
-
-    name = f"bench-{uuid.uuid4().hex[:5]}"
-    root = os.path.join(str(tmp_path), "model")
-    modelgen.make_big_model(root, files=4, total=256 << 20, seed=31)
-    digest = publish_ready(cluster, registry, name, root)["artifact"]["digest"]
-    catalog.wait_served(name)
-    size = sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root))
-    b_client = RegistryClient(registry_b.host, insecure=True)
-    t0 = time.perf_counter()
-    res = source.import_model(source.build_uri(catalog.url, name, digest), b_client,
-                              Reference(registry_b.host, "bench/catalog", tag="v1"),
-                              token=importer["token"], ca_pem=catalog.server.cert_pem,
-                              work_dir=str(tmp_path / "work"))
-    t_import = time.perf_counter() - t0
-    assert res.digest == digest
-    skopeo = shutil.which("skopeo")
-    assert skopeo
-    t0 = time.perf_counter()
-    subprocess.run([skopeo, "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
-                    f"docker://{registry.host}/cluster/{name}@{digest}",
-                    f"docker://{registry_b.host}/bench/skopeo:v1"], check=True,
-                   capture_output=True, timeout=600)
-    t_skopeo = time.perf_counter() - t0
-    mib = size / (1 << 20)
-    print(f"\ncatalog import {mib:.0f} MiB: {t_import:.2f} s = {mib / t_import:.0f} MiB/s "
-          f"(TLS + auth + proxy + verify); skopeo copy registry->registry: {t_skopeo:.2f} s = "
-          f"{mib / t_skopeo:.0f} MiB/s")
