@@ -29,6 +29,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from controller.httpreply import reply
+
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".onnx", ".h5", ".msgpack")
 
 
@@ -177,15 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, obj: object, code: int = 200, headers: dict[str, str] | None = None
                    ) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        reply(self, code, json.dumps(obj).encode(), headers=headers)
 
     def _error(self, code: int, error_code: str | None, message: str) -> None:
         headers = {"X-Error-Message": message}

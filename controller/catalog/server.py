@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 from controller.catalog import tls
 from controller.catalog.auth import Authorizer, Denied
 from controller.catalog.ratelimit import RateLimiter
+from controller.httpreply import reply
 from controller.manager import jobs
 from modelpack.errors import ModelPackError, NotFoundError
 from modelpack.oci import mediatypes as mt
@@ -167,15 +168,8 @@ class Handler(BaseHTTPRequestHandler):
     # -- replies ---------------------------------------------------------------
 
     def _json(self, code: int, doc: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        reply(self, code, json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(),
+              headers=headers)
 
     def _error(self, code: int, oci_code: str, message: str,
                headers: dict[str, str] | None = None) -> None:

@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import ssl
 import tempfile
 import threading
@@ -35,6 +34,7 @@ from urllib.parse import urlsplit
 
 from controller.delivery import certs, gates, inject
 from controller.delivery import contract as c
+from controller.httpreply import reply
 from controller.manager import kube
 from controller.manager.events import Recorder
 from controller.manager.informer import Informer
@@ -153,21 +153,15 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 15  # a client that stalls mid-request frees its thread
 
-    def setup(self) -> None:
-        super().setup()
-        # headers and body go out as two writes: with Nagle on, the second waits for the
-        # API server's delayed ACK (~40 ms per admission)
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # headers and body go out as two writes: with Nagle on, the second waits for the
+    # API server's delayed ACK (~40 ms per admission)
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt: str, *args: Any) -> None:
         pass
 
     def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply(self, code, body, ctype)
 
     def do_GET(self) -> None:
         if self.path == "/healthz":

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from controller.httpreply import reply
 from controller.manager import conditions, jobs, kube
 from controller.manager.informer import Informer
 from controller.manager.metrics import Metrics
@@ -105,11 +106,7 @@ def create_server(address: tuple[str, int], *, metrics: Metrics, healthy: Callab
             pass
 
         def _send(self, code: int, body: bytes = b"", ctype: str = "text/plain") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            reply(self, code, body, ctype)
 
         def do_GET(self) -> None:
             if self.path == "/healthz":

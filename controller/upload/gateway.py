@@ -42,6 +42,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from controller.httpreply import reply
 from controller.publish import Options, PublishError, publish
 from controller.sources import base
 from controller.upload.sessions import ARCHIVE, Session, SessionError, SessionStore
@@ -282,15 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("upload gateway request", extra={"line": format % args})
 
     def _json(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        reply(self, code, json.dumps(obj).encode(), headers=headers)
 
     def _token(self) -> str | None:
         auth = self.headers.get("Authorization", "")
