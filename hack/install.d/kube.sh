@@ -32,11 +32,8 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 
 runs() { "$1" --version >/dev/null 2>&1; }
-# go's "downloading ..." chatter goes to a log, shown only when a step fails
-quiet() {
-  local log=$1; shift
-  "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "install: failed: $* (log: $log)" >&2; return 1; }
-}
+# shellcheck source=../kube/lib.sh
+. "$here/kube/lib.sh"   # quiet, kube_ldflags
 
 # --- kube-apiserver and kubectl -------------------------------------------
 kube_dir="$tools/kube-$KUBE_VERSION"
@@ -75,14 +72,7 @@ if ! { runs "$kube_dir/kube-apiserver" && "$kube_dir/kubectl" version --client >
     || { echo "install: found no staging replace lines in $gomod" >&2; exit 1; }
   mv "$src/go.mod.new" "$src/go.mod"
   quiet "$log" go -C "$src" mod tidy
-  # what kubernetes' hack/lib/version.sh stamps, so --version and kubectl's
-  # version-skew check see the real version instead of v0.0.0-master
-  minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
-  ldflags="-s -w"
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
+  ldflags=$(kube_ldflags)
   for cmd in kube-apiserver kubectl; do
     quiet "$log" nice -n 19 go -C "$src" build -trimpath -ldflags "$ldflags" \
       -o "$kube_dir/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"

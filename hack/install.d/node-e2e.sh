@@ -68,10 +68,8 @@ if ! command -v go >/dev/null 2>&1; then
   fi
 fi
 
-quiet() {
-  local log=$1; shift
-  "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "install: failed: $* (log: $log)" >&2; return 1; }
-}
+# shellcheck source=../kube/lib.sh
+. "$here/kube/lib.sh"   # quiet, kube_ldflags
 
 # --- kubelet, kube-scheduler, kube-controller-manager -------------------------
 kube_dir="$tools/kube-$KUBE_VERSION"
@@ -95,14 +93,7 @@ if ! all_run; then
     quiet "$log" go -C "$src" mod edit -tool="k8s.io/kubernetes/cmd/$c"
   done
   quiet "$log" go -C "$src" mod tidy
-  # the same version stamp kube.sh sets (kubelet reports it as the node's
-  # kubeletVersion, and the apiserver's skew checks read it)
-  minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
-  ldflags="-s -w"
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
+  ldflags=$(kube_ldflags)   # the same stamp as kube.sh's (kubelet reports it)
   for c in "${cmds[@]}"; do
     "$kube_dir/$c" --version >/dev/null 2>&1 && continue
     t=$SECONDS
