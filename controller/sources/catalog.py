@@ -153,22 +153,19 @@ class CatalogClient(RegistryClient):
         super().__init__(parts.netloc, insecure=parts.scheme == "http", token=token or "",
                          ca_bundle=ca_file(ca_pem), timeout=timeout, retries=retries)
         self.base = base_url.rstrip("/")
-        self._catalog_token = token or ""
-        # per request: a session's verify loses to $REQUESTS_CA_BUNDLE (requests' merge order)
-        self._verify: str | bool = self.session.verify if isinstance(self.session.verify, str) \
-            else True
 
     def request(self, method: str, path_or_url: str, *, headers: dict[str, str] | None = None,
                 data: Any = None, stream: bool = False, ok: tuple[int, ...] = (200,),
                 what: str = "") -> requests.Response:
         url = self.base + path_or_url
         h = dict(headers or {})
-        if self._catalog_token:
-            h["Authorization"] = f"Bearer {self._catalog_token}"
+        token = self._bearer()  # the fixed token given: no token dance against a catalog
+        if token:
+            h["Authorization"] = f"Bearer {token}"
         what = what or path_or_url
         try:
             resp = self.session.request(method, url, data=data, headers=h, stream=stream,
-                                        allow_redirects=False, verify=self._verify)
+                                        allow_redirects=False)
         except requests.exceptions.SSLError as e:
             raise CatalogUnavailable(f"{method} {what}: TLS: {e}", retryable=True,
                                      reason="CatalogTLSError") from e
