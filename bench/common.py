@@ -15,7 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from cli import localregistry
+from cli.local import registry as localregistry
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import PackResult, pack_to_registry

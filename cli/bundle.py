@@ -6,7 +6,7 @@ artifact from the cluster registry (DMCR); import verifies a bundle, pushes
 it to the other cluster's DMCR at the repository the controller uses for
 that model (``jobs.repository``) and applies the CR with the annotation
 ``modelcache.io/imported-digest``, which makes the controller adopt the
-pushed artifact (controller/manager/adopt.py) instead of publishing from a
+pushed artifact (controller/models/adopt.py) instead of publishing from a
 source the air-gapped cluster cannot reach.
 
 A bundle is an OCI image layout in a tar (``skopeo`` and ``oras`` read it as
@@ -65,7 +65,9 @@ import requests
 import urllib3
 import yaml
 
-from controller.manager import adopt, jobs, kube
+from controller.models import adopt
+from controller.models import publishjob as jobs
+from kube import client as kube
 from modelpack import digest as dg
 from modelpack.errors import IntegrityError, ModelPackError, RegistryError
 from modelpack.oci import layout as oci_layout

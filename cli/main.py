@@ -89,8 +89,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def _pack_remote(args: argparse.Namespace) -> int:
     """A remote source (hf://, ollama://, http(s)://, s3://): staged, verified, published."""
-    from controller.publish import Options, PublishError, delta_sink, publish_uri
-    from controller.sources import SourceError
+    from ingest.publish import Options, PublishError, delta_sink, publish_uri
+    from ingest.sources import SourceError
 
     if "://" not in args.source:
         print(f"modelcache: InvalidSource: {args.source} is neither a directory nor a URI",
@@ -121,7 +121,7 @@ def _pack_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from controller.upload_client import UploadError, upload
+    from jobs.upload_client import UploadError, upload
 
     token = os.environ.get("MODELCACHE_UPLOAD_TOKEN")
     if args.token_file:

@@ -9,11 +9,11 @@
 * ``upload-gateway``: the upload gateway HTTP server.
 * ``materialize``: the SharedPVC materializer (a Job in the workload's
   namespace): a ModelPack → a verified read-only tree on the mounted PVC
-  (``controller.delivery.materialize``); exit codes as ``publish``.
+  (``jobs.materialize``); exit codes as ``publish``.
 * ``pvc-upload``: the ``source.pvc`` reader (a Job in the Model's
   namespace): a mounted claim's files → an upload session of the upload
-  gateway (``controller.pvc_reader``); exit codes as ``publish``.
-* ``manager``: the controller manager (``controller.manager``): Model and
+  gateway (``jobs.pvc_reader``); exit codes as ``publish``.
+* ``manager``: the controller manager (``controller.models``): Model and
   ClusterModel reconcilers, publish Jobs, leader election, metrics, health.
 
 Credentials come from the environment (``HF_TOKEN``, ``HF_ENDPOINT``,
@@ -78,8 +78,8 @@ def _publish_parser(sub: Any) -> None:
 def _catalog_import(args: argparse.Namespace, client: Any, ref: Any, sink: Any) -> Any:
     """``catalog+…`` sources are copied byte for byte (same digest), not re-packed;
     token from $MODELCACHE_CATALOG_TOKEN or --token-file, CA from $MODELCACHE_CATALOG_CA."""
-    from controller.publish import default_work_dir
-    from controller.sources import catalog
+    from ingest.publish import default_work_dir
+    from ingest.sources import catalog
 
     return catalog.import_model(
         args.source, client, ref,
@@ -90,7 +90,7 @@ def _catalog_import(args: argparse.Namespace, client: Any, ref: Any, sink: Any) 
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from controller.publish import Options, PublishError, json_lines, publish_uri
+    from ingest.publish import Options, PublishError, json_lines, publish_uri
     from modelpack.oci import reference
     from modelpack.oci.registry import RegistryClient
 
@@ -102,7 +102,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     }
     if args.insecure_source:
         creds["insecure"] = True
-    from controller.manager import report_client
+    from jobs import report_client
 
     progress_out = sys.stderr if args.progress_file == "-" else open(
         args.progress_file, "a")
@@ -134,7 +134,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
                             "retryable": e.retryable}}
         code = EX_TEMPFAIL if e.retryable else 1
     except Exception as e:  # a bad URI or reference, before any transfer
-        from controller.publish.worker import as_publish_error
+        from ingest.publish.worker import as_publish_error
 
         err = as_publish_error(e)
         result = {"error": {"reason": err.reason, "message": str(err)[:1000],
@@ -186,8 +186,8 @@ def _registry_login(username_file: str | None, password_file: str | None
 
 
 def cmd_upload_gateway(args: argparse.Namespace) -> int:
-    from controller.manager import logs
     from controller.upload.gateway import Gateway, create_server, size_arg
+    from kube import logs
     from modelpack.oci.registry import RegistryClient
 
     if bool(args.registry_username_file) != bool(args.registry_password_file):
@@ -351,7 +351,9 @@ def _manager_parser(sub: Any) -> None:
 def cmd_manager(args: argparse.Namespace) -> int:
     import secrets
 
-    from controller.manager import app, jobs, logs
+    from controller import app
+    from controller.models import publishjob as jobs
+    from kube import logs
 
     logs.setup(args.log_level)
     key = (_read_secret(args.report_key_file) or os.environ.get("MODELCACHE_REPORT_KEY")
@@ -431,7 +433,7 @@ def _shared_pvc_config(args: argparse.Namespace) -> Any:
 
 
 def _upload_config(args: argparse.Namespace) -> Any:
-    from controller.manager import uploads
+    from controller.upload import reconcile as uploads
 
     if not args.upload_gateway_url:
         return None
@@ -459,7 +461,7 @@ def _materialize_parser(sub: Any) -> None:
 def cmd_materialize(args: argparse.Namespace) -> int:
     """Exit 0 (the tree is in place), 75 (retryable) or 1 (terminal), like ``publish``;
     registry credentials from MODELCACHE_REGISTRY_USERNAME/_PASSWORD."""
-    from controller.delivery import materialize
+    from jobs import materialize
 
     return materialize.main(args)
 
@@ -474,8 +476,8 @@ def _pvc_upload_parser(sub: Any) -> None:
 
 
 def cmd_pvc_upload(args: argparse.Namespace) -> int:
-    """Exit codes as ``publish`` (controller/pvc_reader.py)."""
-    from controller import pvc_reader
+    """Exit codes as ``publish`` (jobs/pvc_reader.py)."""
+    from jobs import pvc_reader
 
     return pvc_reader.main(args)
 

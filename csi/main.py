@@ -27,10 +27,10 @@ import time
 from csi import logs, metrics
 from csi.cache import Cache
 from csi.identity import DRIVER_NAME
-from csi.kube_resolver import KubeResolver, api_client
 from csi.nodelabels import NodeLabeler
 from csi.prefetch import Prefetcher
-from csi.resolver import FileResolver, NoResolver, Resolver
+from csi.resolvers.file import FileResolver, NoResolver, Resolver
+from csi.resolvers.kube import KubeResolver, api_client
 from csi.server import create_server, socket_path
 from modelpack.oci.registry import RegistryClient
 

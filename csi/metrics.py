@@ -36,7 +36,7 @@ EVICTIONS = prom.Counter("modelcache_node_evictions", "Model trees evicted from 
 EVICTED_BYTES = prom.Counter("modelcache_node_evicted_bytes", "Blob bytes freed by eviction")
 SCRUB_CORRUPT = prom.Counter("modelcache_node_scrub_corrupt_blobs",
                              "Blobs dropped by scrub because their content did not match")
-# the Kubernetes side (csi/kube_resolver.py, csi/nodelabels.py, csi/prefetch.py)
+# the Kubernetes side (csi/resolvers/kube.py, csi/nodelabels.py, csi/prefetch.py)
 KUBE_WATCH_CONNECTED = prom.Gauge("modelcache_node_kube_watch_connected",
                                   "1 while the watch of this resource is connected",
                                   ["resource"])

@@ -34,7 +34,7 @@ import grpc
 from csi import errors, logs, metrics, mounts, volumes
 from csi.cache import Cache, Tree
 from csi.errors import CsiError
-from csi.resolver import Resolved, Resolver, Volume
+from csi.resolvers.file import Resolved, Resolver, Volume
 from csi.stubs import pb, rpc
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 For every complete tree in the cache the Node carries
 ``nodecache.modelcache.io/sha256-<first 40 hex of the manifest digest>: "true"``
-(the format of ``controller/delivery/contract.py``, repeated here because
+(the format of ``api/names.py``, repeated here because
 ``csi`` never imports ``controller``; a unit test keeps them equal), so a
 workload's preferred node affinity can lean toward nodes that need no pull.
 
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from csi import metrics
-from csi.kube_resolver import Debounced, api_error
+from csi.resolvers.kube import Debounced, api_error
 
 log = logging.getLogger(__name__)
 

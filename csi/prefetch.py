@@ -33,7 +33,7 @@ from typing import Any, Self
 
 from csi import metrics
 from csi.cache import Cache
-from csi.kube_resolver import Debounced, Informer, KubeResolver, ModelEntry
+from csi.resolvers.kube import Debounced, Informer, KubeResolver, ModelEntry
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash hack/install.sh
 echo "lint: ruff, mypy (strict on modelpack/, every package), import-linter"
 ruff check .
-mypy modelpack controller csi cli
+mypy modelpack api kube ingest jobs controller csi cli
 lint-imports --no-cache >/dev/null
 python3 -m pytest -q -p no:cacheprovider "$@"
 # the full-node end-to-end (a real kubelet, containerd, the whole system on one

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cli import localregistry
+from cli.local import registry as localregistry
 from modelpack.oci.registry import RegistryClient
 from tests import modelgen
 

@@ -29,7 +29,7 @@ import tempfile
 from typing import Any
 
 from controller.embedded import jobrunner
-from controller.manager import kube
+from kube import client as kube
 
 
 class FakeKubelet(jobrunner.JobRunner):

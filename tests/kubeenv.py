@@ -1,6 +1,6 @@
 """A real Kubernetes API server for tests: etcd + kube-apiserver on loopback.
 
-The control plane itself lives in ``cli/localcluster.py`` (the embedded demo
+The control plane itself lives in ``cli/local/cluster.py`` (the embedded demo
 runs on it too); this module keeps the names the tests use and adds the
 session fixture. Only the API server runs: no controller-manager, scheduler
 or kubelet; tests that need one of those behaviours play that part
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cli import localcluster
-from cli.localcluster import (  # noqa: F401  (re-exported for the tests)
+from cli.local import cluster as localcluster
+from cli.local.cluster import (  # noqa: F401  (re-exported for the tests)
     REPO_ROOT,
     SERVICE_ACCOUNT_ISSUER,
     START_TIMEOUT,

@@ -1,8 +1,8 @@
 """bench/bundle: air-gap export and import of a generated ModelPack, against skopeo.
 
 Two clusters on this machine, each a real etcd + kube-apiserver
-(``cli/localcluster.py``, as tests/kubeenv.py runs it; the project's CRDs
-applied from ``crds/``) and a real docker-registry (``cli/localregistry.py``).
+(``cli/local/cluster.py``, as tests/kubeenv.py runs it; the project's CRDs
+applied from ``crds/``) and a real docker-registry (``cli/local/registry.py``).
 In cluster A the model is pushed with ``pack_to_registry`` and its
 ClusterModel's status is written Ready, as A's manager would after a
 publish (no manager runs: stated shortcut). Per run, every contender as its
@@ -37,8 +37,9 @@ import time
 from collections.abc import Callable
 
 from bench import common
-from cli import localcluster, localregistry
-from controller.manager import kube as k
+from cli.local import cluster as localcluster
+from cli.local import registry as localregistry
+from kube import client as k
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_registry

@@ -1,6 +1,6 @@
 """bench/catalog: a catalog import from cluster A into B's registry, against skopeo.
 
-Cluster A: a real etcd + kube-apiserver (cli/localcluster.py, CRDs from
+Cluster A: a real etcd + kube-apiserver (cli/local/cluster.py, CRDs from
 crds/, the controller RBAC of daemonset/controller-rbac.yaml) and a real
 docker-registry; a generated ~256 MiB, 4-shard model is published into it
 with the publish worker and its ClusterModel written Ready, as A's manager
@@ -15,7 +15,7 @@ of A bound to ``modelcache:catalog:reader``.
 Per run, each from an empty registry B, order rotated, each its own process:
 
 - ours: ``modelcache-controller publish --source catalog+https://A#MODEL@DIGEST``,
-  the publish Job's entry (``controller/sources/catalog.py``: every blob
+  the publish Job's entry (``ingest/sources/catalog.py``: every blob
   streamed from the catalog into B's upload, hashed in the same pass, the
   upload committed only when the digest and the safetensors header check
   pass; manifest last);
@@ -52,9 +52,10 @@ import requests
 from bench import common
 from bench.bundle.run import curl_put_blobs, dd_rate
 from bench.publish.run import pct
-from cli import localcluster, localregistry
-from controller.manager import kube as k
-from controller.sources.catalog import LIST_PATH, build_uri
+from cli.local import cluster as localcluster
+from cli.local import registry as localregistry
+from ingest.sources.catalog import LIST_PATH, build_uri
+from kube import client as k
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pull import resolve

@@ -23,8 +23,8 @@ import sys
 import threading
 
 from controller.catalog import server as catalog_server
-from controller.manager import kube as k
-from controller.manager.informer import Informer
+from kube import client as k
+from kube.informer import Informer
 from modelpack.oci.registry import RegistryClient
 
 

@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.request
 
-from controller.manager import kube as k
+from kube import client as k
 from tests import kubeenv
 from tests.integration.test_controller import SYSTEM_NS, ensure_namespace, install_crds
 

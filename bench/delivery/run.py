@@ -1,6 +1,6 @@
 """bench/delivery: what workload delivery adds to the paths a pod goes through.
 
-(a) Admission. A real etcd + kube-apiserver (cli/localcluster.py, CRDs from
+(a) Admission. A real etcd + kube-apiserver (cli/local/cluster.py, CRDs from
 crds/), the modelcache webhook in its own process (``bench.delivery.hook``:
 the manager's informers and ``webhook.Delivery``, TLS, a
 MutatingWebhookConfiguration by URL). 200 Pod creates per case, each timed
@@ -43,12 +43,13 @@ import time
 import uuid
 from typing import Any
 
+from api import names as c
 from bench import common
 from bench.publish.run import pct
-from cli import localcluster, localregistry
-from controller.delivery import certs
-from controller.delivery import contract as c
-from controller.manager import kube as k
+from cli.local import cluster as localcluster
+from cli.local import registry as localregistry
+from kube import certs
+from kube import client as k
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_registry

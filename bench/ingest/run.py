@@ -1,6 +1,6 @@
 """Ingest benchmark: a Hugging Face-compatible server → the registry.
 
-Ours: ``controller.publish`` (stream each file once into a staging store
+Ours: ``ingest.publish`` (stream each file once into a staging store
 while hashing, verify, push blobs as they finish). Theirs:
 ``huggingface_hub.snapshot_download`` followed by an oras-py push of the
 snapshot. Same generated model (8 safetensors shards, 2 GiB by default),
@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from bench import common
-from cli import localregistry
+from cli.local import registry as localregistry
 from tests.servers.hfhub import HubServer
 
 REPO = "bench/big-model"
@@ -32,7 +32,7 @@ HEADING = "## ingest"
 
 
 def child_ours(endpoint: str, registry: str, work: str) -> None:
-    from controller.publish import publish_uri
+    from ingest.publish import publish_uri
 
     res = publish_uri(f"hf://{REPO}", push=f"{registry}/bench/ours:v1", endpoint=endpoint,
                       insecure_registry=True, work_dir=work)
@@ -143,7 +143,7 @@ peak RSS (`ru_maxrss` via `wait4`), median of {args.runs} alternating runs; {os.
 | contender | wall time | peak RSS |
 |---|---|---|
 | theirs: `huggingface_hub.snapshot_download` + oras-py `push` | {t_theirs:.2f} s | {rss_theirs / 2**20:.0f} MiB |
-| ours: `controller.publish` (stage+hash once, verify, push) | {t_ours:.2f} s | {rss_ours / 2**20:.0f} MiB |
+| ours: `ingest.publish` (stage+hash once, verify, push) | {t_ours:.2f} s | {rss_ours / 2**20:.0f} MiB |
 
 ours / theirs wall time: **{ratio:.2f}×** (goal ≤ 0.6×); our peak RSS
 {rss_ours / 2**20:.0f} MiB (goal ≤ 300 MiB). Ours also verifies what theirs does not:

@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from bench.common import model_dir
-from cli import localregistry
+from cli.local import registry as localregistry
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_registry

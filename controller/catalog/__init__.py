@@ -3,6 +3,6 @@
 ``server`` (HTTP handlers and the read-only OCI proxy to the DMCR), ``auth``
 (TokenReview + SubjectAccessReview, decisions cached briefly), ``ratelimit``
 (a token bucket per client) and ``tls`` (the serving certificate). The
-importing side lives in ``controller.sources.catalog`` and
-``controller.manager.catalogsources``.
+importing side lives in ``ingest.sources.catalog`` and
+``controller.catalog.sources``.
 """

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.manager import kube
+from kube import client as kube
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from urllib.parse import unquote, urlsplit
 from controller.catalog import tls
 from controller.catalog.auth import Authorizer, Denied
 from controller.catalog.ratelimit import RateLimiter
-from controller.httpreply import reply
-from controller.manager import jobs
+from controller.models import publishjob as jobs
+from kube.httpreply import reply
 from modelpack.errors import ModelPackError, NotFoundError
 from modelpack.oci import mediatypes as mt
 from modelpack.oci.manifest import parse_manifest

@@ -168,7 +168,7 @@ class UserSecret:
         self.client, self.namespace, self.name = client, namespace, name
 
     def load(self) -> Material:
-        from controller.manager import kube
+        from kube import client as kube
 
         what = f"catalog TLS Secret {self.namespace}/{self.name}"
         try:
@@ -191,7 +191,7 @@ class SharedSecret:
     def __init__(self, client: Any, namespace: str, name: str, hosts: list[str], *,
                  ca_lifetime: datetime.timedelta = CA_LIFETIME,
                  cert_lifetime: datetime.timedelta = CERT_LIFETIME) -> None:
-        from controller.delivery import certs
+        from kube import certs
 
         self.keeper = certs.CertKeeper(client, namespace, name, hosts,
                                        ca_lifetime=ca_lifetime, cert_lifetime=cert_lifetime,

@@ -31,12 +31,12 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from controller.delivery import contract as c
-from controller.delivery import inject
-from controller.manager import kube
-from controller.manager.events import Recorder
-from controller.manager.informer import Informer
-from controller.manager.workqueue import WorkerPool, WorkQueue
+from api import inject
+from api import names as c
+from kube import client as kube
+from kube.events import Recorder
+from kube.informer import Informer
+from kube.workqueue import WorkerPool, WorkQueue
 
 log = logging.getLogger(__name__)
 

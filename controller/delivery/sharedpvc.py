@@ -50,13 +50,14 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from controller.delivery import contract
-from controller.manager import jobs, kube
-from controller.manager.events import Recorder
-from controller.manager.informer import Informer
-from controller.manager.metrics import Metrics
-from controller.manager.reconciler import job_transform
-from controller.manager.workqueue import WorkerPool, WorkQueue
+from api import names as contract
+from controller.metrics import Metrics
+from controller.models import publishjob as jobs
+from controller.models.reconciler import job_transform
+from kube import client as kube
+from kube.events import Recorder
+from kube.informer import Informer
+from kube.workqueue import WorkerPool, WorkQueue
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from controller.delivery import certs, gates, inject
-from controller.delivery import contract as c
-from controller.httpreply import reply
-from controller.manager import kube
-from controller.manager.events import Recorder
-from controller.manager.informer import Informer
+from api import inject
+from api import names as c
+from controller.delivery import gates
+from kube import certs
+from kube import client as kube
+from kube.events import Recorder
+from kube.httpreply import reply
+from kube.informer import Informer
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,8 @@ import tempfile
 import threading
 from typing import Any
 
-from controller.manager import jobs, kube
+from controller.models import publishjob as jobs
+from kube import client as kube
 
 log = logging.getLogger(__name__)
 # what `python -m controller.main` needs on sys.path when this is a checkout

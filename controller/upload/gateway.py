@@ -42,10 +42,10 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from controller.httpreply import reply
-from controller.publish import Options, PublishError, publish
-from controller.sources import base
 from controller.upload.sessions import ARCHIVE, Session, SessionError, SessionStore
+from ingest.publish import Options, PublishError, publish
+from ingest.sources import base
+from kube.httpreply import reply
 from modelpack.errors import IntegrityError, ModelPackError, UnsafePathError
 from modelpack.oci import reference as oci_reference
 from modelpack.oci.registry import RegistryClient

@@ -4,7 +4,7 @@ modelcache system on it, for tests/e2e.
 Sits under ``test_node_e2e.py``: everything between "a Model and an
 annotated Deployment are created" and "a container reads the model" is real
 code, Kubernetes' and ours:
-- etcd + kube-apiserver from ``tests/kubeenv.py`` (``cli/localcluster.py``);
+- etcd + kube-apiserver from ``tests/kubeenv.py`` (``cli/local/cluster.py``);
 - kube-controller-manager (Deployment -> ReplicaSet -> Pod, the ``default``
   ServiceAccount, node lifecycle), kube-scheduler;
 - containerd + runc from Debian, with their own config, root, state and
@@ -77,7 +77,7 @@ from typing import Any
 
 import yaml
 
-from cli.localcluster import stop_process, tail
+from cli.local.cluster import stop_process, tail
 from tests import kubeenv
 from tests.integration.test_crds import install_crds
 
@@ -604,7 +604,7 @@ def running(*, sandbox_image: str, registries: Sequence[str], model_registry: st
 
 def _main() -> None:
     """Bring the node up by hand for debugging: python -m tests.e2e.nodeenv."""
-    from cli import localregistry
+    from cli.local import registry as localregistry
     from modelpack.oci.registry import RegistryClient
     from tests.e2e import images
 

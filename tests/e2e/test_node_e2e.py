@@ -10,7 +10,7 @@ Needs root and ``MODELCACHE_NODE_E2E=1 hack/install.d/node-e2e.sh``; run with
 How the Model gets Ready: the way ``modelcache import`` does it. The
 ModelPack is pushed to the repository the controller uses for the Model
 (``pack_to_registry``), and the Model carries ``modelcache.io/imported-digest``;
-the manager adopts it (controller/manager/adopt.py: reads and checks the
+the manager adopts it (controller/models/adopt.py: reads and checks the
 manifest in the registry, writes Ready with the artifact and the resolved
 metadata) and makes no publish Job. A real publish Job is not run here: its
 pod would need the controller image (Python and the package, ~1.2 GB here,
@@ -36,8 +36,8 @@ from typing import Any
 
 import pytest
 
-from controller.delivery import contract as c
-from controller.manager import adopt
+from api import names as c
+from controller.models import adopt
 from modelpack.oci import reference
 from modelpack.oci.manifest import ModelPack
 from modelpack.pack import pack_to_registry

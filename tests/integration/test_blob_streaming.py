@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from cli import localregistry
-from controller.sources import catalog
+from cli.local import registry as localregistry
+from ingest.sources import catalog
 from modelpack import digest as dg
 from modelpack.errors import FormatError, IntegrityError
 from modelpack.oci.manifest import Layer

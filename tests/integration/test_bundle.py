@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 
-from cli import bundle, localregistry
+from cli import bundle
+from cli.local import registry as localregistry
 from cli.main import main as cli_main
-from controller.manager import adopt
-from controller.manager import kube as k
+from controller.models import adopt
+from kube import client as k
 from modelpack.errors import IntegrityError
 from modelpack.oci.manifest import canonical
 from modelpack.oci.reference import parse

@@ -31,11 +31,11 @@ import pytest
 import requests
 import yaml
 
-from cli import localregistry
+from cli.local import registry as localregistry
 from controller.catalog import server as catalog_server
-from controller.manager import kube as k
-from controller.manager.informer import Informer
-from controller.publish import publish_uri
+from ingest.publish import publish_uri
+from kube import client as k
+from kube.informer import Informer
 from modelpack.oci.registry import RegistryClient
 from tests import kubeenv, modelgen
 from tests.integration import test_controller

@@ -33,10 +33,11 @@ from typing import Any
 
 import pytest
 
-from cli import localregistry
+from cli.local import registry as localregistry
+from controller import app
 from controller.catalog.auth import Denied
-from controller.manager import app, jobs
-from controller.manager import kube as k
+from controller.models import publishjob as jobs
+from kube import client as k
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
 from tests import kubeenv, modelgen

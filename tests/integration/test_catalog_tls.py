@@ -28,9 +28,9 @@ from cryptography import x509
 
 from controller.catalog import server as catalog_server
 from controller.catalog import tls
-from controller.delivery import certs
-from controller.manager import kube as k
-from controller.manager.informer import Informer
+from kube import certs
+from kube import client as k
+from kube.informer import Informer
 from tests import kubeenv
 from tests.integration.test_catalog_api import SYSTEM_NS, apply_controller_rbac
 from tests.integration.test_controller import ensure_namespace, wait_for

@@ -82,7 +82,7 @@ def test_pull_refuses_a_non_empty_destination(registry, small_model, tmp_path):
 
 
 def test_unreachable_registry_is_one_line(tmp_path):
-    from cli.localregistry import free_port
+    from cli.local.registry import free_port
 
     p = run("pull", f"127.0.0.1:{free_port()}/x/y:v1", str(tmp_path / "d"), check=False)
     assert p.returncode == 1

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from controller.manager import kube as k
+from kube import client as k
 from tests import kubeenv
 from tests.fake_kubelet import FakeKubelet
 from tests.servers.helpers import pull_back, same_tree

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.manager.workqueue import WorkQueue
+from kube.workqueue import WorkQueue
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from controller.manager import kube as k
+from kube import client as k
 from tests import kubeenv
 from tests.fake_kubelet import FakeKubelet
 from tests.integration.test_controller import (

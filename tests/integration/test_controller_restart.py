@@ -9,7 +9,7 @@ message and writes Ready.
 
 from __future__ import annotations
 
-from controller.manager import kube as k
+from kube import client as k
 from tests import kubeenv
 from tests.fake_kubelet import FakeKubelet
 from tests.integration.test_controller import (

@@ -2,7 +2,7 @@
 
 The manager (a subprocess, as in a pod) asks the gateway for a session, puts
 its token in a Secret owned by the Model and shows the URL in
-``status.upload``; the test uploads with ``controller.upload_client`` as a
+``status.upload``; the test uploads with ``jobs.upload_client`` as a
 user would; the gateway publishes, the manager reads the result and writes
 Ready exactly as for a Job. Also: a restarted manager keeps the session, an
 expired session is replaced, a failed publish is Failed with its reason.
@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from controller import upload_client
-from controller.manager import kube as k
-from controller.publish import Options
 from controller.upload.gateway import Gateway, create_server
+from ingest.publish import Options
+from jobs import upload_client
+from kube import client as k
 from modelpack.oci.registry import RegistryClient
 from tests import kubeenv
 from tests.integration.test_controller import (

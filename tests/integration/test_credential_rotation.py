@@ -28,8 +28,8 @@ import bcrypt
 import pytest
 import requests
 
-from cli import localregistry
-from controller import upload_client
+from cli.local import registry as localregistry
+from jobs import upload_client
 from modelpack.errors import ModelPackError
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from controller.delivery import contract as c
-from controller.manager import kube as k
+from api import names as c
+from kube import client as k
 from tests import kubeenv
 from tests.integration.test_controller import ManagerProcess
 from tests.integration.test_crds import install_crds

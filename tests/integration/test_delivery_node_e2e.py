@@ -1,7 +1,7 @@
 """Delivery end to end on one node: webhook injection -> API server -> kubelet's CSI call.
 
 A Pod annotated ``modelcache.io/models: qwen`` goes through the webhook's
-injection (``controller.delivery.inject.mutate``, with the Model read from
+injection (``api.inject.mutate``, with the Model read from
 the real API server as the webhook's lookup would), and the mutated Pod is
 created in the real API server (which validates the inline CSI volume and
 assigns the uid). Then the test plays kubelet (none runs here): for the
@@ -30,7 +30,8 @@ import grpc
 import pytest
 from kubernetes import client
 
-from controller.delivery import contract, inject
+from api import inject
+from api import names as contract
 from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_registry

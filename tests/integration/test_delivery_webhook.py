@@ -31,12 +31,13 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.delivery import certs, webhook
-from controller.delivery import contract as c
-from controller.manager import kube as k
-from controller.manager.events import Recorder
-from controller.manager.informer import Informer
-from controller.manager.metrics import Metrics
+from api import names as c
+from controller.delivery import webhook
+from controller.metrics import Metrics
+from kube import certs
+from kube import client as k
+from kube.events import Recorder
+from kube.informer import Informer
 from tests import kubeenv
 from tests.integration.test_crds import install_crds
 

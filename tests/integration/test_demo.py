@@ -20,9 +20,9 @@ import sys
 
 import pytest
 
+from api import names as contract
 from cli import demo as demo_mod
-from cli import localcluster
-from controller.delivery import contract
+from cli.local import cluster as localcluster
 from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
 from tests.servers.helpers import same_tree

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from cli import localregistry
+from cli.local import registry as localregistry
 from modelpack.errors import ModelPackError
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient

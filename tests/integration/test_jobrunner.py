@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from controller.embedded.jobrunner import JobRunner
-from controller.manager import jobs
-from controller.manager import kube as k
+from controller.models import publishjob as jobs
+from kube import client as k
 from tests import kubeenv
 
 kube = kubeenv.kube

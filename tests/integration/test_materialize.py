@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-from controller.delivery import contract, materialize
+from api import names as contract
+from jobs import materialize
 from modelpack.oci.reference import parse
 from modelpack.pack import pack_to_registry
 from modelpack.pull import verify_tree

@@ -10,9 +10,9 @@ import time
 import pytest
 import requests
 
-from controller import upload_client
-from controller.publish import Options
 from controller.upload.gateway import Gateway, create_server
+from ingest.publish import Options
+from jobs import upload_client
 from modelpack.oci.registry import RegistryClient
 from tests import modelgen
 from tests.servers.helpers import pull_back, same_tree

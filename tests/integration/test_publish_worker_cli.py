@@ -56,7 +56,7 @@ def test_publish_process_terminal_and_retryable_failures(hub, registry, small_mo
 def test_publish_uri_matches_core_pack_digest_for_registry_and_layout(registry, client,
                                                                       minilm_dir, tmp_path):
     """A model published from a source has the identity the core gives the same files."""
-    from controller.publish import publish_uri
+    from ingest.publish import publish_uri
     from modelpack.oci import layout as oci_layout
     from modelpack.oci.reference import parse
     from modelpack.pack import pack_to_registry
@@ -76,8 +76,8 @@ def test_publish_uri_matches_core_pack_digest_for_registry_and_layout(registry, 
 
 def test_publish_to_a_registry_with_basic_auth(small_model, tmp_path):
     """The zero-copy push carries the same credentials the registry client uses."""
-    from cli import localregistry
-    from controller.publish import publish_uri
+    from cli.local import registry as localregistry
+    from ingest.publish import publish_uri
     from modelpack.oci.registry import RegistryClient
 
     with localregistry.running(username="pub", password="s3cret") as reg:

@@ -10,12 +10,12 @@ import os
 import subprocess
 import sys
 
-from cli import localregistry
+from cli.local import registry as localregistry
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_registry
 
-LAZY = ("oras", "jsonschema", "tqdm", "cli.demo", "cli.localcluster")
+LAZY = ("oras", "jsonschema", "tqdm", "cli.demo", "cli.local.cluster")
 
 PULL = """
 import json, sys

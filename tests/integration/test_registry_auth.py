@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from cli import localregistry
+from cli.local import registry as localregistry
 from modelpack.errors import AuthError
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient

@@ -145,7 +145,7 @@ def test_interrupted_pull_resumes_on_the_next_run(registry, client, tmp_path):
 
 
 def test_registry_down_is_retryable(tmp_path):
-    from cli.localregistry import free_port
+    from cli.local.registry import free_port
     from modelpack.errors import RegistryError
 
     c = RegistryClient(f"127.0.0.1:{free_port()}", insecure=True, retries=1)
@@ -191,7 +191,7 @@ def test_hostile_manifest_path_is_refused(registry, client, small_model, tmp_pat
 
 
 def test_basic_auth(small_model, tmp_path):
-    from cli import localregistry
+    from cli.local import registry as localregistry
 
     with localregistry.running(username="alice", password="s3cret") as reg:
         ref = parse(f"{reg.host}/rt/private:v1")

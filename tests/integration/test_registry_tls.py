@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from cli import localcluster, localregistry
+from cli.local import cluster as localcluster
+from cli.local import registry as localregistry
 from modelpack.errors import ModelPackError
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient

@@ -3,7 +3,7 @@
 ``modelcache-controller manager`` runs as a subprocess; Models are really
 published (the HF test hub, publish Jobs run by the FAKE kubelet of the
 controller namespace). Workloads are produced as the webhook would make them
-(``controller.delivery.inject.mutate``). A second FAKE kubelet runs the Jobs
+(``api.inject.mutate``). A second FAKE kubelet runs the Jobs
 of the workload namespace, the materializer among them, mapping each PVC to
 a directory (``FakeKubelet.claim_dir``). Nothing else runs: the test plays
 the garbage collector (a deleted Job's pods) and the pvc-protection
@@ -31,8 +31,10 @@ from typing import Any
 
 import pytest
 
-from controller.delivery import contract, inject, sharedpvc
-from controller.manager import kube as k
+from api import inject
+from api import names as contract
+from controller.delivery import sharedpvc
+from kube import client as k
 from modelpack import pull
 from modelpack.oci import reference
 from tests import kubeenv, modelgen

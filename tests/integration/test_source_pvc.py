@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 
-from controller import pvc_reader
-from controller.manager import jobs, pvcsource
-from controller.manager import kube as k
+from controller.models import publishjob as jobs
+from controller.models import pvcsource
+from jobs import pvc_reader
+from kube import client as k
 from modelpack.oci.reference import Reference
 from tests import kubeenv
 from tests.fake_kubelet import FakeKubelet

@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from controller.publish import Options, PublishError, publish
-from controller.sources import base, open_source
-from controller.sources.huggingface import HuggingFaceSource
+from ingest.publish import Options, PublishError, publish
+from ingest.sources import base, open_source
+from ingest.sources.huggingface import HuggingFaceSource
 from modelpack.oci.registry import RegistryClient
 from tests import modelgen
 from tests.servers.helpers import pull_back, same_tree

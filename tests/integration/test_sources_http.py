@@ -10,8 +10,8 @@ import zipfile
 
 import pytest
 
-from controller.publish import Options, PublishError, publish
-from controller.sources import base, open_source
+from ingest.publish import Options, PublishError, publish
+from ingest.sources import base, open_source
 from tests import modelgen
 from tests.servers.files import FileServer
 from tests.servers.helpers import pull_back, same_tree

@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from controller.publish import Options, PublishError, publish
-from controller.sources import base, open_source
-from controller.sources.ollama import parse_uri
+from ingest.publish import Options, PublishError, publish
+from ingest.sources import base, open_source
+from ingest.sources.ollama import parse_uri
 from tests import modelgen
 from tests.servers import ollama
 from tests.servers.helpers import pull_back

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from controller.publish import PublishError, publish
-from controller.sources import base, open_source
+from ingest.publish import PublishError, publish
+from ingest.sources import base, open_source
 from tests import modelgen
 from tests.servers import s3 as s3server
 from tests.servers.helpers import pull_back, same_tree

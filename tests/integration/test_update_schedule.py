@@ -30,13 +30,15 @@ from typing import Any
 
 import pytest
 
-from controller.manager import catalogsources, jobs, schedule, upstream
-from controller.manager import kube as k
-from controller.manager.events import Recorder
-from controller.manager.informer import Informer
-from controller.manager.metrics import Metrics
-from controller.manager.reconciler import Reconciler, secret_transform
-from controller.sources import base, open_source
+from controller.catalog import sources as catalogsources
+from controller.metrics import Metrics
+from controller.models import publishjob as jobs
+from controller.models import schedule, upstream
+from controller.models.reconciler import Reconciler, secret_transform
+from ingest.sources import base, open_source
+from kube import client as k
+from kube.events import Recorder
+from kube.informer import Informer
 from tests import kubeenv, modelgen
 from tests.integration.test_controller import cluster as cluster
 from tests.integration.test_controller import (

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cli import localregistry
+from cli.local import registry as localregistry
 from modelpack.oci.registry import RegistryClient
 from tests.servers import hfhub
 from tests.servers import s3 as s3server

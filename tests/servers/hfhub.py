@@ -1,7 +1,7 @@
-"""The Hugging Face Hub-compatible test server: ``cli/localhub.py`` (the demo
+"""The Hugging Face Hub-compatible test server: ``cli/local/hub.py`` (the demo
 serves its model from the same server), re-exported under the names the
 source tests, ``tests/servers/fixtures.py`` and the benchmarks use."""
 
-from cli.localhub import LFS_SUFFIXES, HubFile, HubServer, Knobs, Repo
+from cli.local.hub import LFS_SUFFIXES, HubFile, HubServer, Knobs, Repo
 
 __all__ = ["LFS_SUFFIXES", "HubFile", "HubServer", "Knobs", "Repo"]

@@ -4,7 +4,7 @@
 whose config (``application/vnd.docker.container.image.v1+json``) carries
 ``model_format``/``model_family``/``model_type``/``file_type`` and whose
 layers are ``application/vnd.ollama.image.{model,template,params,license}``.
-The registry itself is the real ``docker-registry`` from ``cli.localregistry``.
+The registry itself is the real ``docker-registry`` from ``cli.local.registry``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The node plugin's copy of the delivery contract, and its pure Kubernetes-side logic.
 
 ``csi`` must not import ``controller`` (import-linter), so it repeats the
-few names of ``controller/delivery/contract.py`` it needs; these tests
+few names of ``api/names.py`` it needs; these tests
 import both and fail the moment one side changes alone. Also: the merge
 patch of node labels, the trimming of Model objects, the prefetch
 selector and the inference of the Kubernetes flags (no API server needed;
@@ -14,9 +14,10 @@ import hashlib
 
 import pytest
 
-from controller.delivery import contract
-from csi import identity, main, nodelabels, prefetch, resolver
-from csi.kube_resolver import model_entry
+from api import names as contract
+from csi import identity, main, nodelabels, prefetch
+from csi.resolvers import file as resolver
+from csi.resolvers.kube import model_entry
 
 DIGESTS = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(5)]
 

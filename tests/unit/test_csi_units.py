@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from csi import errors, logs, main, mounts, volumes
-from csi.resolver import FileResolver, Volume
+from csi.resolvers.file import FileResolver, Volume
 from modelpack import errors as mp
 
 MOUNTINFO = (

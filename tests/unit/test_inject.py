@@ -1,4 +1,4 @@
-"""controller/delivery/inject.py: what the admission webhook writes, field by field.
+"""api/inject.py: what the admission webhook writes, field by field.
 
 Pure functions, so every case is an object in and an object (or an error) out.
 The JSON patch is applied back with a small RFC 6902 applier and must give
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from controller.delivery import contract as c
-from controller.delivery import inject
-from controller.delivery.inject import InjectError, Ref
+from api import inject
+from api import names as c
+from api.inject import InjectError, Ref
 
 NS = "team-a"
 D1 = "sha256:" + "1" * 64

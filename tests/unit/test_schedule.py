@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.manager import jobs, schedule, upstream
+from controller.models import publishjob as jobs
+from controller.models import schedule, upstream
 
 UTC = datetime.UTC
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from controller.sources import archive, base
+from ingest.sources import archive, base
 from modelpack.store.blobs import BlobStore
 
 

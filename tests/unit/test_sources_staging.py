@@ -11,8 +11,8 @@ import hashlib
 
 import pytest
 
-from controller.publish.stage import stage_file
-from controller.sources import base
+from ingest.publish.stage import stage_file
+from ingest.sources import base
 from modelpack.store.blobs import BlobStore
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -111,7 +111,7 @@ def test_persistent_cut_is_retryable_and_keeps_the_part(store):
 
 
 def test_delta_sink_turns_events_into_bar_updates():
-    from controller.publish import delta_sink
+    from ingest.publish import delta_sink
 
     got: list[int] = []
     totals: list[int] = []

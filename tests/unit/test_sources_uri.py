@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from controller.sources import base, open_source
-from controller.sources.huggingface import HuggingFaceSource
-from controller.sources.local import LocalDirSource
-from controller.sources.ollama import OllamaSource
-from controller.sources.s3 import S3Source
-from controller.sources.url import UrlSource
+from ingest.sources import base, open_source
+from ingest.sources.huggingface import HuggingFaceSource
+from ingest.sources.local import LocalDirSource
+from ingest.sources.ollama import OllamaSource
+from ingest.sources.s3 import S3Source
+from ingest.sources.url import UrlSource
 
 
 def test_schemes(tmp_path):

@@ -1,0 +1,515 @@
+"""What the admission webhook does to a workload: the pure half of delivery.
+
+Where it sits: ``webhook.py`` decodes an AdmissionReview, binds a lookup to
+the manager's informer caches and calls ``mutate`` here; the ``Result`` is
+the JSON patch (and the warnings) it sends back. No I/O: every input is an
+argument, so unit tests assert the result field by field.
+
+The rules, in one place:
+
+* The request lives in the workload's TOP-LEVEL annotations (``ANN_MODELS``,
+  ``ANN_CLUSTER_MODELS``, optional ``ANN_DELIVERY``). The injection goes
+  into the pod template (``spec.template``; a CronJob's
+  ``spec.jobTemplate.spec.template``) or, for a bare Pod, the pod itself.
+* Every container and init container gets every model read-only at
+  ``MOUNT_ROOT/<name>`` and the env ``ENV_DIR``/``ENV_MODELS`` (an init
+  container may want to warm up or check the files; a read-only mount costs
+  nothing). Ephemeral containers are not touched (they are added later by
+  a subresource the webhook is not registered for).
+* The pod (template) gets the scheduling gate ``GATE``, the label
+  ``LABEL_GATED=true`` and the annotation ``ANN_INJECTED`` (a fingerprint of
+  what was injected); the workload's top level gets ``ANN_INJECTED`` too and,
+  with SharedPVC, ``LABEL_USES_SHARED_PVC=true`` (template as well).
+* Idempotence: an injection is ``inject(strip(obj))``; ``strip`` removes
+  exactly what an injection adds (recognised by name and driver), so a
+  re-apply yields the same object and removing the annotations removes the
+  injection and nothing else. An UPDATE that changes neither the model
+  annotations nor the user's part of the pod template keeps the injection
+  it had, without looking models up (a label or a finalizer change must not
+  roll pods to a new digest, nor fail because a model was deleted); an
+  update of an object being deleted passes through.
+* A Pod is mutated only on CREATE (pods are immutable where it matters), and
+  a pod that already carries ``ANN_INJECTED`` and has an owner was made from
+  an injected template: it passes through untouched. A Job's pod template is
+  immutable after creation, so a Job's UPDATE passes through too (with a
+  warning when its model annotations changed).
+* Delivery mode: ``ANN_DELIVERY`` on the workload, else the model's
+  ``spec.delivery.mode``, else the controller default. SharedPVC needs the
+  digest at admission (it names the PVC): a model that is not Ready yet is
+  refused for SharedPVC. A model that is not Ready (even Failed) is admitted
+  for NodeCache: the gate holds the pods until it is Ready, with a warning.
+* Cache-aware scheduling: a NodeCache model with a known digest that some
+  node already caches (``node_label(digest)`` in ``cached_labels``) gets a
+  *preferred* node affinity term; user affinity is merged with, never
+  replaced. A term already there for the same digest is kept even if no
+  node carries the label any more, so a re-apply does not flip it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from typing import Any
+
+from api import names as c
+
+Obj = dict[str, Any]
+
+# where the pod template of each kind lives; () is the object itself (a Pod)
+TEMPLATE_PATH: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+KINDS = ("Pod", "Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
+AFFINITY_WEIGHT = 50  # preferred, never required: a cold node is slower, not wrong
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_CONTAINER_LISTS = ("initContainers", "containers")
+
+
+class InjectError(Exception):
+    """The request cannot be admitted; ``code`` is the HTTP status the API server shows."""
+
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Ref:
+    kind: str  # "Model" | "ClusterModel"
+    name: str
+
+
+@dataclass(frozen=True)
+class Model:
+    """What injection needs to know of one Model or ClusterModel."""
+
+    ref: Ref
+    namespace: str  # "" for a ClusterModel
+    phase: str
+    digest: str  # "" unless Ready
+    family: str
+    format: str
+    mode: str  # spec.delivery.mode, "" if unset
+    deleting: bool = False
+    reason: str = ""  # of the Ready condition, for a Failed model
+
+    @classmethod
+    def from_object(cls, ref: Ref, obj: Obj) -> Model:
+        status = obj.get("status") or {}
+        phase = str(status.get("phase") or "Pending")
+        resolved = status.get("resolved") or {}
+        ready: Obj = next((x for x in status.get("conditions") or [] if x.get("type") == "Ready"), {})
+        digest = str((status.get("artifact") or {}).get("digest") or "")
+        return cls(ref=ref, namespace=str(obj["metadata"].get("namespace") or ""),
+                   phase=phase, digest=digest if phase == "Ready" else "",
+                   family=str(resolved.get("family") or ""),
+                   format=str(resolved.get("format") or ""),
+                   mode=str(((obj.get("spec") or {}).get("delivery") or {}).get("mode") or ""),
+                   deleting=bool(obj["metadata"].get("deletionTimestamp")),
+                   reason=str(ready.get("reason") or ""))
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One model's delivery into the pod."""
+
+    model: Model
+    mode: str
+    volume: str
+    path: str
+
+    def volume_source(self) -> Obj:
+        if self.mode == "SharedPVC":
+            return {"name": self.volume, "persistentVolumeClaim": {
+                "claimName": c.pvc_name(self.model.digest), "readOnly": True}}
+        attr = c.ATTR_MODEL if self.model.ref.kind == "Model" else c.ATTR_CLUSTER_MODEL
+        attrs = {attr: self.model.ref.name}
+        if self.model.digest:
+            attrs[c.ATTR_DIGEST] = self.model.digest
+        return {"name": self.volume, "csi": {"driver": c.CSI_DRIVER, "readOnly": True,
+                                             "volumeAttributes": attrs}}
+
+    def mount(self) -> Obj:
+        m: Obj = {"name": self.volume, "mountPath": self.path, "readOnly": True}
+        if self.mode == "SharedPVC":
+            m["subPath"] = c.pvc_subpath(self.model.digest)
+        return m
+
+    def env_entry(self) -> Obj:
+        return {"name": self.model.ref.name, "path": self.path, "digest": self.model.digest,
+                "family": self.model.family, "format": self.model.format}
+
+
+@dataclass
+class Result:
+    obj: Obj  # the object after mutation (the input itself when nothing changed)
+    patch: list[Obj]  # RFC 6902 operations from the input to ``obj``; [] = unchanged
+    warnings: list[str] = field(default_factory=list)
+    planned: list[Planned] = field(default_factory=list)
+
+
+Lookup = Callable[[Ref], Obj | None]  # bound to the workload's namespace by the caller
+
+
+# -- the request ----------------------------------------------------------------
+
+
+def parse_refs(annotations: dict[str, str] | None) -> list[Ref]:
+    """The models a workload asks for, in annotation order, duplicates dropped."""
+    ann = annotations or {}
+    out: list[Ref] = []
+    for key, kind in ((c.ANN_MODELS, "Model"), (c.ANN_CLUSTER_MODELS, "ClusterModel")):
+        for raw in str(ann.get(key) or "").split(","):
+            name = raw.strip()
+            if not name:
+                continue
+            if "/" in name:
+                raise InjectError(
+                    f"{key}: {name!r}: a model is named without a namespace "
+                    f"(Models are looked up in the workload's own namespace)")
+            if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+                raise InjectError(f"{key}: {name!r} is not a valid {kind} name")
+            ref = Ref(kind, name)
+            if ref not in out:
+                out.append(ref)
+    names = [r.name for r in out]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise InjectError(f"{clash[0]!r} is both a Model and a ClusterModel in the "
+                          f"annotations: both would mount at {c.MOUNT_ROOT}/{clash[0]}")
+    return out
+
+
+def requested_mode(annotations: dict[str, str] | None) -> str:
+    mode = str((annotations or {}).get(c.ANN_DELIVERY) or "").strip()
+    if mode and mode not in c.MODES:
+        raise InjectError(f"{c.ANN_DELIVERY}: {mode!r} is not one of {', '.join(c.MODES)}")
+    return mode
+
+
+def volume_name(ref: Ref) -> str:
+    """``modelcache-m-<name>`` / ``modelcache-c-<name>``, a DNS label of ≤ 63 chars; a name
+    that does not fit (too long, or with dots) is shortened and suffixed with a hash."""
+    prefix = f"{c.VOLUME_PREFIX}{'m' if ref.kind == 'Model' else 'c'}-"
+    plain = prefix + ref.name
+    if len(plain) <= 63 and _DNS_LABEL.match(plain):
+        return plain
+    h = hashlib.sha256(ref.name.encode()).hexdigest()[:8]
+    base = re.sub(r"[^a-z0-9-]", "-", ref.name)[:63 - len(prefix) - 9].strip("-")
+    return f"{prefix}{base}-{h}" if base else f"{prefix}{h}"
+
+
+def plan(refs: list[Ref], namespace: str, lookup: Lookup, *, workload_mode: str,
+         default_mode: str) -> tuple[list[Planned], list[str]]:
+    """Resolve every ref; raises ``InjectError`` for what cannot be admitted."""
+    out: list[Planned] = []
+    warnings: list[str] = []
+    for ref in refs:
+        obj = lookup(ref)
+        if obj is None:
+            where = f" in namespace {namespace}" if ref.kind == "Model" else ""
+            raise InjectError(f"{ref.kind} {ref.name} not found{where}", code=404)
+        m = Model.from_object(ref, obj)
+        if m.deleting:
+            raise InjectError(f"{ref.kind} {ref.name} is being deleted", code=409)
+        mode = workload_mode or m.mode or default_mode
+        if mode == "SharedPVC" and not m.digest:
+            raise InjectError(
+                f"{ref.kind} {ref.name} is not Ready yet (phase {m.phase}): SharedPVC delivery "
+                f"needs the model's digest at admission; apply again once it is Ready, or use "
+                f"{c.ANN_DELIVERY}: NodeCache", code=409)
+        if m.phase == "Failed":
+            warnings.append(f"{ref.kind} {ref.name} is Failed ({m.reason or 'see its status'}): "
+                            f"pods wait at the scheduling gate {c.GATE} until it is Ready")
+        elif m.phase != "Ready":
+            warnings.append(f"{ref.kind} {ref.name} is {m.phase}: pods wait at the scheduling "
+                            f"gate {c.GATE} until it is Ready")
+        out.append(Planned(m, mode, volume_name(ref), f"{c.MOUNT_ROOT}/{ref.name}"))
+    return out, warnings
+
+
+def fingerprint(planned: list[Planned]) -> str:
+    doc = [[p.model.ref.kind, p.model.ref.name, p.mode, p.model.digest, p.volume]
+           for p in planned]
+    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+# -- strip and inject (in place, on a deep copy) ----------------------------------------
+
+
+def is_injected_volume(volume: Obj) -> bool:
+    """A volume an injection added (our name prefix and our driver or PVC prefix)."""
+    if not str(volume.get("name") or "").startswith(c.VOLUME_PREFIX):
+        return False
+    if (volume.get("csi") or {}).get("driver") == c.CSI_DRIVER:
+        return True
+    claim = str((volume.get("persistentVolumeClaim") or {}).get("claimName") or "")
+    return claim.startswith(c.PVC_PREFIX)
+
+
+def _our_term(term: Obj) -> bool:
+    exprs = (term.get("preference") or {}).get("matchExpressions") or []
+    return bool(exprs) and all(str(e.get("key", "")).startswith(c.NODE_LABEL_PREFIX)
+                               and e.get("operator") == "Exists" for e in exprs) \
+        and not (term.get("preference") or {}).get("matchFields")
+
+
+def affinity_labels(spec: Obj) -> set[str]:
+    terms = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
+             .get("preferredDuringSchedulingIgnoredDuringExecution") or [])
+    return {e["key"] for t in terms if _our_term(t)
+            for e in t["preference"]["matchExpressions"]}
+
+
+def _drop(d: Obj, key: str, *names: str) -> None:
+    """Remove ``names`` from the map ``d[key]``, and the map if that leaves it empty."""
+    m = d.get(key)
+    if not isinstance(m, dict):
+        return
+    for n in names:
+        m.pop(n, None)
+    if not m:
+        d.pop(key, None)
+
+
+def strip_pod(meta: Obj, spec: Obj) -> None:
+    """Remove from a pod (template) everything an injection adds, nothing else."""
+    volumes = spec.get("volumes") or []
+    gone = {v.get("name") for v in volumes if is_injected_volume(v)}
+    if gone:
+        spec["volumes"] = [v for v in volumes if v.get("name") not in gone]
+        if not spec["volumes"]:
+            del spec["volumes"]
+    for lst in _CONTAINER_LISTS:
+        for ctr in spec.get(lst) or []:
+            if gone and ctr.get("volumeMounts"):
+                ctr["volumeMounts"] = [m for m in ctr["volumeMounts"] if m.get("name") not in gone]
+                if not ctr["volumeMounts"]:
+                    del ctr["volumeMounts"]
+            if ctr.get("env"):
+                ctr["env"] = [e for e in ctr["env"] if e.get("name") not in (c.ENV_DIR,
+                                                                            c.ENV_MODELS)]
+                if not ctr["env"]:
+                    del ctr["env"]
+    gates = spec.get("schedulingGates")
+    if gates and any(g.get("name") == c.GATE for g in gates):
+        spec["schedulingGates"] = [g for g in gates if g.get("name") != c.GATE]
+        if not spec["schedulingGates"]:
+            del spec["schedulingGates"]
+    affinity = spec.get("affinity") or {}
+    node = affinity.get("nodeAffinity") or {}
+    terms = node.get("preferredDuringSchedulingIgnoredDuringExecution")
+    if terms and any(_our_term(t) for t in terms):
+        rest = [t for t in terms if not _our_term(t)]
+        if rest:
+            node["preferredDuringSchedulingIgnoredDuringExecution"] = rest
+        else:
+            del node["preferredDuringSchedulingIgnoredDuringExecution"]
+        if not node:
+            del affinity["nodeAffinity"]
+        if not affinity:
+            del spec["affinity"]
+    _drop(meta, "labels", c.LABEL_GATED, c.LABEL_USES_SHARED_PVC)
+    _drop(meta, "annotations", c.ANN_INJECTED)
+
+
+def inject_pod(meta: Obj, spec: Obj, planned: list[Planned], *, cached_labels: Container[str],
+               keep_labels: set[str], fp: str) -> list[str]:
+    """Add the planned models to a stripped pod (template); returns warnings."""
+    warnings: list[str] = []
+    spec.setdefault("volumes", []).extend(p.volume_source() for p in planned)
+    env = [{"name": c.ENV_DIR, "value": c.MOUNT_ROOT},
+           {"name": c.ENV_MODELS, "value": json.dumps([p.env_entry() for p in planned],
+                                                      separators=(",", ":"))}]
+    for lst in _CONTAINER_LISTS:
+        for ctr in spec.get(lst) or []:
+            taken = {m.get("mountPath", "").rstrip("/") for m in ctr.get("volumeMounts") or []}
+            for p in planned:
+                if p.path in taken:
+                    raise InjectError(f"container {ctr.get('name')!r} already mounts something "
+                                      f"at {p.path}, where model {p.model.ref.name} goes")
+            ctr.setdefault("volumeMounts", []).extend(p.mount() for p in planned)
+            ctr.setdefault("env", []).extend(copy.deepcopy(env))
+    if spec.get("nodeName"):
+        # the API server refuses scheduling gates on a pod already bound to a node
+        warnings.append("spec.nodeName is set: the pod is not gated and may start before "
+                        "its models are Ready")
+    else:
+        spec.setdefault("schedulingGates", []).append({"name": c.GATE})
+        meta.setdefault("labels", {})[c.LABEL_GATED] = "true"
+    labels = [c.node_label(p.model.digest) for p in planned
+              if p.mode == "NodeCache" and p.model.digest]
+    labels = [lb for lb in dict.fromkeys(labels) if lb in cached_labels or lb in keep_labels]
+    if labels:
+        add_preferred(spec, labels)
+    if any(p.mode == "SharedPVC" for p in planned):
+        meta.setdefault("labels", {})[c.LABEL_USES_SHARED_PVC] = "true"
+    meta.setdefault("annotations", {})[c.ANN_INJECTED] = fp
+    return warnings
+
+
+def add_preferred(spec: Obj, labels: list[str]) -> None:
+    """Merge one preferred node affinity term per label into ``spec`` (user terms stay)."""
+    terms = (spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
+             .setdefault("preferredDuringSchedulingIgnoredDuringExecution", []))
+    have = {e["key"] for t in terms if _our_term(t) for e in t["preference"]["matchExpressions"]}
+    for lb in labels:
+        if lb not in have:
+            terms.append(preferred_term(lb))
+
+
+def preferred_term(label: str) -> Obj:
+    return {"weight": AFFINITY_WEIGHT,
+            "preference": {"matchExpressions": [{"key": label, "operator": "Exists"}]}}
+
+
+# -- the whole object -------------------------------------------------------------
+
+
+def _at(obj: Obj, path: tuple[str, ...]) -> Obj | None:
+    cur = obj
+    for p in path:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            return None
+        cur = nxt
+    return cur
+
+
+def injected(obj: Obj, kind: str) -> bool:
+    """Whether ``obj`` (top level or pod template) carries an injection."""
+    tpl = _at(obj, TEMPLATE_PATH.get(kind, ())) or {}
+    return any(c.ANN_INJECTED in ((o.get("metadata") or {}).get("annotations") or {})
+               for o in (obj, tpl))
+
+
+def mutate(kind: str, obj: Obj, *, operation: str, namespace: str, lookup: Lookup,
+           default_mode: str = "NodeCache", cached_labels: Container[str] = frozenset(),
+           old: Obj | None = None) -> Result:
+    """The admission decision for one object: the patch, or ``InjectError``."""
+    if kind not in KINDS:
+        return Result(obj, [])
+    meta = obj.get("metadata") or {}
+    ann = meta.get("annotations") or {}
+    if kind == "Pod":
+        if operation != "CREATE" or not (ann.get(c.ANN_MODELS) or ann.get(c.ANN_CLUSTER_MODELS)):
+            return Result(obj, [])
+        if c.ANN_INJECTED in ann and meta.get("ownerReferences"):
+            return Result(obj, [])  # made by a controller from an injected template
+    if kind == "Job" and operation == "UPDATE":
+        keys = (c.ANN_MODELS, c.ANN_CLUSTER_MODELS, c.ANN_DELIVERY)
+        before = ((old or {}).get("metadata") or {}).get("annotations") or {}
+        if any(before.get(k) != ann.get(k) for k in keys):
+            return Result(obj, [], [f"a Job's pod template cannot change after creation: the "
+                                    f"new {c.ANN_MODELS}/{c.ANN_CLUSTER_MODELS} apply only to "
+                                    f"new Jobs"])
+        return Result(obj, [])
+    if operation == "UPDATE" and kind != "Pod":
+        if meta.get("deletionTimestamp"):
+            return Result(obj, [])  # finalizers going: never block a deletion on a model
+        kept = _keep_injection(kind, obj, old)
+        if kept is not None:
+            return Result(kept, json_patch(obj, kept))
+    refs = parse_refs(ann)
+    if not refs and not injected(obj, kind):
+        return Result(obj, [])
+    tpl_path = TEMPLATE_PATH[kind]
+    new = copy.deepcopy(obj)
+    tpl = _at(new, tpl_path)
+    if tpl is None or not isinstance(tpl.get("spec"), dict):
+        raise InjectError(f"{kind} has no pod template at {'.'.join(tpl_path)}")
+    tmeta, tspec = tpl.setdefault("metadata", {}), tpl["spec"]
+    keep = affinity_labels(tspec)
+    strip_pod(tmeta, tspec)
+    top = new.setdefault("metadata", {})
+    if tpl_path:
+        _drop(top, "labels", c.LABEL_USES_SHARED_PVC)
+        _drop(top, "annotations", c.ANN_INJECTED)
+    warnings: list[str] = []
+    planned: list[Planned] = []
+    if refs:
+        planned, warnings = plan(refs, namespace, lookup, workload_mode=requested_mode(ann),
+                                 default_mode=default_mode)
+        fp = fingerprint(planned)
+        warnings += inject_pod(tmeta, tspec, planned, cached_labels=cached_labels,
+                               keep_labels=keep, fp=fp)
+        if tpl_path:
+            top.setdefault("annotations", {})[c.ANN_INJECTED] = fp
+            if any(p.mode == "SharedPVC" for p in planned):
+                top.setdefault("labels", {})[c.LABEL_USES_SHARED_PVC] = "true"
+    if tpl_path and not tmeta:
+        del tpl["metadata"]  # it was absent before the strip
+    return Result(new, json_patch(obj, new), warnings, planned)
+
+
+def _request_of(obj: Obj) -> tuple[Any, ...]:
+    ann = (obj.get("metadata") or {}).get("annotations") or {}
+    return tuple(ann.get(k) for k in (c.ANN_MODELS, c.ANN_CLUSTER_MODELS, c.ANN_DELIVERY))
+
+
+def _user_template(tpl: Obj) -> Obj:
+    out = copy.deepcopy(tpl)
+    strip_pod(out.setdefault("metadata", {}), out.setdefault("spec", {}))
+    return out
+
+
+def _keep_injection(kind: str, obj: Obj, old: Obj | None) -> Obj | None:
+    """An UPDATE that changes neither the model annotations nor the user's part of the pod
+    template (a label, a finalizer, a replica count) keeps the injection the object already
+    had: the models are not looked up again, so it neither rolls the pods to a digest
+    published since nor fails because a model went away. ``None``: inject afresh."""
+    if old is None or _request_of(old) != _request_of(obj) or not injected(old, kind):
+        return None
+    path = TEMPLATE_PATH[kind]
+    old_tpl, new_tpl = _at(old, path), _at(obj, path)
+    if old_tpl is None or new_tpl is None or _user_template(old_tpl) != _user_template(new_tpl):
+        return None
+    new = copy.deepcopy(obj)
+    parent = _at(new, path[:-1])
+    assert parent is not None
+    parent[path[-1]] = copy.deepcopy(old_tpl)  # the user's template, with the old injection
+    top, old_top = new.setdefault("metadata", {}), old.get("metadata") or {}
+    for key, name in (("annotations", c.ANN_INJECTED), ("labels", c.LABEL_USES_SHARED_PVC)):
+        value = (old_top.get(key) or {}).get(name)
+        if value is not None:
+            top.setdefault(key, {})[name] = value
+        else:
+            _drop(top, key, name)
+    return new
+
+
+# -- RFC 6902 ---------------------------------------------------------------------
+
+
+def _pointer(parts: list[str]) -> str:
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def json_patch(a: Any, b: Any, path: list[str] | None = None) -> list[Obj]:
+    """Operations turning ``a`` into ``b``: maps are walked, lists replaced whole (the
+    webhook's lists are small, and index arithmetic on them invites mistakes)."""
+    path = path or []
+    if isinstance(a, dict) and isinstance(b, dict):
+        ops: list[Obj] = []
+        for k in a:
+            if k not in b:
+                ops.append({"op": "remove", "path": _pointer([*path, k])})
+        for k, v in b.items():
+            if k not in a:
+                ops.append({"op": "add", "path": _pointer([*path, k]), "value": v})
+            elif a[k] != v:
+                ops.extend(json_patch(a[k], v, [*path, k]))
+        return ops
+    if a == b:
+        return []
+    return [{"op": "replace", "path": _pointer(path), "value": b}]

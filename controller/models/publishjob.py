@@ -1,0 +1,368 @@
+"""A Model's source → its publish Job: name, target reference, command, env, placement.
+
+The Job name is a pure function of what a publish must reflect: the model's
+uid and generation, the ``modelcache.io/reimport`` annotation, the upstream
+revision the schedule saw move, and a hash of the auth Secret's value. So a
+restarted controller *finds* the Job it created before instead of creating a
+second one (a create that races answers 409 and is taken as found), and a
+change to any of those inputs makes a new Job.
+
+All publish Jobs run in the controller's namespace. The registry push
+credential stays there (a Job in a user namespace would need a copy of it,
+and with it the power to overwrite other namespaces' artifacts); the source
+credential a Model names in its own namespace is copied into a per-Job
+Secret, deleted when the Job has finished. The pod gets no service-account
+token: it talks to the source, the registry and the manager's report
+endpoint only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.errors import PermanentError
+from kube import client as kube
+
+FINALIZER = "modelcache.io/artifact"
+REIMPORT = "modelcache.io/reimport"
+UPSTREAM = "modelcache.io/upstream-revision"
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+MANAGER = "modelcache-controller"
+LABEL_KIND = "modelcache.io/kind"
+LABEL_NAME = "modelcache.io/name"
+LABEL_NAMESPACE = "modelcache.io/namespace"
+LABEL_UID = "modelcache.io/uid"
+LABEL_KEY = "modelcache.io/publish-key"
+ANN_TARGET = "modelcache.io/target"
+WORK_DIR = "/var/lib/modelcache/work"
+TERMINATION_LOG = "/dev/termination-log"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the manager's flags decide for every Job."""
+
+    namespace: str  # the controller's own namespace: Jobs, Leases, ClusterModel Secrets
+    registry: str  # DMCR host[:port]
+    image: str = "modelcache-controller:latest"
+    registry_insecure: bool = False
+    registry_secret: str | None = None  # Secret with username/password keys, in ``namespace``
+    hf_endpoint: str | None = None
+    report_url: str | None = None
+    report_key: bytes = b""
+    backoff_limit: int = 3
+    active_deadline: int | None = None
+    ttl_after_finished: int | None = 24 * 3600
+    service_account: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecretUse:
+    """A source credential: which Secret key becomes which env var of the worker."""
+
+    namespace: str
+    name: str
+    keys: dict[str, str]  # env var -> key in the Secret
+    optional: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to publish one model: the worker's source URI, extra args, credentials."""
+
+    kind: str  # "publish" | "upload" | "pvc" | "unsupported"
+    uri: str = ""
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    secret: SecretUse | None = None
+    reason: str = ""
+    message: str = ""
+    key_extra: str = ""  # more publish-key input (a catalog import: URL, CA, pinned digest)
+
+
+def _short(text: str, n: int) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", text.lower())[:n].strip("-") or "x"
+
+
+def model_kind(obj: dict[str, Any]) -> str:
+    return str(obj.get("kind") or "Model")
+
+
+def target(obj: dict[str, Any], settings: Settings) -> str:
+    """The registry reference a model is published to (tag: its generation)."""
+    meta = obj["metadata"]
+    gen = int(meta.get("generation") or 1)
+    if model_kind(obj) == "ClusterModel":
+        repo = f"cluster/{meta['name']}"
+    else:
+        repo = f"models/{meta['namespace']}/{meta['name']}"
+    return f"{settings.registry}/{repo}:gen-{gen}"
+
+
+def repository(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    if model_kind(obj) == "ClusterModel":
+        return f"cluster/{meta['name']}"
+    return f"models/{meta['namespace']}/{meta['name']}"
+
+
+def publish_key(obj: dict[str, Any], secret_hash: str) -> str:
+    meta = obj["metadata"]
+    ann = meta.get("annotations") or {}
+    parts = [str(meta.get("uid", "")), str(meta.get("generation") or 1),
+             ann.get(REIMPORT, ""), ann.get(UPSTREAM, ""), secret_hash]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def job_name(obj: dict[str, Any], key: str) -> str:
+    prefix = "mcc" if model_kind(obj) == "ClusterModel" else "mc"
+    meta = obj["metadata"]
+    ns = "" if prefix == "mcc" else _short(str(meta.get("namespace", "")), 12) + "-"
+    return f"{prefix}-{ns}{_short(str(meta['name']), 30)}-{key}"[:63].strip("-")
+
+
+def report_token(settings: Settings, name: str) -> str:
+    """The bearer a Job presents to the report endpoint: good for that Job's model only."""
+    return hmac.new(settings.report_key, name.encode(), hashlib.sha256).hexdigest()
+
+
+def _auth(ref: Any, namespace: str, keys: dict[str, str | None], default_key: str) -> SecretUse | None:
+    if not ref:
+        return None
+    if not isinstance(ref, dict) or not ref.get("name"):
+        raise PermanentError("authSecretRef needs a name", reason="InvalidSource")
+    mapping = {env: str(ref.get("key") or default_key if key is None else key)
+               for env, key in keys.items()}
+    return SecretUse(namespace, str(ref["name"]), mapping)
+
+
+def plan(obj: dict[str, Any], settings: Settings,
+         catalog_source: dict[str, Any] | None = None) -> Plan:
+    """The publish plan for ``obj``'s source; ``PermanentError`` for a source that cannot be.
+
+    ``catalog_source``: the ModelCatalogSource a ``source.catalog`` import
+    names, once its digest is pinned in ``status.catalog``
+    (``catalogsources.ensure_pin``)."""
+    spec = obj.get("spec") or {}
+    source = spec.get("source") or {}
+    meta = obj["metadata"]
+    cluster = model_kind(obj) == "ClusterModel"
+    # a ClusterModel's Secret may only live in the controller's namespace (DESIGN.md)
+    secret_ns = settings.namespace if cluster else str(meta.get("namespace"))
+    chosen = [k for k, v in source.items() if v is not None]
+    if len(chosen) != 1:
+        raise PermanentError(f"spec.source must set exactly one source, got {chosen or 'none'}",
+                             reason="InvalidSource")
+    kind = chosen[0]
+    s = source[kind] or {}
+    args: list[str] = []
+    env: list[tuple[str, str]] = []
+    fmt = spec.get("format")
+    if fmt and fmt != "Auto":
+        args += ["--format", str(fmt)]
+    if kind == "huggingFace":
+        repo = str(s.get("repo") or "")
+        if not repo:
+            raise PermanentError("source.huggingFace.repo is empty", reason="InvalidSource")
+        uri = f"hf://{repo}@{s.get('revision') or 'main'}"
+        for g in s.get("include") or []:
+            args += ["--include", str(g)]
+        for g in s.get("exclude") or []:
+            args += ["--exclude", str(g)]
+        if settings.hf_endpoint:
+            env.append(("HF_ENDPOINT", settings.hf_endpoint))
+        secret = _auth(s.get("authSecretRef"), secret_ns, {"HF_TOKEN": None}, "token")
+        return Plan("publish", uri, tuple(args), tuple(env), secret)
+    if kind == "ollama":
+        host = s.get("registry") or "registry.ollama.ai"
+        uri = f"ollama://{host}/{s.get('model')}:{s.get('tag') or 'latest'}"
+        return Plan("publish", uri, tuple(args), tuple(env))
+    if kind == "http":
+        uri = str(s.get("url") or "")
+        if s.get("sha256"):
+            args += ["--sha256", str(s["sha256"])]
+        if s.get("archive"):
+            args += ["--archive", str(s["archive"])]
+        secret = _auth(s.get("authSecretRef"), secret_ns, {"MODELCACHE_HTTP_TOKEN": None},
+                       "token")
+        return Plan("publish", uri, tuple(args), tuple(env), secret)
+    if kind == "s3":
+        uri = f"s3://{s.get('bucket')}/{s.get('prefix') or ''}"
+        if s.get("endpoint"):
+            args += ["--endpoint", str(s["endpoint"])]
+        if s.get("region"):
+            args += ["--region", str(s["region"])]
+        ref = s.get("authSecretRef")
+        secret = None
+        if ref:
+            secret = SecretUse(secret_ns, str(ref.get("name")), {
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN": "AWS_SESSION_TOKEN"},
+                frozenset({"AWS_SESSION_TOKEN"}))
+        return Plan("publish", uri, tuple(args), tuple(env), secret)
+    if kind == "upload":
+        return Plan("upload", reason="WaitForUpload",
+                    message="waiting for files through the upload gateway")
+    if kind == "catalog":
+        if not cluster:
+            raise PermanentError("source.catalog is for ClusterModels only",
+                                 reason="InvalidSource")
+        digest = str(((obj.get("status") or {}).get("catalog") or {}).get("digest") or "")
+        if catalog_source is None or not digest:
+            return Plan("unsupported", reason="CatalogImportPending",
+                        message="waiting for the remote digest to be pinned")
+        return _catalog_plan(s, catalog_source, digest, settings, tuple(args))
+    if kind == "pvc":
+        # read by a Job in the Model's namespace, published through the upload gateway
+        # (pvcsource.py): the only source whose bytes cannot reach our namespace directly
+        if cluster:
+            raise PermanentError("source.pvc is for Models only: a PVC is namespaced",
+                                 reason="InvalidSource")
+        if not s.get("claimName"):
+            raise PermanentError("source.pvc.claimName is empty", reason="InvalidSource")
+        return Plan("pvc", f"pvc://{s['claimName']}/{str(s.get('path') or '').lstrip('/')}")
+    raise PermanentError(f"unknown source kind {kind!r}", reason="InvalidSource")
+
+
+def _catalog_plan(s: dict[str, Any], src: dict[str, Any], digest: str, settings: Settings,
+                  args: tuple[str, ...]) -> Plan:
+    """A catalog import: the pinned digest from the source's URL, its CA and token Secret."""
+    import base64
+
+    from ingest.sources.catalog import build_uri
+
+    spec = src.get("spec") or {}
+    url = str(spec.get("url") or "")
+    env: list[tuple[str, str]] = []
+    if spec.get("caBundle"):
+        try:
+            env.append(("MODELCACHE_CATALOG_CA", base64.b64decode(str(spec["caBundle"])).decode()))
+        except ValueError as e:
+            raise PermanentError("the ModelCatalogSource's caBundle is not base64 PEM",
+                                 reason="InvalidSource") from e
+    ref = spec.get("tokenSecretRef")
+    secret = None
+    if isinstance(ref, dict) and ref.get("name"):
+        # a cluster-scoped source: the token Secret is always in the controller's namespace
+        secret = SecretUse(settings.namespace, str(ref["name"]),
+                           {"MODELCACHE_CATALOG_TOKEN": str(ref.get("key") or "token")})
+    uri = build_uri(url, str(s.get("model") or ""), digest)
+    extra = hashlib.sha256(f"{uri}\0{spec.get('caBundle') or ''}".encode()).hexdigest()[:12]
+    return Plan("publish", uri, args, tuple(env), secret, key_extra=extra)
+
+
+def copied_secret_name(job: str) -> str:
+    return f"{job}-src"
+
+
+def copied_secret(obj: dict[str, Any], job: str, settings: Settings, use: SecretUse,
+                  data: dict[str, str]) -> dict[str, Any]:
+    """The per-Job copy of a source Secret (only the keys the worker reads)."""
+    picked = {}
+    for env, key in use.keys.items():
+        if key in data:
+            picked[key] = data[key]
+        elif env not in use.optional:
+            raise PermanentError(f"Secret {use.namespace}/{use.name} has no key {key!r}",
+                                 reason="SecretKeyNotFound")
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": copied_secret_name(job), "namespace": settings.namespace,
+                         "labels": labels(obj, None)},
+            "data": picked}
+
+
+def labels(obj: dict[str, Any], key: str | None) -> dict[str, str]:
+    meta = obj["metadata"]
+    out = {LABEL_MANAGED: MANAGER, "app.kubernetes.io/component": "publish",
+           LABEL_KIND: model_kind(obj), LABEL_NAME: str(meta["name"]),
+           LABEL_UID: str(meta["uid"])}
+    if meta.get("namespace"):
+        out[LABEL_NAMESPACE] = str(meta["namespace"])
+    if key:
+        out[LABEL_KEY] = key
+    return out
+
+
+def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[str, Any]:
+    """The publish Job for ``obj`` under publish key ``key``."""
+    name = job_name(obj, key)
+    ref = target(obj, settings)
+    spec = obj.get("spec") or {}
+    placement = spec.get("publish") or {}
+    cmd = ["modelcache-controller", "publish", "--source", p.uri, "--to", ref,
+           "--work-dir", WORK_DIR, "--result-file", TERMINATION_LOG,
+           "--name", str(obj["metadata"]["name"]), *p.args]
+    if settings.registry_insecure:
+        cmd.append("--insecure-registry")
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in p.env]
+    env += [{"name": k, "value": v} for k, v in sorted(settings.extra_env.items())]
+    if settings.report_url:
+        url = f"{settings.report_url.rstrip('/')}/report/{name}"
+        env += [{"name": "MODELCACHE_REPORT_URL", "value": url},
+                {"name": "MODELCACHE_REPORT_TOKEN", "value": report_token(settings, name)}]
+    if settings.registry_secret:
+        for var, k in (("MODELCACHE_REGISTRY_USERNAME", "username"),
+                       ("MODELCACHE_REGISTRY_PASSWORD", "password")):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {
+                "name": settings.registry_secret, "key": k}}})
+    if p.secret is not None:
+        for var, k in sorted(p.secret.keys.items()):
+            key_ref: dict[str, Any] = {"name": copied_secret_name(name), "key": k}
+            if var in p.secret.optional:
+                key_ref["optional"] = True
+            env.append({"name": var, "valueFrom": {"secretKeyRef": key_ref}})
+    container: dict[str, Any] = {
+        "name": "publish", "image": settings.image, "command": cmd, "env": env,
+        "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}],
+        "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "File",
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if placement.get("resources"):
+        container["resources"] = placement["resources"]
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": [{"name": "work", "emptyDir": {}}],
+    }
+    if settings.service_account:
+        pod["serviceAccountName"] = settings.service_account
+    if placement.get("nodeSelector"):
+        pod["nodeSelector"] = placement["nodeSelector"]
+    if placement.get("tolerations"):
+        pod["tolerations"] = placement["tolerations"]
+    job_spec: dict[str, Any] = {
+        "backoffLimit": settings.backoff_limit,
+        # exit 1 is the worker's terminal failure: retrying cannot help; 75 is retryable
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": "publish", "operator": "In", "values": [1]}}]},
+        "template": {"metadata": {"labels": labels(obj, key)}, "spec": pod},
+    }
+    if settings.active_deadline:
+        job_spec["activeDeadlineSeconds"] = settings.active_deadline
+    if settings.ttl_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = settings.ttl_after_finished
+    meta: dict[str, Any] = {"name": name, "namespace": settings.namespace,
+                            "labels": labels(obj, key), "annotations": {ANN_TARGET: ref}}
+    if model_kind(obj) == "ClusterModel":
+        # a namespaced dependent may have a cluster-scoped owner, not one in another namespace
+        meta["ownerReferences"] = [{
+            "apiVersion": str(obj.get("apiVersion") or kube.CLUSTER_MODELS.api_version),
+            "kind": "ClusterModel", "name": obj["metadata"]["name"],
+            "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def state(job: dict[str, Any]) -> str:
+    """``Complete``, ``Failed`` or ``Active`` from a Job's status conditions."""
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
+            return str(c["type"])
+    return "Active"

@@ -1,0 +1,130 @@
+"""``modelcache-controller pvc-upload``: the PVC reader Job's entrypoint (``source.pvc``).
+
+Where it sits: for a Model with ``source.pvc`` the manager
+(``controller/models/pvcsource.py``) opens an upload session on the upload
+gateway and runs this as a Job *in the Model's namespace* (a PVC can only be
+mounted there), with the claim mounted read-only at ``--mount`` and the
+session token in ``$MODELCACHE_UPLOAD_TOKEN``. It sends the files under
+``--path`` to the session exactly as ``modelcache upload`` does
+(``jobs/upload_client.py``: resumable pieces, then "complete") and
+waits while the gateway verifies and publishes them from the controller's
+namespace. So this pod never holds a registry credential or a
+service-account token: only a token good for one session of one model.
+
+The tree is untrusted: ``--path`` must stay inside the claim once symlinks
+are resolved, and ``walk_model_dir`` refuses links out of it, devices and
+unsafe names before a byte is sent. Result and exit status as ``publish``:
+the result JSON (``--result-file``, the termination message), 0 on success,
+75 (retryable: the gateway or the network was down) or 1 (terminal: a path
+missing or unsafe, a model the gateway refused), with
+``{"error": {"reason", "message", "retryable"}}``. Progress of the upload
+goes to the manager's report endpoint when ``MODELCACHE_REPORT_URL`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ingest.publish.progress import Sink, Tracker, null_sink
+from jobs import report_client, upload_client
+from modelpack.errors import ModelPackError, UnsafePathError
+from modelpack.paths import join_under, safe_relpath, walk_model_dir
+
+EX_TEMPFAIL = 75
+TOKEN_ENV = "MODELCACHE_UPLOAD_TOKEN"
+
+
+class ReaderError(Exception):
+    def __init__(self, message: str, *, reason: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retryable = retryable
+
+
+def source_dir(mount: str, path: str) -> str:
+    """``path`` inside the claim mounted at ``mount``, symlinks resolved, checked to stay in."""
+    rel = path.strip().strip("/")
+    try:
+        target = join_under(mount, safe_relpath(rel)) if rel not in ("", ".") else mount
+    except UnsafePathError as e:
+        raise ReaderError(f"path {path!r}: {e}", reason="UnsafePath", retryable=False) from e
+    if not os.path.lexists(target):
+        raise ReaderError(f"path {path!r} does not exist in the claim", reason="PathNotFound",
+                          retryable=False)
+    root, real = os.path.realpath(mount), os.path.realpath(target)
+    if os.path.commonpath([root, real]) != root:
+        # a symlink on the way (``llama -> /etc``) would make the pod read its own image
+        raise ReaderError(f"path {path!r} leads out of the claim through a symlink",
+                          reason="UnsafePath", retryable=False)
+    if not os.path.isdir(real) and not os.path.isfile(real):
+        raise ReaderError(f"path {path!r} is neither a directory nor a file",
+                          reason="NotADirectory", retryable=False)
+    return real
+
+
+def read_and_upload(mount: str, path: str, url: str, token: str,
+                    sink: Sink = null_sink) -> dict[str, Any]:
+    """Upload the files at ``path`` to the session at ``url``; the gateway's publish result."""
+    src = source_dir(mount, path)
+    if os.path.isdir(src):
+        files = walk_model_dir(src)  # refuses links out, devices, unsafe names: before any byte
+        if not files:
+            raise ReaderError(f"path {path!r} holds no files", reason="EmptySource",
+                              retryable=False)
+    tracker = Tracker(sink)
+    tracker.set_phase("upload")
+    sent = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal sent
+        if total != tracker.total:
+            tracker.set_phase("upload", total=total)
+        tracker.add(done - sent)  # negative when a piece is sent again
+        sent = done
+
+    status = upload_client.upload(url, token, src, progress=progress)
+    tracker.set_phase("done")
+    result: dict[str, Any] = status.get("result") or {}
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    token = os.environ.get(TOKEN_ENV, "")
+    reporter = report_client.sink_from_env()
+    code = 0
+    try:
+        if not token:
+            raise ReaderError(f"${TOKEN_ENV} is not set", reason="InvalidToken", retryable=False)
+        result = read_and_upload(args.mount, args.path, args.url, token,
+                                 reporter if reporter is not None else null_sink)
+    except (ReaderError, upload_client.UploadError) as e:
+        result, code = _error(e.reason, str(e), e.retryable)
+    except ModelPackError as e:  # walk_model_dir: UnsafePathError, TooManyFiles, …
+        result, code = _error(e.reason, str(e), bool(getattr(e, "retryable", False)))
+    except PermissionError as e:
+        result, code = _error("PermissionDenied", f"reading the claim: {e}", False)
+    except OSError as e:  # an I/O error of the volume may pass; the Job retries
+        result, code = _error("ReadError", f"reading the claim: {e}", True)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    # compact: the kubelet keeps only the first 4 KiB of a termination message
+    text = json.dumps(result, sort_keys=True, separators=(",", ":")) + "\n"
+    if args.result_file == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.result_file, "w") as f:
+            f.write(text)
+    return code
+
+
+def _error(reason: str, message: str, retryable: bool) -> tuple[dict[str, Any], int]:
+    return ({"error": {"reason": reason, "message": message[:1000], "retryable": retryable}},
+            EX_TEMPFAIL if retryable else 1)
+
+
+__all__ = ["ReaderError", "main", "read_and_upload", "source_dir"]
