@@ -9,7 +9,6 @@ same canonical manifest, so the digest is the same either way.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import io
 import os
 import threading
@@ -17,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from modelpack import digest as dg
+from modelpack import parallel
 from modelpack.formats import ModelFile, ModelInfo, inspect_dir
 from modelpack.oci import layout as oci_layout
 from modelpack.oci import mediatypes as mt
@@ -43,18 +43,8 @@ class PackResult:
 def _run_parallel(files: Sequence[ModelFile], fn: Callable[[ModelFile], str],
                   workers: int) -> dict[str, str]:
     """Run ``fn`` per file, largest first, at most ``workers`` at once; path -> digest."""
-    order = sorted(files, key=lambda f: -f.size)
-    out: dict[str, str] = {}
-    with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, len(order)))) as pool:
-        futures = {pool.submit(fn, f): f for f in order}
-        try:
-            for fut in cf.as_completed(futures):
-                out[futures[fut].path] = fut.result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    return out
+    done = parallel.run_all(fn, files, workers, size=lambda f: f.size, name="pack")
+    return {f.path: digest for f, digest in done}
 
 
 def _finish(info: ModelInfo, digests: dict[str, str], name: str | None

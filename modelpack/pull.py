@@ -13,13 +13,13 @@ interrupted run for resume, removed once DEST is in place.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import os
 import shutil
 from collections.abc import Callable
 
 from modelpack import digest as dg
+from modelpack import parallel
 from modelpack.errors import FormatError, IntegrityError, ModelPackError, StoreError
 from modelpack.oci.manifest import Layer, ModelPack, assemble
 from modelpack.oci.reference import Reference
@@ -69,18 +69,7 @@ def fetch_blobs(client: RegistryClient, repository: str, layers: tuple[Layer, ..
         finally:
             part.close()
 
-    order = sorted(todo.values(), key=lambda x: -x.size)
-    if not order:
-        return
-    with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, len(order)))) as pool:
-        futures = [pool.submit(one, layer) for layer in order]
-        try:
-            for fut in cf.as_completed(futures):
-                fut.result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    parallel.run_all(one, todo.values(), workers, size=lambda x: x.size, name="pull")
 
 
 def place(pack: ModelPack, store: BlobStore, dest: str, method: Method | None = None) -> Method:

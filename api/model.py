@@ -1,0 +1,130 @@
+"""Typed, frozen views of a Model / ClusterModel body: every status field named once.
+
+Where it sits: the manager's reconcilers, the webhook, the gate lifter, the
+SharedPVC reconciler, the catalog, the CLI and the node plugin's Kubernetes
+resolver all read the same few fields of a model (its phase, the artifact's
+digest, the resolved metadata). They read them through ``ModelView.of(obj)``
+instead of walking ``obj["status"]["artifact"]["digest"]`` by hand, so a field
+is spelled in one place and a missing or malformed one reads as empty, never
+as a ``KeyError`` deep in a reconcile.
+
+A view is a snapshot: it never writes. Status documents are still written as
+merge patches (``api.conditions``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL, CLUSTER_MODEL = "Model", "ClusterModel"
+
+# ``status.resolved``: the metadata a publish (or an adoption, or an import)
+# reports, with the names the ModelPack reader uses (modelpack.oci.manifest
+# ``Pack.metadata``). The CRD schema lists the same keys.
+RESOLVED_FIELDS = ("format", "family", "architecture", "parameterCount", "paramSize",
+                   "precision", "quantization", "contextLength", "tensors", "files")
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _dict(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def resolved_of(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``status.resolved`` document for ModelPack metadata: known keys, no nulls."""
+    return {k: meta[k] for k in RESOLVED_FIELDS if meta.get(k) is not None}
+
+
+def model_kind(obj: Mapping[str, Any]) -> str:
+    return str(obj.get("kind") or MODEL)
+
+
+def repository(obj: Mapping[str, Any]) -> str:
+    """The DMCR repository of a model: ``cluster/<name>`` or ``models/<ns>/<name>``."""
+    meta = _dict(obj.get("metadata"))
+    if model_kind(obj) == CLUSTER_MODEL:
+        return f"cluster/{meta['name']}"
+    return f"models/{meta['namespace']}/{meta['name']}"
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the system reads of a Model or ClusterModel."""
+
+    kind: str
+    name: str
+    namespace: str  # "" for a ClusterModel
+    uid: str
+    generation: int
+    annotations: Mapping[str, str]
+    deleting: bool
+    spec: Mapping[str, Any]
+    phase: str  # "" until the controller has written one
+    digest: str  # status.artifact.digest, "" when none
+    size: int  # status.artifact.sizeBytes
+    reference: str  # status.artifact.reference
+    resolved: Mapping[str, Any]
+    resolved_revision: str  # status.source.resolvedRevision
+    publish_key: str  # status.publish.key
+    catalog_digest: str  # status.catalog.digest: the remote digest an import is pinned to
+    conditions: tuple[Mapping[str, Any], ...] = field(default=())
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any] | None) -> ModelView:
+        obj = _dict(obj)
+        meta = _dict(obj.get("metadata"))
+        status = _dict(obj.get("status"))
+        art = _dict(status.get("artifact"))
+        conds = status.get("conditions")
+        return cls(
+            kind=model_kind(obj),
+            name=str(meta.get("name") or ""),
+            namespace=str(meta.get("namespace") or ""),
+            uid=str(meta.get("uid") or ""),
+            generation=int(meta.get("generation") or 1),
+            annotations=_dict(meta.get("annotations")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            spec=_dict(obj.get("spec")),
+            phase=str(status.get("phase") or ""),
+            digest=str(art.get("digest") or ""),
+            size=int(art.get("sizeBytes") or 0),
+            reference=str(art.get("reference") or ""),
+            resolved=_dict(status.get("resolved")),
+            resolved_revision=str(_dict(status.get("source")).get("resolvedRevision") or ""),
+            publish_key=str(_dict(status.get("publish")).get("key") or ""),
+            catalog_digest=str(_dict(status.get("catalog")).get("digest") or ""),
+            conditions=tuple(x for x in conds if isinstance(x, Mapping))
+            if isinstance(conds, list) else (),
+        )
+
+    @property
+    def cluster_scoped(self) -> bool:
+        return self.kind == CLUSTER_MODEL
+
+    @property
+    def has_artifact(self) -> bool:
+        """An artifact digest that is well formed (what a pull could use)."""
+        return bool(_DIGEST.match(self.digest))
+
+    def condition(self, type_: str) -> Mapping[str, Any] | None:
+        for cond in self.conditions:
+            if cond.get("type") == type_:
+                return cond
+        return None
+
+    def condition_true(self, type_: str) -> bool:
+        cond = self.condition(type_)
+        return cond is not None and cond.get("status") == "True"
+
+    @property
+    def serving(self) -> bool:
+        """The Ready condition is True and there is an artifact to serve.
+
+        Not the phase: a model being republished keeps serving its previous
+        artifact.
+        """
+        return not self.deleting and self.condition_true("Ready") and self.has_artifact
