@@ -1,14 +1,43 @@
 """The workload delivery contract: every name the webhook, the gate lifter, the
 SharedPVC materializer and the node plugin agree on.
 
-One module so the pieces cannot drift apart. The node plugin (``csi/``) must
-not import ``controller``; it repeats the few names it needs (the CSI driver,
-the node label prefix) and a test checks they are equal.
+One module so the pieces cannot drift apart: the controller, the node plugin
+(``csi/``), the Job entry points (``jobs/``) and the CLI all import their
+names from here.
 """
 
 from __future__ import annotations
 
 import hashlib
+
+# -- on a Model / ClusterModel ------------------------------------------------------
+FINALIZER = "modelcache.io/artifact"  # the artifact is deleted before the model goes
+REIMPORT = "modelcache.io/reimport"  # a new value asks for a fresh publish of the same spec
+UPSTREAM = "modelcache.io/upstream-revision"  # the schedule saw upstream move to this revision
+# ``modelcache import`` (air gap) pushed this digest itself: adopt it, run no Job
+IMPORTED = "modelcache.io/imported-digest"
+IMPORTED_REVISION = "modelcache.io/imported-revision"  # provenance: the source cluster's revision
+
+
+def imported_tag(digest: str) -> str:
+    """The registry tag ``modelcache import`` gives an imported manifest.
+
+    One tag per digest, so every imported version stays listed and the
+    finalizer (which deletes every tag of the repository) removes them all.
+    """
+    return f"imported-{digest.partition(':')[2][:12]}"
+
+
+# -- on what the controller creates (Jobs, Secrets, PVCs) ----------------------------
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+MANAGER = "modelcache-controller"
+LABEL_KIND = "modelcache.io/kind"
+LABEL_NAME = "modelcache.io/name"
+LABEL_NAMESPACE = "modelcache.io/namespace"
+LABEL_UID = "modelcache.io/uid"
+LABEL_KEY = "modelcache.io/publish-key"
+ANN_TARGET = "modelcache.io/target"
+
 
 # -- what a workload writes ---------------------------------------------------
 ANN_MODELS = "modelcache.io/models"  # "qwen,embedder": Models of the workload's namespace

@@ -65,8 +65,7 @@ import requests
 import urllib3
 import yaml
 
-from controller.models import adopt
-from controller.models import publishjob as jobs
+from api import model, names
 from kube import client as kube
 from modelpack import digest as dg
 from modelpack.errors import IntegrityError, ModelPackError, RegistryError
@@ -96,8 +95,8 @@ ALIGN = 4096  # where every layer's data starts in the tar (O_DIRECT, reflink)
 BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # what leaves the source cluster of a CR's metadata: never its identity or history
-DROP_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration", jobs.REIMPORT,
-                    jobs.UPSTREAM)
+DROP_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration", names.REIMPORT,
+                    names.UPSTREAM)
 
 
 def _noop(_: int) -> None:
@@ -150,10 +149,10 @@ def bundle_cr(obj: dict[str, Any], digest: str) -> dict[str, Any]:
     """The CR that travels: its name, labels, annotations and spec; never status or uid."""
     meta = obj["metadata"]
     ann = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in DROP_ANNOTATIONS}
-    ann[adopt.IMPORTED] = digest
+    ann[names.IMPORTED] = digest
     revision = ((obj.get("status") or {}).get("source") or {}).get("resolvedRevision")
     if revision:
-        ann[adopt.IMPORTED_REVISION] = str(revision)
+        ann[names.IMPORTED_REVISION] = str(revision)
     out_meta: dict[str, Any] = {"name": meta["name"], "annotations": ann}
     if meta.get("labels"):
         out_meta["labels"] = dict(meta["labels"])
@@ -488,7 +487,7 @@ def export_bundle(obj: dict[str, Any], client: RegistryClient, output: str,
                   progress: Progress = _noop, fetchers: int = 3) -> Exported:
     """Write the bundle of Ready ClusterModel ``obj`` (its artifact read from ``client``)."""
     digest = str(obj["status"]["artifact"]["digest"])
-    repo = jobs.repository(dict(obj, kind=KIND))
+    repo = model.repository(dict(obj, kind=KIND))
     pack = resolve(client, Reference(client.host, repo, None, digest))
     name = str(obj["metadata"]["name"])
     index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [
@@ -724,8 +723,8 @@ def _check_cr(meta: dict[str, bytes], ref_name: str | None, digest: str) -> dict
         raise BundleError(f"{CR_FILE} names {name!r} but the manifest is tagged {ref_name!r}",
                           reason="BundleMismatch")
     ann = md.get("annotations") or {}
-    if not isinstance(ann, dict) or ann.get(adopt.IMPORTED) != digest:
-        got = ann.get(adopt.IMPORTED) if isinstance(ann, dict) else None
+    if not isinstance(ann, dict) or ann.get(names.IMPORTED) != digest:
+        got = ann.get(names.IMPORTED) if isinstance(ann, dict) else None
         raise BundleError(f"{CR_FILE} records digest {got!r}, the manifest is {digest}",
                           reason="BundleMismatch")
     return cr
@@ -830,10 +829,10 @@ def push(bundle: Bundle, client: RegistryClient, repository: str,
             for fut in futures:
                 fut.cancel()
             raise
-    got = client.put_manifest(repository, adopt.tag(bundle.digest), bundle.pack.manifest_bytes)
+    got = client.put_manifest(repository, names.imported_tag(bundle.digest), bundle.pack.manifest_bytes)
     if got != bundle.digest:
         raise IntegrityError(f"registry stored the manifest as {got}, expected {bundle.digest}")
-    return f"{client.host}/{repository}:{adopt.tag(bundle.digest)}@{got}"
+    return f"{client.host}/{repository}:{names.imported_tag(bundle.digest)}@{got}"
 
 
 def apply(client: kube.Kube, cr: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
@@ -849,7 +848,7 @@ def apply(client: kube.Kube, cr: dict[str, Any], dry_run: bool = False) -> dict[
 
 
 def repository(bundle: Bundle) -> str:
-    return jobs.repository(dict(bundle.cr, kind=KIND))
+    return model.repository(dict(bundle.cr, kind=KIND))
 
 
 def connect(kubeconfig: str | None) -> kube.Kube:

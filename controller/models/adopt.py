@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from api import conditions as c
+from api import names
 from controller.errors import PermanentError, TemporaryError
 from controller.models import publishjob as jobs
 from kube.events import Recorder
@@ -35,8 +36,7 @@ from modelpack.pull import resolve
 
 log = logging.getLogger(__name__)
 
-IMPORTED = "modelcache.io/imported-digest"
-IMPORTED_REVISION = "modelcache.io/imported-revision"  # provenance: the source cluster's revision
+IMPORTED, IMPORTED_REVISION, tag = names.IMPORTED, names.IMPORTED_REVISION, names.imported_tag
 # a missing manifest is looked for again this often (one GET), not with the growing
 # per-key backoff: a push may land at any time and should be adopted soon after
 MISSING_RETRY = 10.0
@@ -60,15 +60,6 @@ class Host(Protocol):
 def imported_digest(obj: dict[str, Any]) -> str | None:
     value = (obj["metadata"].get("annotations") or {}).get(IMPORTED)
     return str(value) if value is not None else None
-
-
-def tag(digest: str) -> str:
-    """The registry tag ``modelcache import`` gives an imported manifest.
-
-    One tag per digest, so every imported version stays listed and the
-    finalizer (which deletes every tag of the repository) removes them all.
-    """
-    return f"imported-{dg.hex_of(digest)[:12]}"
 
 
 def ensure(host: Host, obj: dict[str, Any], fields: Iterable[str]) -> float | None:

@@ -24,20 +24,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from api import model, names
 from controller.errors import PermanentError
 from kube import client as kube
 
-FINALIZER = "modelcache.io/artifact"
-REIMPORT = "modelcache.io/reimport"
-UPSTREAM = "modelcache.io/upstream-revision"
-LABEL_MANAGED = "app.kubernetes.io/managed-by"
-MANAGER = "modelcache-controller"
-LABEL_KIND = "modelcache.io/kind"
-LABEL_NAME = "modelcache.io/name"
-LABEL_NAMESPACE = "modelcache.io/namespace"
-LABEL_UID = "modelcache.io/uid"
-LABEL_KEY = "modelcache.io/publish-key"
-ANN_TARGET = "modelcache.io/target"
+# the names live in api.names; re-exported for this module's readers
+FINALIZER, REIMPORT, UPSTREAM = names.FINALIZER, names.REIMPORT, names.UPSTREAM
+LABEL_MANAGED, MANAGER, ANN_TARGET = names.LABEL_MANAGED, names.MANAGER, names.ANN_TARGET
+LABEL_KIND, LABEL_NAME, LABEL_NAMESPACE = names.LABEL_KIND, names.LABEL_NAME, names.LABEL_NAMESPACE
+LABEL_UID, LABEL_KEY = names.LABEL_UID, names.LABEL_KEY
 WORK_DIR = "/var/lib/modelcache/work"
 TERMINATION_LOG = "/dev/termination-log"
 
@@ -89,8 +84,8 @@ def _short(text: str, n: int) -> str:
     return re.sub(r"[^a-z0-9-]", "-", text.lower())[:n].strip("-") or "x"
 
 
-def model_kind(obj: dict[str, Any]) -> str:
-    return str(obj.get("kind") or "Model")
+model_kind = model.model_kind
+repository = model.repository
 
 
 def target(obj: dict[str, Any], settings: Settings) -> str:
@@ -102,13 +97,6 @@ def target(obj: dict[str, Any], settings: Settings) -> str:
     else:
         repo = f"models/{meta['namespace']}/{meta['name']}"
     return f"{settings.registry}/{repo}:gen-{gen}"
-
-
-def repository(obj: dict[str, Any]) -> str:
-    meta = obj["metadata"]
-    if model_kind(obj) == "ClusterModel":
-        return f"cluster/{meta['name']}"
-    return f"models/{meta['namespace']}/{meta['name']}"
 
 
 def publish_key(obj: dict[str, Any], secret_hash: str) -> str:
