@@ -45,7 +45,7 @@ from cryptography.x509.oid import NameOID
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VERSIONS_FILE = os.path.join(REPO_ROOT, "hack", "kube", "versions.env")
 TOOLS = os.path.join(os.path.expanduser("~"), ".cache", "modelcache-tools")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
