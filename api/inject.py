@@ -3,7 +3,10 @@
 Where it sits: ``webhook.py`` decodes an AdmissionReview, binds a lookup to
 the manager's informer caches and calls ``mutate`` here; the ``Result`` is
 the JSON patch (and the warnings) it sends back. No I/O: every input is an
-argument, so unit tests assert the result field by field.
+argument, so unit tests assert the result field by field. This module reads
+the request, looks the models up and knows where each kind keeps its pod
+template (``TEMPLATE_PATH``); the edit of the pod (template) itself, and its
+exact undoing, is ``podspec.py``.
 
 The rules, in one place:
 
@@ -56,6 +59,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api import names as c
+from api.podspec import (
+    InjectError,
+    Model,
+    Planned,
+    Ref,
+    affinity_labels,
+    drop,
+    inject_pod,
+    strip_pod,
+)
 
 Obj = dict[str, Any]
 
@@ -69,86 +82,8 @@ TEMPLATE_PATH: dict[str, tuple[str, ...]] = {
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
 KINDS = ("Pod", "Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
-AFFINITY_WEIGHT = 50  # preferred, never required: a cold node is slower, not wrong
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_CONTAINER_LISTS = ("initContainers", "containers")
-
-
-class InjectError(Exception):
-    """The request cannot be admitted; ``code`` is the HTTP status the API server shows."""
-
-    def __init__(self, message: str, code: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class Ref:
-    kind: str  # "Model" | "ClusterModel"
-    name: str
-
-
-@dataclass(frozen=True)
-class Model:
-    """What injection needs to know of one Model or ClusterModel."""
-
-    ref: Ref
-    namespace: str  # "" for a ClusterModel
-    phase: str
-    digest: str  # "" unless Ready
-    family: str
-    format: str
-    mode: str  # spec.delivery.mode, "" if unset
-    deleting: bool = False
-    reason: str = ""  # of the Ready condition, for a Failed model
-
-    @classmethod
-    def from_object(cls, ref: Ref, obj: Obj) -> Model:
-        status = obj.get("status") or {}
-        phase = str(status.get("phase") or "Pending")
-        resolved = status.get("resolved") or {}
-        ready: Obj = next((x for x in status.get("conditions") or [] if x.get("type") == "Ready"), {})
-        digest = str((status.get("artifact") or {}).get("digest") or "")
-        return cls(ref=ref, namespace=str(obj["metadata"].get("namespace") or ""),
-                   phase=phase, digest=digest if phase == "Ready" else "",
-                   family=str(resolved.get("family") or ""),
-                   format=str(resolved.get("format") or ""),
-                   mode=str(((obj.get("spec") or {}).get("delivery") or {}).get("mode") or ""),
-                   deleting=bool(obj["metadata"].get("deletionTimestamp")),
-                   reason=str(ready.get("reason") or ""))
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One model's delivery into the pod."""
-
-    model: Model
-    mode: str
-    volume: str
-    path: str
-
-    def volume_source(self) -> Obj:
-        if self.mode == "SharedPVC":
-            return {"name": self.volume, "persistentVolumeClaim": {
-                "claimName": c.pvc_name(self.model.digest), "readOnly": True}}
-        attr = c.ATTR_MODEL if self.model.ref.kind == "Model" else c.ATTR_CLUSTER_MODEL
-        attrs = {attr: self.model.ref.name}
-        if self.model.digest:
-            attrs[c.ATTR_DIGEST] = self.model.digest
-        return {"name": self.volume, "csi": {"driver": c.CSI_DRIVER, "readOnly": True,
-                                             "volumeAttributes": attrs}}
-
-    def mount(self) -> Obj:
-        m: Obj = {"name": self.volume, "mountPath": self.path, "readOnly": True}
-        if self.mode == "SharedPVC":
-            m["subPath"] = c.pvc_subpath(self.model.digest)
-        return m
-
-    def env_entry(self) -> Obj:
-        return {"name": self.model.ref.name, "path": self.path, "digest": self.model.digest,
-                "family": self.model.family, "format": self.model.format}
-
 
 @dataclass
 class Result:
@@ -159,7 +94,6 @@ class Result:
 
 
 Lookup = Callable[[Ref], Obj | None]  # bound to the workload's namespace by the caller
-
 
 # -- the request ----------------------------------------------------------------
 
@@ -244,134 +178,6 @@ def fingerprint(planned: list[Planned]) -> str:
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-# -- strip and inject (in place, on a deep copy) ----------------------------------------
-
-
-def is_injected_volume(volume: Obj) -> bool:
-    """A volume an injection added (our name prefix and our driver or PVC prefix)."""
-    if not str(volume.get("name") or "").startswith(c.VOLUME_PREFIX):
-        return False
-    if (volume.get("csi") or {}).get("driver") == c.CSI_DRIVER:
-        return True
-    claim = str((volume.get("persistentVolumeClaim") or {}).get("claimName") or "")
-    return claim.startswith(c.PVC_PREFIX)
-
-
-def _our_term(term: Obj) -> bool:
-    exprs = (term.get("preference") or {}).get("matchExpressions") or []
-    return bool(exprs) and all(str(e.get("key", "")).startswith(c.NODE_LABEL_PREFIX)
-                               and e.get("operator") == "Exists" for e in exprs) \
-        and not (term.get("preference") or {}).get("matchFields")
-
-
-def affinity_labels(spec: Obj) -> set[str]:
-    terms = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
-             .get("preferredDuringSchedulingIgnoredDuringExecution") or [])
-    return {e["key"] for t in terms if _our_term(t)
-            for e in t["preference"]["matchExpressions"]}
-
-
-def _drop(d: Obj, key: str, *names: str) -> None:
-    """Remove ``names`` from the map ``d[key]``, and the map if that leaves it empty."""
-    m = d.get(key)
-    if not isinstance(m, dict):
-        return
-    for n in names:
-        m.pop(n, None)
-    if not m:
-        d.pop(key, None)
-
-
-def strip_pod(meta: Obj, spec: Obj) -> None:
-    """Remove from a pod (template) everything an injection adds, nothing else."""
-    volumes = spec.get("volumes") or []
-    gone = {v.get("name") for v in volumes if is_injected_volume(v)}
-    if gone:
-        spec["volumes"] = [v for v in volumes if v.get("name") not in gone]
-        if not spec["volumes"]:
-            del spec["volumes"]
-    for lst in _CONTAINER_LISTS:
-        for ctr in spec.get(lst) or []:
-            if gone and ctr.get("volumeMounts"):
-                ctr["volumeMounts"] = [m for m in ctr["volumeMounts"] if m.get("name") not in gone]
-                if not ctr["volumeMounts"]:
-                    del ctr["volumeMounts"]
-            if ctr.get("env"):
-                ctr["env"] = [e for e in ctr["env"] if e.get("name") not in (c.ENV_DIR,
-                                                                            c.ENV_MODELS)]
-                if not ctr["env"]:
-                    del ctr["env"]
-    gates = spec.get("schedulingGates")
-    if gates and any(g.get("name") == c.GATE for g in gates):
-        spec["schedulingGates"] = [g for g in gates if g.get("name") != c.GATE]
-        if not spec["schedulingGates"]:
-            del spec["schedulingGates"]
-    affinity = spec.get("affinity") or {}
-    node = affinity.get("nodeAffinity") or {}
-    terms = node.get("preferredDuringSchedulingIgnoredDuringExecution")
-    if terms and any(_our_term(t) for t in terms):
-        rest = [t for t in terms if not _our_term(t)]
-        if rest:
-            node["preferredDuringSchedulingIgnoredDuringExecution"] = rest
-        else:
-            del node["preferredDuringSchedulingIgnoredDuringExecution"]
-        if not node:
-            del affinity["nodeAffinity"]
-        if not affinity:
-            del spec["affinity"]
-    _drop(meta, "labels", c.LABEL_GATED, c.LABEL_USES_SHARED_PVC)
-    _drop(meta, "annotations", c.ANN_INJECTED)
-
-
-def inject_pod(meta: Obj, spec: Obj, planned: list[Planned], *, cached_labels: Container[str],
-               keep_labels: set[str], fp: str) -> list[str]:
-    """Add the planned models to a stripped pod (template); returns warnings."""
-    warnings: list[str] = []
-    spec.setdefault("volumes", []).extend(p.volume_source() for p in planned)
-    env = [{"name": c.ENV_DIR, "value": c.MOUNT_ROOT},
-           {"name": c.ENV_MODELS, "value": json.dumps([p.env_entry() for p in planned],
-                                                      separators=(",", ":"))}]
-    for lst in _CONTAINER_LISTS:
-        for ctr in spec.get(lst) or []:
-            taken = {m.get("mountPath", "").rstrip("/") for m in ctr.get("volumeMounts") or []}
-            for p in planned:
-                if p.path in taken:
-                    raise InjectError(f"container {ctr.get('name')!r} already mounts something "
-                                      f"at {p.path}, where model {p.model.ref.name} goes")
-            ctr.setdefault("volumeMounts", []).extend(p.mount() for p in planned)
-            ctr.setdefault("env", []).extend(copy.deepcopy(env))
-    if spec.get("nodeName"):
-        # the API server refuses scheduling gates on a pod already bound to a node
-        warnings.append("spec.nodeName is set: the pod is not gated and may start before "
-                        "its models are Ready")
-    else:
-        spec.setdefault("schedulingGates", []).append({"name": c.GATE})
-        meta.setdefault("labels", {})[c.LABEL_GATED] = "true"
-    labels = [c.node_label(p.model.digest) for p in planned
-              if p.mode == "NodeCache" and p.model.digest]
-    labels = [lb for lb in dict.fromkeys(labels) if lb in cached_labels or lb in keep_labels]
-    if labels:
-        add_preferred(spec, labels)
-    if any(p.mode == "SharedPVC" for p in planned):
-        meta.setdefault("labels", {})[c.LABEL_USES_SHARED_PVC] = "true"
-    meta.setdefault("annotations", {})[c.ANN_INJECTED] = fp
-    return warnings
-
-
-def add_preferred(spec: Obj, labels: list[str]) -> None:
-    """Merge one preferred node affinity term per label into ``spec`` (user terms stay)."""
-    terms = (spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
-             .setdefault("preferredDuringSchedulingIgnoredDuringExecution", []))
-    have = {e["key"] for t in terms if _our_term(t) for e in t["preference"]["matchExpressions"]}
-    for lb in labels:
-        if lb not in have:
-            terms.append(preferred_term(lb))
-
-
-def preferred_term(label: str) -> Obj:
-    return {"weight": AFFINITY_WEIGHT,
-            "preference": {"matchExpressions": [{"key": label, "operator": "Exists"}]}}
-
 
 # -- the whole object -------------------------------------------------------------
 
@@ -433,8 +239,8 @@ def mutate(kind: str, obj: Obj, *, operation: str, namespace: str, lookup: Looku
     strip_pod(tmeta, tspec)
     top = new.setdefault("metadata", {})
     if tpl_path:
-        _drop(top, "labels", c.LABEL_USES_SHARED_PVC)
-        _drop(top, "annotations", c.ANN_INJECTED)
+        drop(top, "labels", c.LABEL_USES_SHARED_PVC)
+        drop(top, "annotations", c.ANN_INJECTED)
     warnings: list[str] = []
     planned: list[Planned] = []
     if refs:
@@ -484,9 +290,8 @@ def _keep_injection(kind: str, obj: Obj, old: Obj | None) -> Obj | None:
         if value is not None:
             top.setdefault(key, {})[name] = value
         else:
-            _drop(top, key, name)
+            drop(top, key, name)
     return new
-
 
 # -- RFC 6902 ---------------------------------------------------------------------
 
@@ -513,3 +318,9 @@ def json_patch(a: Any, b: Any, path: list[str] | None = None) -> list[Obj]:
     if a == b:
         return []
     return [{"op": "replace", "path": _pointer(path), "value": b}]
+
+
+# the webhook's whole vocabulary, the request types (defined with the pod-spec edit) included
+__all__ = ["KINDS", "TEMPLATE_PATH", "InjectError", "Lookup", "Model", "Planned", "Ref", "Result",
+           "fingerprint", "injected", "json_patch", "mutate", "parse_refs", "plan",
+           "requested_mode", "volume_name"]

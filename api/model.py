@@ -60,6 +60,7 @@ class ModelView:
     namespace: str  # "" for a ClusterModel
     uid: str
     generation: int
+    observed_generation: int  # status.observedGeneration, 0 before the first status write
     annotations: Mapping[str, str]
     deleting: bool
     spec: Mapping[str, Any]
@@ -70,7 +71,10 @@ class ModelView:
     resolved: Mapping[str, Any]
     resolved_revision: str  # status.source.resolvedRevision
     publish_key: str  # status.publish.key
+    progress_total: int  # status.progress.bytesTotal
+    upload: Mapping[str, Any]  # status.upload: the session's url, tokenSecretRef, expiresAt
     catalog_digest: str  # status.catalog.digest: the remote digest an import is pinned to
+    catalog_key: str  # status.catalog.key: what that pin is valid for (generation, reimport)
     conditions: tuple[Mapping[str, Any], ...] = field(default=())
 
     @classmethod
@@ -86,6 +90,7 @@ class ModelView:
             namespace=str(meta.get("namespace") or ""),
             uid=str(meta.get("uid") or ""),
             generation=int(meta.get("generation") or 1),
+            observed_generation=int(status.get("observedGeneration") or 0),
             annotations=_dict(meta.get("annotations")),
             deleting=bool(meta.get("deletionTimestamp")),
             spec=_dict(obj.get("spec")),
@@ -96,7 +101,10 @@ class ModelView:
             resolved=_dict(status.get("resolved")),
             resolved_revision=str(_dict(status.get("source")).get("resolvedRevision") or ""),
             publish_key=str(_dict(status.get("publish")).get("key") or ""),
+            progress_total=int(_dict(status.get("progress")).get("bytesTotal") or 0),
+            upload=_dict(status.get("upload")),
             catalog_digest=str(_dict(status.get("catalog")).get("digest") or ""),
+            catalog_key=str(_dict(status.get("catalog")).get("key") or ""),
             conditions=tuple(x for x in conds if isinstance(x, Mapping))
             if isinstance(conds, list) else (),
         )
@@ -104,6 +112,11 @@ class ModelView:
     @property
     def cluster_scoped(self) -> bool:
         return self.kind == CLUSTER_MODEL
+
+    @property
+    def full_name(self) -> str:
+        """``namespace/name``, or ``name`` for a ClusterModel: how logs name a model."""
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
     @property
     def has_artifact(self) -> bool:

@@ -1,5 +1,10 @@
 """``modelcache``: pack, pull and inspect ModelPacks from the command line.
 
+Where it sits: the entry point. This module is the parser and the error
+contract; each command's body lives with its feature (``pack.py``,
+``pull.py`` for pull and inspect, ``upload.py``, ``bundle.py`` for export and
+import, ``demo.py``), registry flags and credentials in ``access.py``.
+
 Every failure ends with exit code 1 and one line ``modelcache: REASON: message``;
 usage errors exit 2. Registry credentials come from flags, the environment
 (MODELCACHE_REGISTRY_USERNAME / MODELCACHE_REGISTRY_PASSWORD /
@@ -9,22 +14,11 @@ MODELCACHE_REGISTRY_TOKEN) or ~/.docker/config.json, never from a log.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import time
-from typing import Any
 
-from cli.progress import bar, open_bar
+from cli import access, pack, progress, pull, upload
 from modelpack.errors import ModelPackError
-from modelpack.formats import inspect_dir
-from modelpack.oci import layout as oci_layout
-from modelpack.oci.reference import Reference
-from modelpack.oci.reference import parse as parse_ref
-from modelpack.oci.registry import RegistryClient
-from modelpack.pack import pack_to_layout, pack_to_registry
-from modelpack.pull import pull_to_dir, resolve
 
 DESCRIPTION = """\
 modelcache moves AI model weights: it verifies a model (safetensors, GGUF,
@@ -39,228 +33,22 @@ examples:
 """
 
 
-def _client(args: argparse.Namespace, ref: Reference) -> RegistryClient:
-    username = args.username or os.environ.get("MODELCACHE_REGISTRY_USERNAME")
-    password = os.environ.get("MODELCACHE_REGISTRY_PASSWORD")
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    token = os.environ.get("MODELCACHE_REGISTRY_TOKEN")
-    insecure = args.insecure or ref.host.split(":")[0] in ("127.0.0.1", "localhost") and \
-        os.environ.get("MODELCACHE_LOOPBACK_TLS") != "1"
-    return RegistryClient(ref.host, insecure=insecure, username=username, password=password,
-                          token=None if username else token, ca_bundle=args.ca_file)
-
-
-def _add_registry_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("registry access")
-    g.add_argument("--insecure", action="store_true",
-                   help="plain HTTP (loopback registries are plain HTTP by default)")
-    g.add_argument("--ca-file", help="CA bundle to verify the registry's TLS certificate")
-    g.add_argument("--username", help="basic-auth user (or MODELCACHE_REGISTRY_USERNAME)")
-    g.add_argument("--password-stdin", action="store_true",
-                   help="read the password from standard input (or MODELCACHE_REGISTRY_PASSWORD)")
-
-
-def _summary(meta: dict[str, Any]) -> str:
-    keys = ("format", "family", "architecture", "parameterCount", "precision",
-            "quantization", "contextLength", "tensors", "files", "sizeBytes")
-    return "\n".join(f"  {k:<15} {meta.get(k)}" for k in keys if meta.get(k) is not None)
-
-
-def cmd_pack(args: argparse.Namespace) -> int:
-    src = args.source
-    if not os.path.isdir(src):
-        return _pack_remote(args)
-    info = inspect_dir(src, args.format, args.allow_pickle)
-    t0 = time.monotonic()
-    with bar(info.size, "pack", args.progress) as progress:
-        if args.push:
-            ref = parse_ref(args.push)
-            res = pack_to_registry(info, _client(args, ref), ref, progress=progress)
-        else:
-            res = pack_to_layout(info, args.output, args.tag, progress=progress)
-    dt = time.monotonic() - t0
-    where = res.reference or f"{args.output} (OCI layout, tag {args.tag})"
-    print(f"packed {len(info.files)} files, {info.size} bytes in {dt:.2f}s")
-    print(f"digest: {res.pack.digest}")
-    print(f"stored: {where}")
-    return 0
-
-
-def _pack_remote(args: argparse.Namespace) -> int:
-    """A remote source (hf://, ollama://, http(s)://, s3://): staged, verified, published."""
-    from ingest.publish import Options, PublishError, delta_sink, publish_uri
-    from ingest.sources import SourceError
-
-    if "://" not in args.source:
-        print(f"modelcache: InvalidSource: {args.source} is neither a directory nor a URI",
-              file=sys.stderr)
-        return 1
-    options = Options(expected_format=args.format, allow_pickle=args.allow_pickle)
-    creds = {k: v for k, v in (("include", args.include), ("exclude", args.exclude),
-                               ("sha256", args.sha256)) if v}
-    t0 = time.monotonic()
-    try:
-        with open_bar("pack", args.progress) as (update, set_total):
-            sink = delta_sink(update, set_total)
-            if args.push:
-                ref = parse_ref(args.push)
-                res = publish_uri(args.source, push=args.push, client=_client(args, ref),
-                                  progress=sink, options=options, **creds)
-            else:
-                res = publish_uri(args.source, output=args.output, progress=sink,
-                                  options=options, **creds)
-    except (PublishError, SourceError) as e:
-        print(f"modelcache: {e.reason}: {e}", file=sys.stderr)
-        return 1
-    print(f"packed {res.resolved.get('files')} files, {res.size} bytes "
-          f"in {time.monotonic() - t0:.2f}s from {args.source} (revision {res.revision})")
-    print(f"digest: {res.digest}")
-    print(f"stored: {res.reference or args.output}")
-    return 0
-
-
-def cmd_upload(args: argparse.Namespace) -> int:
-    from jobs.upload_client import UploadError, upload
-
-    token = os.environ.get("MODELCACHE_UPLOAD_TOKEN")
-    if args.token_file:
-        with open(args.token_file) as f:
-            token = f.read().strip()
-    if not args.url or not token:
-        print("modelcache: MissingUploadSession: give --url and --token-file (or "
-              "MODELCACHE_UPLOAD_TOKEN) from the Model's status.upload", file=sys.stderr)
-        return 2
-    try:
-        with open_bar(f"upload {args.model}", args.progress) as (update, set_total):
-            state = {"done": 0, "total": 0}
-
-            def progress(done: int, total: int) -> None:
-                if total != state["total"]:
-                    state["total"] = total
-                    set_total(total)
-                update(done - state["done"])
-                state["done"] = done
-
-            status = upload(args.url, token, args.path, progress=progress)
-    except UploadError as e:
-        print(f"modelcache: {e.reason}: {e}", file=sys.stderr)
-        return 1
-    print(f"uploaded {args.path} to {args.model}: {status.get('phase')}")
-    if status.get("result"):
-        print(f"digest: {status['result'].get('digest')}")
-    return 0
-
-
-def cmd_pull(args: argparse.Namespace) -> int:
-    ref = parse_ref(args.ref)
-    client = _client(args, ref)
-    pack = resolve(client, ref)
-    t0 = time.monotonic()
-    with bar(pack.size, "pull", args.progress) as progress:
-        pull_to_dir(client, ref.with_digest(pack.digest), args.dest, progress=progress,
-                    workers=args.jobs, pack=pack)
-    dt = time.monotonic() - t0
-    rate = pack.size / dt / 1e6 if dt > 0 else 0.0
-    print(f"pulled {len(pack.layers)} files, {pack.size} bytes in {dt:.2f}s ({rate:.0f} MB/s)")
-    print(f"digest: {pack.digest}")
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    target = args.target
-    out: dict[str, Any]
-    if os.path.isdir(target) and oci_layout.is_layout(target):
-        pack, _ = oci_layout.read(target, args.tag)
-        out = {"source": "oci-layout", "digest": pack.digest, **pack.metadata(),
-               "layers": [{"path": x.path, "digest": x.digest, "size": x.size,
-                           "mediaType": x.media_type} for x in pack.layers]}
-    elif os.path.isdir(target):
-        info = inspect_dir(target, args.format, args.allow_pickle)
-        meta = info.summary()
-        out = {"source": "directory", "format": meta["format"], "family": meta["family"],
-               "architecture": meta["architecture"], "parameterCount": meta["parameter_count"],
-               "precision": meta["precision"], "quantization": meta["quantization"],
-               "contextLength": meta["context_length"], "tensors": meta["tensors"],
-               "files": len(info.files), "sizeBytes": info.size,
-               "layers": [{"path": f.path, "size": f.size, "kind": f.kind} for f in info.files]}
-    else:
-        ref = parse_ref(target)
-        pack = resolve(_client(args, ref), ref)
-        out = {"source": "registry", "reference": str(ref.with_digest(pack.digest)),
-               "digest": pack.digest, **pack.metadata(),
-               "layers": [{"path": x.path, "digest": x.digest, "size": x.size,
-                           "mediaType": x.media_type} for x in pack.layers]}
-    if args.json:
-        print(json.dumps(out, indent=2, sort_keys=True))
-        return 0
-    if out.get("digest"):
-        print(f"digest: {out['digest']}")
-    print(_summary(out))
-    print("files:")
-    for layer in out["layers"]:
-        print(f"  {layer['size']:>14}  {layer['path']}")
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
+    # cli.bundle is imported when it runs, for start-up time: it brings kube, api and yaml
+    # (~30 ms) that pack, pull and inspect do not need
     from cli import bundle
 
-    kc = bundle.connect(args.kubeconfig)
-    try:
-        obj = bundle.ready_cluster_model(kc, args.name)
-    finally:
-        kc.close()
-    host = args.registry or bundle.registry_host(obj)
-    if not host:
-        print("modelcache: MissingRegistry: the model's status names no registry; "
-              "give --registry HOST:PORT", file=sys.stderr)
-        return 1
-    client = _client(args, Reference(host, "x"))
-    t0 = time.monotonic()
-    with bar(int(obj["status"]["artifact"].get("sizeBytes") or 0), "export",
-             args.progress) as progress:
-        res = bundle.export_bundle(obj, client, args.output, progress)
-    dt = time.monotonic() - t0
-    rate = res.model_bytes / dt / 1e6 if dt > 0 else 0.0
-    print(f"exported ClusterModel {args.name}: {res.blobs} blobs, {res.model_bytes} bytes "
-          f"in {dt:.2f}s ({rate:.0f} MB/s)")
-    print(f"digest: {res.digest}")
-    print(f"bundle: {res.path} ({res.bundle_bytes} bytes, {res.sha256})")
-    return 0
+    return bundle.cmd_export(args)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from cli import bundle
+    from cli import bundle  # start-up time, as in cmd_export
 
-    t0 = time.monotonic()
-    with bar(os.path.getsize(args.bundle), "verify", args.progress) as progress:
-        b = bundle.verify(args.bundle, progress)
-    kc = bundle.connect(args.kubeconfig)
-    try:
-        bundle.apply(kc, b.cr, dry_run=True)  # a CR this cluster refuses stops before a push
-        client = _client(args, Reference(args.registry, "x"))
-        with bar(sum(e.size for e in b.blobs.values()), "push", args.progress) as progress:
-            ref = bundle.push(b, client, bundle.repository(b), progress, args.jobs)
-        bundle.apply(kc, b.cr)
-        dt = time.monotonic() - t0
-        rate = b.pack.size / dt / 1e6 if dt > 0 else 0.0
-        print(f"imported ClusterModel {b.name}: {len(b.pack.layers)} files, {b.pack.size} bytes "
-              f"verified and pushed in {dt:.2f}s ({rate:.0f} MB/s)")
-        print(f"digest: {b.digest}")
-        print(f"pushed: {ref}")
-        if args.wait:
-            bundle.wait_ready(kc, b.name, b.digest, args.wait)
-            print(f"ready: ClusterModel {b.name}")
-        else:
-            print(f"applied: ClusterModel {b.name} (the controller adopts the artifact)")
-    finally:
-        kc.close()
-    return 0
+    return bundle.cmd_import(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cli import demo
+    from cli import demo  # start-up time: see build_parser
 
     return demo.run_args(args)
 
@@ -296,8 +84,8 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     src.add_argument("--exclude", action="append", metavar="GLOB",
                      help="skip files matching GLOB (repeatable)")
     src.add_argument("--sha256", help="expected sha256 of an http(s) download")
-    _add_registry_flags(pk)
-    pk.set_defaults(func=cmd_pack)
+    access.add_flags(pk)
+    pk.set_defaults(func=pack.cmd_pack)
 
     up = sub.add_parser("upload", help="upload local files to a Model with source.upload",
                         description="Upload a directory, a file or a tar/zip to a Model's "
@@ -308,7 +96,7 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     up.add_argument("--url", help="the session URL from status.upload.url")
     up.add_argument("--token-file", help="a file holding the session token "
                     "(or MODELCACHE_UPLOAD_TOKEN)")
-    up.set_defaults(func=cmd_upload)
+    up.set_defaults(func=upload.cmd_upload)
 
     pl = sub.add_parser("pull", help="pull a ModelPack into a new directory, verified",
                         description="Pull a ModelPack into DEST. Every file is checked against "
@@ -317,8 +105,8 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     pl.add_argument("ref", metavar="REF", help="HOST/REPO[:TAG][@sha256:…]")
     pl.add_argument("dest", metavar="DEST", help="a directory that does not exist or is empty")
     pl.add_argument("-j", "--jobs", type=int, default=4, help="files in parallel (default 4)")
-    _add_registry_flags(pl)
-    pl.set_defaults(func=cmd_pull)
+    access.add_flags(pl)
+    pl.set_defaults(func=pull.cmd_pull)
 
     ins = sub.add_parser("inspect", help="print format, metadata, files and digest",
                          description="Describe a model directory, an OCI layout or a registry "
@@ -329,15 +117,15 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     ins.add_argument("--format", default="Auto", help=argparse.SUPPRESS)
     ins.add_argument("--allow-pickle", action="store_true",
                      help="describe pickle weights instead of refusing them")
-    _add_registry_flags(ins)
-    ins.set_defaults(func=cmd_inspect)
+    access.add_flags(ins)
+    ins.set_defaults(func=pull.cmd_inspect)
 
     dm = sub.add_parser("demo", help="the whole system on this machine, with a real model",
                         description="Start etcd + kube-apiserver, the registry, a local hub, "
                         "the controller and the node plugin on loopback; publish a real model "
                         "as a Model and mount it read-only as kubelet would (needs root).")
     if with_demo:
-        from cli import demo
+        from cli import demo  # start-up time: see above
 
         demo.add_arguments(dm)
     dm.set_defaults(func=cmd_demo)
@@ -370,18 +158,13 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     for sp in (ex, im):
         sp.add_argument("--kubeconfig", help="default: in-cluster, else KUBECONFIG or "
                         "~/.kube/config")
-        _add_registry_flags(sp)
-        sp.add_argument("--progress", dest="progress", action="store_true", default=None,
-                        help="always show the progress bar (default: only on a terminal)")
-        sp.add_argument("--no-progress", dest="progress", action="store_false")
+        access.add_flags(sp)
+        progress.add_flags(sp)
     ex.set_defaults(func=cmd_export)
     im.set_defaults(func=cmd_import)
 
     for name in ("pack", "pull", "upload"):
-        sp = sub.choices[name]
-        sp.add_argument("--progress", dest="progress", action="store_true", default=None,
-                        help="always show the progress bar (default: only on a terminal)")
-        sp.add_argument("--no-progress", dest="progress", action="store_false")
+        progress.add_flags(sub.choices[name])
     return p
 
 

@@ -6,6 +6,7 @@ tqdm is imported only when a bar is shown: a scripted pull (no terminal,
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,13 @@ from contextlib import contextmanager
 
 def _noop(_: int) -> None:
     pass
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` (default: a bar only on a terminal)."""
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="always show the progress bar (default: only on a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 @contextmanager

@@ -1,160 +1,40 @@
-"""``modelcache-controller``: the controller's entry points.
+"""``modelcache-controller``: one command, the manager's processes and its Jobs' entry points.
 
-* ``publish``: the publish worker as a process (a Job in a cluster): one
-  source → a verified ModelPack at a registry reference. Progress goes out
-  as JSON lines (``--progress-file``, default stderr), the result as one
-  JSON document (``--result-file``, default stdout). Exit status 0 on
-  success, 75 (EX_TEMPFAIL) for a retryable failure, 1 for a terminal one,
-  with ``{"error": {"reason", "message", "retryable"}}`` as the result.
-* ``upload-gateway``: the upload gateway HTTP server.
-* ``materialize``: the SharedPVC materializer (a Job in the workload's
-  namespace): a ModelPack → a verified read-only tree on the mounted PVC
-  (``jobs.materialize``); exit codes as ``publish``.
-* ``pvc-upload``: the ``source.pvc`` reader (a Job in the Model's
-  namespace): a mounted claim's files → an upload session of the upload
-  gateway (``jobs.pvc_reader``); exit codes as ``publish``.
-* ``manager``: the controller manager (``controller.models``): Model and
+A thin dispatcher; each subcommand's work is elsewhere:
+
+* ``manager``: the controller manager (``controller/app.py``): Model and
   ClusterModel reconcilers, publish Jobs, leader election, metrics, health.
+* ``upload-gateway``: the upload gateway HTTP server (``controller/upload``).
+* ``publish``, ``materialize``, ``pvc-upload``: what runs inside the
+  manager's Job pods (``jobs/publish.py``, ``jobs/materialize.py``,
+  ``jobs/pvc_reader.py``): a source → a ModelPack in the registry, a
+  ModelPack → a SharedPVC, a mounted claim → an upload session. Each ends by
+  the Job result protocol (``api/jobresult.py``): the result JSON to
+  ``--result-file`` (the termination message), exit 0, 75 (retryable) or 1
+  (terminal), with ``{"error": {"reason", "message", "retryable"}}``.
 
-Credentials come from the environment (``HF_TOKEN``, ``HF_ENDPOINT``,
-``AWS_*``, ``MODELCACHE_HTTP_TOKEN``, ``MODELCACHE_REGISTRY_USERNAME``/
-``_PASSWORD``) or files named by flags, never from flags' values, so they
-stay out of process listings. A publish Job also gets
-``MODELCACHE_REPORT_URL``/``_TOKEN``: progress then goes to the manager too.
+Credentials come from the environment or files named by flags, never from
+flags' values, so they stay out of process listings.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import secrets
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-EX_TEMPFAIL = 75
-
-
-def _read_secret(path: str | None) -> str | None:
-    if not path:
-        return None
-    with open(path) as f:
-        return f.read().strip()
-
-
-def _publish_parser(sub: Any) -> None:
-    p = sub.add_parser("publish", help="publish one source to a registry reference")
-    p.add_argument("--source", required=True,
-                   help="hf://ORG/REPO[@REV], ollama://[HOST/]NS/MODEL[:TAG], http(s)://…, "
-                        "s3://BUCKET/PREFIX or a directory")
-    p.add_argument("--to", required=True, help="registry reference HOST/REPO:TAG")
-    p.add_argument("--insecure-registry", action="store_true", help="plain HTTP to the registry")
-    p.add_argument("--registry-username")
-    p.add_argument("--registry-password-file")
-    p.add_argument("--work-dir", default=None, help="staging directory (kept for resume)")
-    p.add_argument("--progress-file", default="-", help="JSON lines of progress ('-' = stderr)")
-    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
-    p.add_argument("--format", default="Auto", choices=["Auto", "Safetensors", "GGUF", "Diffusers"])
-    p.add_argument("--allow-pickle", action="store_true")
-    p.add_argument("--include", action="append", default=[], help="HF include glob (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], help="HF exclude glob (repeatable)")
-    p.add_argument("--sha256", help="expected sha256 of an http(s) file")
-    p.add_argument("--archive", default="Auto", choices=["Auto", "None", "Tar", "Zip"])
-    p.add_argument("--token-file", help="a file holding the source's token (HF or HTTP bearer)")
-    p.add_argument("--endpoint", help="HF endpoint or S3 endpoint URL")
-    p.add_argument("--region", help="S3 region")
-    p.add_argument("--insecure-source", action="store_true",
-                   help="plain HTTP to an Ollama registry that is not on loopback")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--name", help="descriptor.name in the ModelPack config")
-    p.add_argument("--catalog-wait", type=float, default=1800.0,
-                   help="seconds a catalog import waits out source-side failures (a revoked "
-                   "token, the catalog down) before failing retryably")
-
-
-def _catalog_import(args: argparse.Namespace, client: Any, ref: Any, sink: Any) -> Any:
-    """``catalog+…`` sources are copied byte for byte (same digest), not re-packed;
-    token from $MODELCACHE_CATALOG_TOKEN or --token-file, CA from $MODELCACHE_CATALOG_CA."""
-    from ingest.publish import default_work_dir
-    from ingest.sources import catalog
-
-    return catalog.import_model(
-        args.source, client, ref,
-        token=os.environ.get("MODELCACHE_CATALOG_TOKEN") or _read_secret(args.token_file),
-        ca_pem=os.environ.get("MODELCACHE_CATALOG_CA"),
-        work_dir=args.work_dir or default_work_dir(), sink=sink, wait=args.catalog_wait,
-        workers=args.workers, allow_pickle=args.allow_pickle)
-
-
-def cmd_publish(args: argparse.Namespace) -> int:
-    from ingest.publish import Options, PublishError, json_lines, publish_uri
-    from modelpack.oci import reference
-    from modelpack.oci.registry import RegistryClient
-
-    creds: dict[str, Any] = {
-        "include": args.include or None, "exclude": args.exclude or None,
-        "sha256": args.sha256, "archive": args.archive, "endpoint": args.endpoint,
-        "region": args.region,
-        "token": _read_secret(args.token_file) or os.environ.get("MODELCACHE_HTTP_TOKEN"),
-    }
-    if args.insecure_source:
-        creds["insecure"] = True
-    from jobs import report_client
-
-    progress_out = sys.stderr if args.progress_file == "-" else open(
-        args.progress_file, "a")
-    sink = json_lines(progress_out)
-    reporter = report_client.sink_from_env()
-    if reporter is not None:
-        sink = report_client.tee(sink, reporter)
-    result: dict[str, Any]
-    code = 0
-    try:
-        ref = reference.parse(args.to)
-        client = RegistryClient(ref.host, insecure=args.insecure_registry,
-                                username=args.registry_username
-                                or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
-                                password=_read_secret(args.registry_password_file)
-                                or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"))
-        if args.source.startswith("catalog+"):
-            res: Any = _catalog_import(args, client, ref, sink)
-        else:
-            res = publish_uri(args.source, push=args.to, client=client,
-                              progress=sink, work_dir=args.work_dir,
-                              options=Options(expected_format=args.format,
-                                              allow_pickle=args.allow_pickle,
-                                              workers=args.workers, name=args.name),
-                              **{k: v for k, v in creds.items() if v is not None})
-        result = res.to_json()
-    except PublishError as e:
-        result = {"error": {"reason": e.reason, "message": str(e)[:1000],
-                            "retryable": e.retryable}}
-        code = EX_TEMPFAIL if e.retryable else 1
-    except Exception as e:  # a bad URI or reference, before any transfer
-        from ingest.publish.worker import as_publish_error
-
-        err = as_publish_error(e)
-        result = {"error": {"reason": err.reason, "message": str(err)[:1000],
-                            "retryable": err.retryable}}
-        code = EX_TEMPFAIL if err.retryable else 1
-    finally:
-        if reporter is not None:
-            reporter.close()
-        if progress_out is not sys.stderr:
-            progress_out.close()
-    # compact when it is a termination message: kubelet keeps only its first 4 KiB
-    compact = args.result_file != "-"
-    text = json.dumps(result, indent=None if compact else 2, sort_keys=True,
-                      separators=(",", ":") if compact else None) + "\n"
-    if args.result_file == "-":
-        sys.stdout.write(text)
-    else:
-        with open(args.result_file, "w") as f:
-            f.write(text)
-    return code
+from jobs import materialize, publish, pvc_reader
+from jobs.publish import read_secret
+from kube import logs
+from kube.flags import size_arg
+from modelpack.oci.registry import RegistryClient
 
 
 def _gateway_parser(sub: Any) -> None:
@@ -181,14 +61,13 @@ def _gateway_parser(sub: Any) -> None:
 def _registry_login(username_file: str | None, password_file: str | None
                     ) -> tuple[str | None, str | None]:
     """The registry user from files (a mounted Secret) or the environment; never logged."""
-    return (_read_secret(username_file) or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
-            _read_secret(password_file) or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"))
+    return (read_secret(username_file) or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
+            read_secret(password_file) or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"))
 
 
 def cmd_upload_gateway(args: argparse.Namespace) -> int:
-    from controller.upload.gateway import Gateway, create_server, size_arg
-    from kube import logs
-    from modelpack.oci.registry import RegistryClient
+    # the controller's own modules are imported on use: a Job pod's start-up skips them
+    from controller.upload.gateway import Gateway, create_server
 
     if bool(args.registry_username_file) != bool(args.registry_password_file):
         raise SystemExit("modelcache-controller upload-gateway: --registry-username-file and "
@@ -210,15 +89,13 @@ def cmd_upload_gateway(args: argparse.Namespace) -> int:
 
     host, _, port = args.listen.rpartition(":")
     gateway = Gateway(args.root, public_url=args.public_url,
-                      admin_token=_read_secret(args.admin_token_file)
+                      admin_token=read_secret(args.admin_token_file)
                       or os.environ.get("MODELCACHE_UPLOAD_ADMIN_TOKEN"),
                       client_factory=client_for, max_staging_bytes=max_staging)
     if args.tls_cert and not args.public_url:
         gateway.public_url = f"https://{host or '127.0.0.1'}:{port}"
     server = create_server((host or "127.0.0.1", int(port)), gateway)
     if args.tls_cert:
-        import ssl
-
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
@@ -349,14 +226,12 @@ def _manager_parser(sub: Any) -> None:
 
 
 def cmd_manager(args: argparse.Namespace) -> int:
-    import secrets
-
+    # imported on use (so are the config helpers' below): a Job pod's start-up skips them
     from controller import app
     from controller.models import publishjob as jobs
-    from kube import logs
 
     logs.setup(args.log_level)
-    key = (_read_secret(args.report_key_file) or os.environ.get("MODELCACHE_REPORT_KEY")
+    key = (read_secret(args.report_key_file) or os.environ.get("MODELCACHE_REPORT_KEY")
            or secrets.token_hex(32)).encode()
     host, _, port = args.listen.rpartition(":")
     username, password = _registry_login(args.registry_username_file,
@@ -378,7 +253,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
     manager = app.Manager(opts)
     runner = None
     if args.embedded_jobs:
-        from controller.embedded.jobrunner import JobRunner
+        from controller.embedded.jobrunner import JobRunner  # on use, as above
 
         runner = JobRunner(manager.client, args.namespace, work_root=args.embedded_jobs).start()
     try:
@@ -389,7 +264,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
 
 
 def _catalog_config(args: argparse.Namespace) -> Any:
-    from controller.catalog import server
+    from controller.catalog import server  # on use, as in cmd_manager
 
     if args.distribution_mode != "PublicCatalog":
         return None
@@ -408,7 +283,7 @@ def _catalog_config(args: argparse.Namespace) -> Any:
 
 
 def _delivery_config(args: argparse.Namespace) -> Any:
-    from controller.delivery import webhook
+    from controller.delivery import webhook  # on use, as in cmd_manager
 
     if not (args.webhook_service or args.webhook_url):
         return None
@@ -422,7 +297,7 @@ def _delivery_config(args: argparse.Namespace) -> Any:
 
 
 def _shared_pvc_config(args: argparse.Namespace) -> Any:
-    from controller.delivery import sharedpvc
+    from controller.delivery import sharedpvc  # on use, as in cmd_manager
 
     if not args.shared_pvc:
         return None
@@ -433,11 +308,11 @@ def _shared_pvc_config(args: argparse.Namespace) -> Any:
 
 
 def _upload_config(args: argparse.Namespace) -> Any:
-    from controller.upload import reconcile as uploads
+    from controller.upload import reconcile as uploads  # on use, as in cmd_manager
 
     if not args.upload_gateway_url:
         return None
-    token = (_read_secret(args.upload_admin_token_file)
+    token = (read_secret(args.upload_admin_token_file)
              or os.environ.get("MODELCACHE_UPLOAD_ADMIN_TOKEN"))
     if not token:
         raise SystemExit("modelcache-controller: --upload-gateway-url needs an admin token "
@@ -446,48 +321,12 @@ def _upload_config(args: argparse.Namespace) -> Any:
                           args.upload_poll_interval)
 
 
-def _materialize_parser(sub: Any) -> None:
-    p = sub.add_parser("materialize", help="pull a ModelPack into a SharedPVC, verified")
-    p.add_argument("--reference", required=True, help="registry reference HOST/REPO[:TAG][@DIGEST]")
-    p.add_argument("--dest", required=True, help="the PVC's mount point")
-    p.add_argument("--digest", help="the manifest digest the tree must have (sha256:…)")
-    p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
-    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--lock-timeout", type=float, default=600.0,
-                   help="seconds to wait for another materializer of the same volume")
-
-
-def cmd_materialize(args: argparse.Namespace) -> int:
-    """Exit 0 (the tree is in place), 75 (retryable) or 1 (terminal), like ``publish``;
-    registry credentials from MODELCACHE_REGISTRY_USERNAME/_PASSWORD."""
-    from jobs import materialize
-
-    return materialize.main(args)
-
-
-def _pvc_upload_parser(sub: Any) -> None:
-    p = sub.add_parser("pvc-upload", help="send a mounted PVC's files to an upload session "
-                       "(the source.pvc reader Job); token from $MODELCACHE_UPLOAD_TOKEN")
-    p.add_argument("--mount", required=True, help="where the claim is mounted (read-only)")
-    p.add_argument("--path", default="", help="the directory (or file) inside the claim")
-    p.add_argument("--url", required=True, help="the upload session URL")
-    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
-
-
-def cmd_pvc_upload(args: argparse.Namespace) -> int:
-    """Exit codes as ``publish`` (jobs/pvc_reader.py)."""
-    from jobs import pvc_reader
-
-    return pvc_reader.main(args)
-
-
-PARSERS: list[Callable[[Any], None]] = [_publish_parser, _gateway_parser, _manager_parser,
-                                        _materialize_parser, _pvc_upload_parser]
+PARSERS: list[Callable[[Any], None]] = [publish.add_parser, _gateway_parser, _manager_parser,
+                                        materialize.add_parser, pvc_reader.add_parser]
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "materialize": cmd_materialize,
-    "pvc-upload": cmd_pvc_upload,
-    "publish": cmd_publish,
+    "materialize": materialize.main,
+    "pvc-upload": pvc_reader.main,
+    "publish": publish.main,
     "upload-gateway": cmd_upload_gateway,
     "manager": cmd_manager,
 }

@@ -34,6 +34,11 @@ def not_found(message: str) -> CsiError:
     return CsiError(grpc.StatusCode.NOT_FOUND, message)
 
 
+def unavailable(message: str) -> CsiError:
+    """Not now: kubelet retries the call."""
+    return CsiError(grpc.StatusCode.UNAVAILABLE, message)
+
+
 def to_csi(e: BaseException) -> CsiError:
     """Map any exception from the cache, the registry or the mounts to a CsiError."""
     if isinstance(e, CsiError):

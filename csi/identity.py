@@ -12,9 +12,10 @@ import asyncio
 from importlib import metadata
 from typing import Any
 
+from api import names
 from csi.stubs import pb, rpc
 
-DRIVER_NAME = "nodecache.modelcache.io"
+DRIVER_NAME = names.CSI_DRIVER  # the CSIDriver object's name, which pods' volumes name
 
 
 def _version() -> str:

@@ -24,27 +24,22 @@ import signal
 import threading
 import time
 
-from csi import logs, metrics
+from api import names
+from csi import metrics
 from csi.cache import Cache
 from csi.identity import DRIVER_NAME
 from csi.nodelabels import NodeLabeler
 from csi.prefetch import Prefetcher
-from csi.resolvers.file import FileResolver, NoResolver, Resolver
-from csi.resolvers.kube import KubeResolver, api_client
+from csi.resolvers.base import NoResolver, Resolver
+from csi.resolvers.file import FileResolver
+from csi.resolvers.kube import KubeResolver
 from csi.server import create_server, socket_path
+from kube import client as kubeclient
+from kube import logs
+from kube.flags import binary_size_arg
 from modelpack.oci.registry import RegistryClient
 
 log = logging.getLogger("csi")
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def size_arg(text: str) -> int:
-    """``500Gi``, ``20G``, ``1048576`` -> bytes (binary units either way)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgtKMGT]?)i?[bB]?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500Gi)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def duration_arg(text: str) -> float:
@@ -106,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
                    help="with the API server unreachable, keep answering from the watched "
                         "Models this long, then answer UNAVAILABLE")
     p.add_argument("--node-labels", action=argparse.BooleanOptionalAction, default=None,
-                   help="label this node (--node-id) nodecache.modelcache.io/sha256-<digest "
+                   help=f"label this node (--node-id) {names.NODE_LABEL_PREFIX}sha256-<digest "
                         "prefix>=true for every model its cache holds, and remove the labels "
                         "of evicted ones, so workloads can prefer nodes that need no pull "
                         "(default: on with --resolver kube)")
@@ -127,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default="",
                    help="host:port serving /metrics, /inventory and /healthz "
                         "(empty: not served)")
-    p.add_argument("--cache-capacity", type=size_arg, default=None,
+    p.add_argument("--cache-capacity", type=binary_size_arg, default=None,
                    help="bytes the cache may use (default: the filesystem's size)")
     p.add_argument("--high-watermark", type=fraction_arg, default=0.85,
                    help="evict idle models when usage exceeds this fraction of the capacity")
@@ -260,7 +255,7 @@ def settle_kube_flags(args: argparse.Namespace) -> str | None:
     return None
 
 
-async def run(args: argparse.Namespace, api: object = None) -> None:
+async def run(args: argparse.Namespace, api: kubeclient.Kube | None = None) -> None:
     clients = Clients(args.insecure_registry, args.registry_ca,
                       pull_via=pull_via_arg(args.pull_via),
                       credentials_dir=args.registry_credentials)
@@ -273,9 +268,13 @@ async def run(args: argparse.Namespace, api: object = None) -> None:
     if args.resolver == "file":
         resolver = FileResolver(args.models_file)
     elif args.resolver == "kube":
+        assert api is not None  # main() made it
         resolver = kube = KubeResolver(api, cache.client_for,
                                          max_stale=args.kube_max_stale).start()
-    labeler = NodeLabeler(api, args.node_id, cache.digests) if args.node_labels else None
+    labeler: NodeLabeler | None = None
+    if args.node_labels:
+        assert api is not None  # main() made it
+        labeler = NodeLabeler(api, args.node_id, cache.digests)
     if labeler is not None:
         cache.add_listener(labeler.poke)
     plugin = await create_server(args.endpoint, args.node_id, cache, resolver,
@@ -340,8 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     api = None
     if args.resolver == "kube" or args.node_labels:
         try:
-            api = api_client(args.kubeconfig)
-        except ValueError as e:
+            # two long watches (Models, ClusterModels), the Node watch, and short calls
+            api = kubeclient.Kube.from_config(args.kubeconfig, pool_size=8)
+        except kubeclient.ConfigError as e:
             parser().error(str(e))
     logs.setup(args.log_level, args.log_format)
     asyncio.run(run(args, api))

@@ -31,11 +31,12 @@ from typing import Any, TypeVar
 
 import grpc
 
-from csi import errors, logs, metrics, mounts, volumes
+from csi import errors, metrics, mounts, volumes
 from csi.cache import Cache, Tree
 from csi.errors import CsiError
-from csi.resolvers.file import Resolved, Resolver, Volume
+from csi.resolvers.base import Resolved, Resolver, Volume
 from csi.stubs import pb, rpc
+from kube import logs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -136,7 +137,7 @@ class NodeService(rpc.NodeServicer):  # type: ignore[misc,name-defined]
         try:
             await asyncio.wait_for(self.ready.wait(), timeout=10)
         except TimeoutError:
-            raise CsiError(grpc.StatusCode.UNAVAILABLE, "cache recovery still running") from None
+            raise errors.unavailable("cache recovery still running") from None
 
     # -- capabilities and info -----------------------------------------------------
 

@@ -1,10 +1,12 @@
 """Node labels: this node's Node object says which models its cache holds.
 
 For every complete tree in the cache the Node carries
-``nodecache.modelcache.io/sha256-<first 40 hex of the manifest digest>: "true"``
-(the format of ``api/names.py``, repeated here because
-``csi`` never imports ``controller``; a unit test keeps them equal), so a
-workload's preferred node affinity can lean toward nodes that need no pull.
+``api.names.node_label(digest)``
+(``nodecache.modelcache.io/sha256-<first 40 hex of the manifest digest>``)
+set to ``"true"``, so a workload's preferred node affinity can lean toward
+nodes that need no pull; the webhook and the gate lifter read the same
+names. This module keeps only the patching of this node's labels, through
+``kube.client``.
 
 The cache calls ``poke`` whenever its trees may have changed (recovery,
 pull, eviction, scrub); a burst of pokes within ``debounce`` seconds becomes
@@ -25,27 +27,20 @@ is that the plugin runs only as the node's own privileged DaemonSet.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
 
+from api.names import NODE_LABEL_PREFIX, node_label
 from csi import metrics
-from csi.resolvers.kube import Debounced, api_error
+from csi.debounced import Debounced
+from kube import client as kube
 
 log = logging.getLogger(__name__)
 
-NODE_LABEL_PREFIX = "nodecache.modelcache.io/"
-OURS = re.compile(r"^nodecache\.modelcache\.io/sha256-[0-9a-f]{40}$")
-MERGE_PATCH = "application/merge-patch+json"
-
-
-def node_label(digest: str) -> str:
-    """The label that says "this node's cache holds ``digest``"."""
-    algo, _, hexpart = digest.partition(":")
-    return f"{NODE_LABEL_PREFIX}{algo}-{hexpart[:40]}"
-
+# the labels of node_label's shape: the only ones this module ever adds or removes
+OURS = re.compile(rf"^{re.escape(NODE_LABEL_PREFIX)}sha256-[0-9a-f]{{40}}$")
+TIMEOUT = (5.0, 15.0)  # connect, read
 
 def label_patch(current: dict[str, str], digests: Iterable[str]) -> dict[str, str | None]:
     """The merge patch of ``metadata.labels`` taking ``current`` to the cache's state."""
@@ -60,12 +55,10 @@ class NodeLabeler(Debounced):
 
     name = "node-labels"
 
-    def __init__(self, api: Any, node: str, digests: Callable[[], Iterable[str]], *,
+    def __init__(self, client: kube.Kube, node: str, digests: Callable[[], Iterable[str]], *,
                  debounce: float = 1.0, resync: float = 600.0) -> None:
-        from kubernetes import client
-
         super().__init__(debounce, resync)
-        self.core = client.CoreV1Api(api)
+        self.client = client
         self.node = node
         self.digests = digests
 
@@ -74,13 +67,12 @@ class NodeLabeler(Debounced):
 
     def reconcile(self) -> dict[str, str | None]:
         """One GET, at most one PATCH; returns the patch sent (empty: none was needed)."""
-        resp: Any = self.core.read_node(self.node, _preload_content=False, _request_timeout=(5, 15))
-        labels = (json.loads(resp.data).get("metadata") or {}).get("labels") or {}
+        node = self.client.get(kube.NODES, self.node, timeout=TIMEOUT)
+        labels = (node.get("metadata") or {}).get("labels") or {}
         patch = label_patch(labels, self.digests())
         if patch:
-            self.core.patch_node(self.node, {"metadata": {"labels": patch}},
-                                 _content_type=MERGE_PATCH, _preload_content=False,
-                                 _request_timeout=(5, 15))
+            self.client.patch(kube.NODES, self.node, {"metadata": {"labels": patch}},
+                              timeout=TIMEOUT)
             metrics.NODE_LABEL_PATCHES.labels("ok").inc()
             log.info("node labels updated", extra={
                 "node": self.node, "added": sorted(k for k, v in patch.items() if v),
@@ -90,4 +82,4 @@ class NodeLabeler(Debounced):
     def failed(self, error: Exception, retry_in: float) -> None:
         metrics.NODE_LABEL_PATCHES.labels("error").inc()
         log.warning("node labels not updated", extra={
-            "node": self.node, "error": api_error(error), "retryIn": retry_in})
+            "node": self.node, "error": kube.brief(error), "retryIn": retry_in})

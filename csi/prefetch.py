@@ -33,7 +33,10 @@ from typing import Any, Self
 
 from csi import metrics
 from csi.cache import Cache
-from csi.resolvers.kube import Debounced, Informer, KubeResolver, ModelEntry
+from csi.debounced import Debounced
+from csi.resolvers.kube import KubeResolver, ModelEntry, connection_gauge
+from kube import client as kube
+from kube.informer import Informer
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +56,16 @@ class Prefetcher(Debounced):
 
     def __init__(self, api: Any, node: str, resolver: KubeResolver, cache: Cache, *,
                  debounce: float = 0.5, retry: float = 30.0, max_retry: float = 600.0) -> None:
-        from kubernetes import client
-
         super().__init__(debounce, retry)  # also wakes to retry failed pulls
         self.node = node
         self.resolver = resolver
         self.cache = cache
         self.retry = retry
         self.max_retry = max_retry
-        self.node_info = Informer("node", client.CoreV1Api(api).list_node, _labels,
-                                  field_selector=f"metadata.name={node}")
+        self.node_info = Informer(api, kube.NODES, field_selector=f"metadata.name={node}",
+                                  transform=_labels, on_connection=connection_gauge("node"))
         for informer in (self.node_info, resolver.models, resolver.cluster_models):
-            informer.listeners.append(self.poke)
+            informer.handlers.append(lambda *_: self.poke())
         self._done: set[str] = set()  # digests cached (by us or anyone) during this run
         self._failed: dict[str, tuple[float, float]] = {}  # digest -> (retry at, backoff)
         self._inflight: str | None = None

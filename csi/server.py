@@ -17,7 +17,7 @@ import grpc
 from csi.cache import Cache
 from csi.identity import IdentityService
 from csi.node import NodeService
-from csi.resolvers.file import Resolver
+from csi.resolvers.base import Resolver
 from csi.stubs import rpc
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The SharedPVC materializer: a ModelPack becomes a verified, read-only tree on a PVC.
 
 Runs as ``modelcache-controller materialize`` inside the materializer Job
-(``controller/delivery/sharedpvc.py`` makes it), with the PVC mounted
+(``controller/delivery/materializer.py`` makes it), with the PVC mounted
 read-write at ``--dest``. Layout on the volume::
 
     <dest>/<manifest hex>/…                the tree pods mount (subPath), read-only
@@ -21,15 +21,14 @@ copy) → write the manifest record → rename the tree to its final path, the
 commit point. Whatever fails, nothing appears at the final path.
 
 Errors leave as ``MaterializeError`` with ``reason`` and ``retryable``,
-which the entry point turns into exit 75 (retry) or 1 (terminal), like
-the publish worker.
+which the entry point (``main``) turns into the Job result protocol's
+document and exit status (``api/jobresult.py``): 75 (retry) or 1 (terminal).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -39,10 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from api import jobresult
 from api import names as contract
 from modelpack import digest as dg
 from modelpack import pull
 from modelpack.errors import ModelPackError
+from modelpack.oci import reference
 from modelpack.oci.manifest import Layer, layers_of, parse_manifest
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
@@ -58,13 +59,8 @@ BROKEN_PREFIX = ".broken-"
 MAX_RECORD = 4 << 20  # the registry client's own bound on a manifest
 
 
-class MaterializeError(Exception):
-    """A materialization failed; ``retryable`` decides the exit code (75 or 1)."""
-
-    def __init__(self, message: str, *, reason: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.retryable = retryable
+class MaterializeError(jobresult.JobError):
+    """A materialization failed; ``retryable`` decides the exit code (``jobresult``)."""
 
 
 @dataclass(frozen=True)
@@ -257,11 +253,22 @@ def _write_record(dest: str, digest: str, raw: bytes) -> None:
     os.replace(tmp, path)
 
 
-def main(args: Any) -> int:
-    """The ``materialize`` subcommand: the result JSON to ``--result-file``, the exit status."""
-    from modelpack.oci import reference
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("materialize", help="pull a ModelPack into a SharedPVC, verified")
+    p.add_argument("--reference", required=True, help="registry reference HOST/REPO[:TAG][@DIGEST]")
+    p.add_argument("--dest", required=True, help="the PVC's mount point")
+    p.add_argument("--digest", help="the manifest digest the tree must have (sha256:…)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
+    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--lock-timeout", type=float, default=600.0,
+                   help="seconds to wait for another materializer of the same volume")
 
-    code = 0
+
+def main(args: Any) -> int:
+    """The ``materialize`` subcommand: the result JSON to ``--result-file``, the exit status;
+    registry credentials from MODELCACHE_REGISTRY_USERNAME/_PASSWORD."""
+    code = jobresult.OK
     result: dict[str, Any]
     try:
         try:
@@ -274,13 +281,6 @@ def main(args: Any) -> int:
         result = materialize(client, ref, args.dest, args.digest, workers=args.workers,
                              lock_timeout=args.lock_timeout).to_json()
     except MaterializeError as e:
-        result = {"error": {"reason": e.reason, "message": str(e)[:1000],
-                            "retryable": e.retryable}}
-        code = 75 if e.retryable else 1
-    text = json.dumps(result, sort_keys=True, separators=(",", ":")) + "\n"
-    if args.result_file == "-":
-        os.write(1, text.encode())
-    else:
-        with open(args.result_file, "w") as f:
-            f.write(text)
+        result, code = jobresult.from_error(e)
+    jobresult.write(result, args.result_file)
     return code

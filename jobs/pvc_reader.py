@@ -13,36 +13,32 @@ service-account token: only a token good for one session of one model.
 
 The tree is untrusted: ``--path`` must stay inside the claim once symlinks
 are resolved, and ``walk_model_dir`` refuses links out of it, devices and
-unsafe names before a byte is sent. Result and exit status as ``publish``:
-the result JSON (``--result-file``, the termination message), 0 on success,
-75 (retryable: the gateway or the network was down) or 1 (terminal: a path
-missing or unsafe, a model the gateway refused), with
-``{"error": {"reason", "message", "retryable"}}``. Progress of the upload
-goes to the manager's report endpoint when ``MODELCACHE_REPORT_URL`` is set.
+unsafe names before a byte is sent. Result and exit status by the Job result
+protocol (``api/jobresult.py``): the result JSON (``--result-file``, the
+termination message), 0 on success, 75 (retryable: the gateway or the
+network was down) or 1 (terminal: a path missing or unsafe, a model the
+gateway refused), with ``{"error": {"reason", "message", "retryable"}}``.
+Progress of the upload goes to the manager's report endpoint when
+``MODELCACHE_REPORT_URL`` is set.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from typing import Any
 
+from api import jobresult
 from ingest.publish.progress import Sink, Tracker, null_sink
 from jobs import report_client, upload_client
 from modelpack.errors import ModelPackError, UnsafePathError
 from modelpack.paths import join_under, safe_relpath, walk_model_dir
 
-EX_TEMPFAIL = 75
 TOKEN_ENV = "MODELCACHE_UPLOAD_TOKEN"
 
 
-class ReaderError(Exception):
-    def __init__(self, message: str, *, reason: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.retryable = retryable
+class ReaderError(jobresult.JobError):
+    """The claim cannot be read as a model (``retryable``: it may, later)."""
 
 
 def source_dir(mount: str, path: str) -> str:
@@ -92,39 +88,37 @@ def read_and_upload(mount: str, path: str, url: str, token: str,
     return result
 
 
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("pvc-upload", help="send a mounted PVC's files to an upload session "
+                       "(the source.pvc reader Job); token from $MODELCACHE_UPLOAD_TOKEN")
+    p.add_argument("--mount", required=True, help="where the claim is mounted (read-only)")
+    p.add_argument("--path", default="", help="the directory (or file) inside the claim")
+    p.add_argument("--url", required=True, help="the upload session URL")
+    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
+
+
 def main(args: argparse.Namespace) -> int:
+    """The ``pvc-upload`` subcommand: the result JSON to ``--result-file``, the exit status."""
     token = os.environ.get(TOKEN_ENV, "")
     reporter = report_client.sink_from_env()
-    code = 0
+    code = jobresult.OK
     try:
         if not token:
             raise ReaderError(f"${TOKEN_ENV} is not set", reason="InvalidToken", retryable=False)
         result = read_and_upload(args.mount, args.path, args.url, token,
                                  reporter if reporter is not None else null_sink)
-    except (ReaderError, upload_client.UploadError) as e:
-        result, code = _error(e.reason, str(e), e.retryable)
-    except ModelPackError as e:  # walk_model_dir: UnsafePathError, TooManyFiles, …
-        result, code = _error(e.reason, str(e), bool(getattr(e, "retryable", False)))
+    except (ReaderError, upload_client.UploadError, ModelPackError) as e:
+        # ModelPackError: walk_model_dir's UnsafePathError, TooManyFiles, …
+        result, code = jobresult.from_error(e)
     except PermissionError as e:
-        result, code = _error("PermissionDenied", f"reading the claim: {e}", False)
+        result, code = jobresult.error("PermissionDenied", f"reading the claim: {e}", False)
     except OSError as e:  # an I/O error of the volume may pass; the Job retries
-        result, code = _error("ReadError", f"reading the claim: {e}", True)
+        result, code = jobresult.error("ReadError", f"reading the claim: {e}", True)
     finally:
         if reporter is not None:
             reporter.close()
-    # compact: the kubelet keeps only the first 4 KiB of a termination message
-    text = json.dumps(result, sort_keys=True, separators=(",", ":")) + "\n"
-    if args.result_file == "-":
-        sys.stdout.write(text)
-    else:
-        with open(args.result_file, "w") as f:
-            f.write(text)
+    jobresult.write(result, args.result_file)
     return code
 
 
-def _error(reason: str, message: str, retryable: bool) -> tuple[dict[str, Any], int]:
-    return ({"error": {"reason": reason, "message": message[:1000], "retryable": retryable}},
-            EX_TEMPFAIL if retryable else 1)
-
-
-__all__ = ["ReaderError", "main", "read_and_upload", "source_dir"]
+__all__ = ["ReaderError", "add_parser", "main", "read_and_upload", "source_dir"]

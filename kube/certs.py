@@ -1,20 +1,23 @@
-"""The webhook's TLS: a self-signed CA and serving certificate kept in a Secret,
-and the MutatingWebhookConfiguration kept in step with them.
+"""Certificates: a self-signed CA and serving certificates, kept in a Secret and rotated.
 
-Where it sits: the manager's ``Delivery`` (webhook.py) calls ``CertKeeper.ensure``
-at start and then periodically; every replica does, and they converge on
-the one Secret (writes carry the resourceVersion, the loser of a race
-re-reads). The API server trusts the webhook through the configuration's
-``caBundle``.
+Where it sits: the toolkit's one certificate helper. The admission webhook
+(``controller/delivery/webhook.py``, whose configuration carries the CA
+bundle: ``webhookconfig.py``) and the catalog API
+(``controller/catalog/tls.py``) both keep their certificate with
+``CertKeeper.ensure``: every replica calls it at start and then
+periodically, and they converge on the one Secret (writes carry the
+resourceVersion, the loser of a race re-reads). The catalog also makes a
+plain self-signed certificate (``self_signed``) when it runs without a
+cluster, and both serve PEM bytes through ``load_chain``.
 
-Rotation, so no request ever meets an untrusted certificate:
+Rotation, so no client ever meets an untrusted certificate:
 * the serving certificate is re-issued by the same CA when less than a
   third of its lifetime is left (or when the host names changed); the
   bundle does not change;
 * the CA is replaced when less than a third of its lifetime is left; the
   old CA stays in the bundle until it expires, so a replica still serving
-  the old certificate stays trusted; the replica that rotates writes the
-  webhook configuration's new bundle *before* it serves the new
+  the old certificate stays trusted; whoever publishes the bundle (the
+  webhook configuration's ``caBundle``) does so *before* it serves the new
   certificate.
 
 Keys are ECDSA P-256 (generated in microseconds; the API server accepts them).
@@ -25,29 +28,28 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import ipaddress
 import logging
+import os
+import ssl
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from api import names as c
 from kube import client as kube
 
 log = logging.getLogger(__name__)
 
-MWC = kube.Resource("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations",
-                    False, "MutatingWebhookConfiguration")
 CA_CERT, CA_KEY, CA_BUNDLE = "ca.crt", "ca.key", "ca-bundle.crt"
 TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
-WEBHOOK_PATH = "/mutate"
-TIMEOUT_SECONDS = 5  # the API server waits at most this long per call (limit: 30, asked: ≤ 10)
+_BACKDATE = datetime.timedelta(minutes=5)  # a peer whose clock is a little behind still trusts it
 
 
 def _now() -> datetime.datetime:
@@ -56,7 +58,7 @@ def _now() -> datetime.datetime:
 
 @dataclass(frozen=True)
 class Bundle:
-    """What a replica serves and what the API server must trust (PEM)."""
+    """What a replica serves and what its clients must trust (PEM)."""
 
     cert: bytes
     key: bytes
@@ -67,7 +69,7 @@ class Bundle:
         return base64.b64encode(self.ca_bundle).decode()
 
 
-# -- certificates -------------------------------------------------------------------
+# -- PEM ----------------------------------------------------------------------------
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -79,56 +81,122 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def split_pems(data: bytes) -> list[bytes]:
+    """The certificates of a PEM bundle, one PEM each."""
+    marker = b"-----END CERTIFICATE-----"
+    return [p.strip() + b"\n" for p in (x + marker for x in data.split(marker)[:-1]) if p.strip()]
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of the first certificate's DER (what ``openssl x509 -fingerprint`` shows)."""
+    der = ssl.PEM_cert_to_DER_cert(cert_pem.decode())
+    return hashlib.sha256(der).hexdigest()
+
+
+def load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """Load PEM bytes into ``ctx``. ``load_cert_chain`` takes only paths: hand it memory
+    files where Linux has them (the controller's root filesystem is read-only), else a
+    private temp dir."""
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create(n) for n in (TLS_CERT, TLS_KEY)]
+        try:
+            for fd, data in zip(fds, (cert_pem, key_pem), strict=True):
+                os.write(fd, data)
+            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="modelcache-tls-") as d:
+        for name, data in ((TLS_CERT, cert_pem), (TLS_KEY, key_pem)):
+            fd = os.open(os.path.join(d, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(os.path.join(d, TLS_CERT), os.path.join(d, TLS_KEY))
+
+
+def server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A TLS ≥ 1.2 server context serving ``cert_pem``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_chain(ctx, cert_pem, key_pem)
+    return ctx
+
+
+# -- making certificates ---------------------------------------------------------------
+
+
+def _sans(hosts: list[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    return x509.SubjectAlternativeName(names)
+
+
+def _sign(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey,
+          signer: ec.EllipticCurvePrivateKey, now: datetime.datetime,
+          not_after: datetime.datetime, *, ca: bool,
+          extensions: list[x509.ExtensionType]) -> bytes:
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - _BACKDATE).not_valid_after(not_after)
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None),
+                              critical=True))
+    for ext in extensions:
+        builder = builder.add_extension(ext, critical=isinstance(ext, x509.KeyUsage))
+    return _pem(builder.sign(signer, hashes.SHA256()))
+
+
 def new_ca(now: datetime.datetime, lifetime: datetime.timedelta,
            name: str = "modelcache-webhook-ca") -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) of a CA named ``name-<unix time>``."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
                                             f"{name}-{int(now.timestamp())}")])
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + lifetime)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    return _pem(cert), _pem_key(key)
+    usage = x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                          content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, encipher_only=False,
+                          decipher_only=False)
+    cert = _sign(subject, subject, key, key, now, now + lifetime, ca=True, extensions=[
+        usage, x509.SubjectKeyIdentifier.from_public_key(key.public_key())])
+    return cert, _pem_key(key)
 
 
 def new_serving(ca_pem: bytes, ca_key_pem: bytes, hosts: list[str], now: datetime.datetime,
                 lifetime: datetime.timedelta) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for ``hosts``, issued by the CA; never outlives it."""
     ca = x509.load_pem_x509_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    not_after = min(now + lifetime, ca.not_valid_after_utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return _pem(cert), _pem_key(key)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    cert = _sign(subject, ca.subject, key, ca_key, now,
+                 min(now + lifetime, ca.not_valid_after_utc), ca=False, extensions=[
+                     x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), _sans(hosts),
+                     x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())])
+    return cert, _pem_key(key)
 
 
-def _due(cert: x509.Certificate, now: datetime.datetime) -> bool:
+def self_signed(hosts: list[str], days: int = 365,
+                name: str = "modelcache-catalog") -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for ``hosts`` (DNS names or IP addresses), its own CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else name)])
+    now = _now()
+    # CA:TRUE on a self-signed leaf: OpenSSL accepts it as its own trust anchor
+    cert = _sign(subject, subject, key, key, now, now + datetime.timedelta(days=days), ca=True,
+                 extensions=[x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                             _sans(hosts)])
+    return cert, _pem_key(key)
+
+
+# -- when to make new ones ---------------------------------------------------------------
+
+
+def due(cert: x509.Certificate, now: datetime.datetime) -> bool:
     """Less than a third of the lifetime left (or not valid yet / any more)."""
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     return now >= end - (end - start) / 3 or now < start
@@ -143,9 +211,9 @@ def _hosts_of(cert: x509.Certificate) -> set[str]:
         str(v) for v in san.get_values_for_type(x509.IPAddress)}
 
 
-def _split_pems(data: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    return [p.strip() + b"\n" for p in (x + marker for x in data.split(marker)[:-1]) if p.strip()]
+def _unexpired(bundle: bytes, now: datetime.datetime) -> list[bytes]:
+    return [p for p in split_pems(bundle)
+            if x509.load_pem_x509_certificate(p).not_valid_after_utc > now]
 
 
 def plan_secret(data: dict[str, bytes], hosts: list[str], now: datetime.datetime, *,
@@ -158,17 +226,15 @@ def plan_secret(data: dict[str, bytes], hosts: list[str], now: datetime.datetime
         serialization.load_pem_private_key(data[CA_KEY], None)
     except (KeyError, ValueError):
         ca = None
-    if ca is None or _due(ca, now):
-        old = [p for p in _split_pems(data.get(CA_BUNDLE, b""))
-               if x509.load_pem_x509_certificate(p).not_valid_after_utc > now]
+    if ca is None or due(ca, now):
+        old = _unexpired(data.get(CA_BUNDLE, b""), now)
         out[CA_CERT], out[CA_KEY] = new_ca(now, ca_lifetime, f"modelcache-{component}-ca")
         # the retiring CA stays trusted until it expires: replicas still serve its certs
         out[CA_BUNDLE] = out[CA_CERT] + b"".join(p for p in old if p != out[CA_CERT])
         ca = x509.load_pem_x509_certificate(out[CA_CERT])
         cert = None
     else:
-        bundle = [p for p in _split_pems(data.get(CA_BUNDLE, b""))
-                  if x509.load_pem_x509_certificate(p).not_valid_after_utc > now]
+        bundle = _unexpired(data.get(CA_BUNDLE, b""), now)
         if data[CA_CERT].strip() + b"\n" not in bundle:
             bundle.insert(0, data[CA_CERT].strip() + b"\n")
         out[CA_BUNDLE] = b"".join(bundle)
@@ -177,11 +243,14 @@ def plan_secret(data: dict[str, bytes], hosts: list[str], now: datetime.datetime
             serialization.load_pem_private_key(data[TLS_KEY], None)
         except (KeyError, ValueError):
             cert = None
-    if cert is None or _due(cert, now) or cert.issuer != ca.subject \
+    if cert is None or due(cert, now) or cert.issuer != ca.subject \
             or _hosts_of(cert) != set(hosts):
         out[TLS_CERT], out[TLS_KEY] = new_serving(out[CA_CERT], out[CA_KEY], hosts, now,
                                                   cert_lifetime)
     return out
+
+
+# -- the Secret --------------------------------------------------------------------------
 
 
 class CertKeeper:
@@ -237,100 +306,3 @@ class CertKeeper:
                                 "rotatedCA": data.get(CA_CERT) != want[CA_CERT]})
             return Bundle(cert=want[TLS_CERT], key=want[TLS_KEY], ca_bundle=want[CA_BUNDLE])
         raise kube.Conflict(f"secret {self.namespace}/{self.name}: kept changing under us")
-
-
-# -- the MutatingWebhookConfiguration --------------------------------------------------
-
-
-def _has_any(var: str, *keys: str) -> str:
-    inner = " || ".join(f"'{k}' in {var}.metadata.annotations" for k in keys)
-    return f"has({var}.metadata.annotations) && ({inner})"
-
-
-def webhooks(client_config: dict[str, Any], *,
-             exclude_namespaces: tuple[str, ...] = ("kube-system",)) -> list[dict[str, Any]]:
-    """The two webhooks. ``matchConditions`` (CEL on the annotations) keep every object that
-    does not ask for models away from the webhook, so ``failurePolicy: Fail`` refuses only
-    annotated objects while the controller is down; everything else never calls it."""
-    common: dict[str, Any] = {
-        "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail",
-        "timeoutSeconds": TIMEOUT_SECONDS, "matchPolicy": "Equivalent",
-        # a webhook added after ours (a sidecar injector) may add containers: run again
-        "reinvocationPolicy": "IfNeeded",
-        "namespaceSelector": {"matchExpressions": [{
-            "key": "kubernetes.io/metadata.name", "operator": "NotIn",
-            "values": list(exclude_namespaces)}]},
-        "objectSelector": {},
-        "clientConfig": client_config,
-    }
-    asks = (c.ANN_MODELS, c.ANN_CLUSTER_MODELS)
-    return [
-        {**common, "name": "workloads.modelcache.io",
-         "rules": [{"apiGroups": ["apps"], "apiVersions": ["v1"],
-                    "operations": ["CREATE", "UPDATE"],
-                    "resources": ["deployments", "statefulsets", "daemonsets"],
-                    "scope": "Namespaced"},
-                   {"apiGroups": ["batch"], "apiVersions": ["v1"],
-                    "operations": ["CREATE", "UPDATE"], "resources": ["jobs", "cronjobs"],
-                    "scope": "Namespaced"}],
-         "matchConditions": [{
-             "name": "asks-for-models-or-was-injected",
-             # UPDATE: the annotation may just have been removed (strip what we added)
-             "expression": f"({_has_any('object', *asks, c.ANN_INJECTED)}) || "
-                           f"(oldObject != null && {_has_any('oldObject', *asks)})"}]},
-        {**common, "name": "pods.modelcache.io",
-         "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-                    "resources": ["pods"], "scope": "Namespaced"}],
-         "matchConditions": [{
-             "name": "asks-for-models",
-             "expression": _has_any("object", *asks)},
-             {"name": "not-from-an-injected-template",
-              "expression": f"!(has(object.metadata.ownerReferences) && "
-                            f"{_has_any('object', c.ANN_INJECTED)})"}]},
-    ]
-
-
-def service_client_config(namespace: str, service: str, port: int, ca_b64: str) -> dict[str, Any]:
-    return {"service": {"namespace": namespace, "name": service, "port": port,
-                        "path": WEBHOOK_PATH}, "caBundle": ca_b64}
-
-
-def url_client_config(url: str, ca_b64: str) -> dict[str, Any]:
-    """``url`` as given, or with ``WEBHOOK_PATH`` when it names only the server."""
-    if urlsplit(url).path in ("", "/"):
-        url = url.rstrip("/") + WEBHOOK_PATH
-    return {"url": url, "caBundle": ca_b64}
-
-
-def _covers(live: Any, want: Any) -> bool:
-    """Whether ``live`` has every field of ``want`` (the server adds defaults of its own)."""
-    if isinstance(want, dict):
-        return isinstance(live, dict) and all(_covers(live.get(k), v) for k, v in want.items())
-    if isinstance(want, list):
-        return isinstance(live, list) and len(live) == len(want) and all(
-            _covers(a, b) for a, b in zip(live, want, strict=True))
-    return bool(live == want)
-
-
-def ensure_webhook_config(client: kube.Kube, name: str, hooks: list[dict[str, Any]]) -> bool:
-    """Create or update the MutatingWebhookConfiguration ``name``; True if it was written."""
-    body = {"apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "modelcache",
-                                                  "app.kubernetes.io/component": "webhook"}},
-            "webhooks": hooks}
-    try:
-        live = client.get(MWC, name)
-    except kube.NotFound:
-        try:
-            client.create(MWC, body)
-            log.info("webhook configuration created", extra={"configuration": name})
-            return True
-        except kube.Conflict:
-            live = client.get(MWC, name)
-    if _covers(live.get("webhooks"), hooks):
-        return False
-    # a merge patch replaces the list whole: webhooks someone else added under our name go
-    client.patch(MWC, name, {"webhooks": hooks})
-    log.info("webhook configuration updated", extra={"configuration": name})
-    return True

@@ -37,12 +37,26 @@ class NotFound(ApiError):
     pass
 
 
+class ConfigError(ValueError):
+    """No usable credentials: no kubeconfig, and not in a pod (the message names the file
+    or the missing variable, never a credential)."""
+
+
 class Conflict(ApiError):
     """409: a resourceVersion precondition failed or the name is taken."""
 
 
 class Gone(ApiError):
     """410: a watch's resourceVersion is too old; list again."""
+
+
+def brief(e: BaseException) -> str:
+    """A short description of a failed call for logs and answers: the HTTP status and
+    reason when the server answered, else the error's type and the start of its text."""
+    status = getattr(e, "status", None)
+    if status:
+        return f"HTTP {status} {getattr(e, 'reason', '') or ''}".strip()
+    return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def _error(status: int, body: bytes | str | None, what: str) -> ApiError:
@@ -120,16 +134,19 @@ class Kube:
         from kubernetes import client, config
 
         cfg = client.Configuration()
-        if kubeconfig:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, client_configuration=cfg)
-        else:
-            try:
-                config.load_incluster_config(  # type: ignore[no-untyped-call]
-                    client_configuration=cfg)
-            except config.ConfigException:
+        try:
+            if kubeconfig:
                 config.load_kube_config(  # type: ignore[no-untyped-call]
-                    client_configuration=cfg)
+                    config_file=kubeconfig, client_configuration=cfg)
+            else:
+                try:
+                    config.load_incluster_config(  # type: ignore[no-untyped-call]
+                        client_configuration=cfg)
+                except config.ConfigException:
+                    config.load_kube_config(  # type: ignore[no-untyped-call]
+                        client_configuration=cfg)
+        except (config.ConfigException, OSError) as e:
+            raise ConfigError(f"no Kubernetes credentials: {e}") from e
         # watches hold a connection each; workers must not queue behind them
         cfg.connection_pool_maxsize = pool_size
         return cls(client.ApiClient(cfg))
@@ -182,8 +199,9 @@ class Kube:
 
     # -- verbs ----------------------------------------------------------------
 
-    def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any]:
-        return self.request("GET", res.path(namespace, name))
+    def get(self, res: Resource, name: str, namespace: str | None = None, *,
+            timeout: float | tuple[float, float] | None = None) -> dict[str, Any]:
+        return self.request("GET", res.path(namespace, name), timeout=timeout)
 
     def list(self, res: Resource, namespace: str | None = None, *,
              label_selector: str | None = None, field_selector: str | None = None,
@@ -205,9 +223,10 @@ class Kube:
         return self.request("POST", res.path(namespace), body=body)
 
     def patch(self, res: Resource, name: str, patch: Any, namespace: str | None = None, *,
-              sub: str | None = None, content_type: str = MERGE_PATCH) -> dict[str, Any]:
+              sub: str | None = None, content_type: str = MERGE_PATCH,
+              timeout: float | tuple[float, float] | None = None) -> dict[str, Any]:
         return self.request("PATCH", res.path(namespace, name, sub), body=patch,
-                            content_type=content_type)
+                            content_type=content_type, timeout=timeout)
 
     def replace(self, res: Resource, name: str, body: dict[str, Any],
                 namespace: str | None = None) -> dict[str, Any]:
@@ -224,8 +243,8 @@ class Kube:
             pass
 
     def watch(self, res: Resource, resource_version: str, namespace: str | None = None, *,
-              label_selector: str | None = None, timeout_seconds: int = 300
-              ) -> Iterator[dict[str, Any]]:
+              label_selector: str | None = None, field_selector: str | None = None,
+              timeout_seconds: int = 300) -> Iterator[dict[str, Any]]:
         """Watch events (dicts with ``type`` and ``object``) from ``resource_version``.
 
         Ends when the server closes the stream; a 410 arrives as ``Gone``.
@@ -234,7 +253,8 @@ class Kube:
 
         resp = self._call("GET", res.path(namespace), query={
             "watch": True, "resourceVersion": resource_version, "allowWatchBookmarks": True,
-            "labelSelector": label_selector, "timeoutSeconds": timeout_seconds},
+            "labelSelector": label_selector, "fieldSelector": field_selector,
+            "timeoutSeconds": timeout_seconds},
             timeout=(10.0, timeout_seconds + 30.0))
         try:
             for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]

@@ -15,7 +15,7 @@ of A bound to ``modelcache:catalog:reader``.
 Per run, each from an empty registry B, order rotated, each its own process:
 
 - ours: ``modelcache-controller publish --source catalog+https://A#MODEL@DIGEST``,
-  the publish Job's entry (``ingest/sources/catalog.py``: every blob
+  the publish Job's entry (``ingest/publish/catalog_import.py``: every blob
   streamed from the catalog into B's upload, hashed in the same pass, the
   upload committed only when the digest and the safetensors header check
   pass; manifest last);

@@ -48,7 +48,7 @@ from bench import common
 from bench.publish.run import pct
 from cli.local import cluster as localcluster
 from cli.local import registry as localregistry
-from kube import certs
+from controller.delivery import webhookconfig
 from kube import client as k
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
@@ -117,7 +117,7 @@ def admission(kube: localcluster.LocalCluster, creates: int,
     assert hook.stdin is not None and hook.stdout is not None
     try:
         config = json.loads(hook.stdout.readline())["config"]
-        registered = client.get(certs.MWC, config)
+        registered = client.get(webhookconfig.MWC, config)
         saved = {"apiVersion": registered["apiVersion"], "kind": registered["kind"],
                  "metadata": {"name": config}, "webhooks": registered["webhooks"]}
         n = 0
@@ -141,9 +141,9 @@ def admission(kube: localcluster.LocalCluster, creates: int,
                 return
             state[0] = on
             if on:
-                client.create(certs.MWC, saved)
+                client.create(webhookconfig.MWC, saved)
             else:
-                client.delete(certs.MWC, config)
+                client.delete(webhookconfig.MWC, config)
             wait_until(lambda: injected(create(True)[1]) == on,
                        f"the webhook configuration {'on' if on else 'off'}")
 

@@ -15,6 +15,10 @@ per-client rate limit (``ratelimit``):
   manifest of that model references, streamed from the DMCR with ``Range``
   passed through (206 and ``Content-Range`` back).
 
+The routing, authentication, listing and TLS wiring are here; the two OCI
+routes' work (verified manifests, the blobs they allow, streaming) is in
+``oci.py``.
+
 What leaves the cluster is what an import needs and no more: model names,
 manifest digests and the manifests' own content. Registry host, repository
 paths, tags, publish Jobs and error texts of the DMCR stay inside; a blob
@@ -25,62 +29,48 @@ Everything here is read-only: other methods get 405.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import ssl
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from controller.catalog import tls
+from api import model
+from api.model import ModelView
+from controller.catalog import oci, tls
 from controller.catalog.auth import Authorizer, Denied
 from controller.catalog.ratelimit import RateLimiter
-from controller.models import publishjob as jobs
-from kube.httpreply import reply
-from modelpack.errors import ModelPackError, NotFoundError
-from modelpack.oci import mediatypes as mt
-from modelpack.oci.manifest import parse_manifest
-from modelpack.oci.reference import Reference
+from kube import certs
 from modelpack.oci.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/catalog/v1/models"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _OCI = re.compile(r"^/v2/(?P<name>[^/]+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
-METADATA_FIELDS = ("architecture", "parameterCount", "paramSize", "precision", "quantization",
-                   "contextLength", "files")
-CHUNK = 1 << 20
-MANIFEST_CACHE = 256
+# an entry's ``metadata``: the resolved fields but those it names itself (format,
+# family) and the tensor count, which the catalog has never shown
+METADATA_FIELDS = tuple(k for k in model.RESOLVED_FIELDS
+                        if k not in ("format", "family", "tensors"))
 
 
 def entry(obj: dict[str, Any]) -> dict[str, Any] | None:
     """A ClusterModel as the catalog shows it; None unless it serves an artifact now.
 
-    "Ready" is the Ready condition, not the phase: a model being republished
-    keeps serving its previous artifact, and so does the catalog.
+    "Ready" is the Ready condition, not the phase (``ModelView.serving``): a
+    model being republished keeps serving its previous artifact, and so does
+    the catalog.
     """
-    meta = obj.get("metadata") or {}
-    status = obj.get("status") or {}
-    if meta.get("deletionTimestamp"):
+    view = ModelView.of(obj)
+    if not view.serving:
         return None
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
-                for c in status.get("conditions") or [])
-    art = status.get("artifact") or {}
-    digest = str(art.get("digest") or "")
-    if not ready or not _DIGEST.match(digest):
-        return None
-    resolved = status.get("resolved") or {}
-    return {"name": str(meta.get("name")), "digest": digest,
-            "sizeBytes": int(art.get("sizeBytes") or 0),
+    resolved = view.resolved
+    return {"name": view.name, "digest": view.digest, "sizeBytes": view.size,
             "format": resolved.get("format"), "family": resolved.get("family"),
-            "revision": (status.get("source") or {}).get("resolvedRevision") or None,
+            "revision": view.resolved_revision or None,
             "metadata": {k: resolved[k] for k in METADATA_FIELDS if resolved.get(k) is not None}}
 
 
@@ -95,64 +85,22 @@ class Catalog:
     limiter: RateLimiter | None = None
 
     def __post_init__(self) -> None:
-        # (model, manifest digest) -> (bytes, media type, blob digests it references);
-        # manifests are immutable by digest, so the cache never needs invalidation
-        self._manifests: OrderedDict[tuple[str, str], tuple[bytes, str, frozenset[str]]] = \
-            OrderedDict()
-        self._lock = threading.Lock()
-        self._client: RegistryClient | None = None
-
-    def client(self) -> RegistryClient:
-        if self._client is None:
-            self._client = self.registry()
-        return self._client
+        self.manifests = oci.Manifests(self.registry, self._current)
 
     def served(self, name: str) -> dict[str, Any] | None:
         obj = self.get_model(name)
         return entry(dict(obj, kind="ClusterModel")) if obj is not None else None
 
+    def _current(self, name: str) -> str | None:
+        found = self.served(name)
+        return found["digest"] if found is not None else None
+
     def listing(self) -> list[dict[str, Any]]:
         out = [e for e in (entry(o) for o in self.list_models()) if e is not None]
         return sorted(out, key=lambda e: e["name"])
 
-    def manifest(self, name: str, digest: str) -> tuple[bytes, str, frozenset[str]]:
-        """A manifest of model ``name``'s repository, verified; ``NotFoundError`` if absent."""
-        with self._lock:
-            hit = self._manifests.get((name, digest))
-            if hit is not None:
-                self._manifests.move_to_end((name, digest))
-                return hit
-        client = self.client()
-        repo = jobs.repository({"kind": "ClusterModel", "metadata": {"name": name}})
-        raw, _, media_type = client.get_manifest(Reference(client.host, repo, digest=digest))
-        m, _ = parse_manifest(raw, digest)  # a ModelPack, or we do not serve it
-        blobs = {str(m["config"]["digest"])}
-        blobs.update(str(d.get("digest")) for d in m["layers"] if isinstance(d, dict))
-        value = (raw, media_type or str(m.get("mediaType") or mt.OCI_MANIFEST), frozenset(blobs))
-        with self._lock:
-            self._manifests[(name, digest)] = value
-            while len(self._manifests) > MANIFEST_CACHE:
-                self._manifests.popitem(last=False)
-        return value
 
-    def blob_allowed(self, name: str, digest: str) -> bool:
-        """Whether a manifest of ``name`` references ``digest`` (the current one loaded if
-        nothing cached says so: a restarted server serves a resumed import)."""
-        with self._lock:
-            if any(n == name and digest in blobs
-                   for (n, _), (_, _, blobs) in self._manifests.items()):
-                return True
-        current = self.served(name)
-        if current is None:
-            return False
-        try:
-            _, _, blobs = self.manifest(name, current["digest"])
-        except NotFoundError:
-            return False
-        return digest in blobs
-
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(oci.OCIHandler):
     protocol_version = "HTTP/1.1"
     server_version = "modelcache-catalog"
     sys_version = ""
@@ -164,20 +112,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt: str, *args: Any) -> None:
         pass  # one structured line per request in _done instead
-
-    # -- replies ---------------------------------------------------------------
-
-    def _json(self, code: int, doc: Any, headers: dict[str, str] | None = None) -> None:
-        reply(self, code, json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(),
-              headers=headers)
-
-    def _error(self, code: int, oci_code: str, message: str,
-               headers: dict[str, str] | None = None) -> None:
-        self._json(code, {"errors": [{"code": oci_code, "message": message}]}, headers)
-
-    def send_response(self, code: int, message: str | None = None) -> None:
-        self.status = code
-        super().send_response(code, message)
 
     def _done(self, user: str = "") -> None:
         log.info("catalog request", extra={"method": self.command,
@@ -234,7 +168,10 @@ class Handler(BaseHTTPRequestHandler):
             elif (m := _OCI.match(path)) is not None:
                 name, kind, ref = unquote(m["name"]), m["kind"], unquote(m["ref"])
                 user = cat.authorizer.check(token, "get", name).user
-                self._oci(name, kind, ref)
+                if not _NAME.match(name) or cat.served(name) is None:
+                    self._error(404, "NAME_UNKNOWN", f"no Ready model {name[:100]!r}")
+                else:
+                    self._oci(name, kind, ref)
             else:
                 self._error(404, "NOT_FOUND", "no such endpoint")
         except Denied as e:
@@ -246,73 +183,6 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._done(user)
-
-    # -- OCI -------------------------------------------------------------------
-
-    def _oci(self, name: str, kind: str, ref: str) -> None:
-        cat = self.catalog
-        if not _NAME.match(name) or cat.served(name) is None:
-            self._error(404, "NAME_UNKNOWN", f"no Ready model {name[:100]!r}")
-            return
-        if not _DIGEST.match(ref):
-            self._error(404, "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN",
-                        "only sha256 digests are served")
-            return
-        try:
-            if kind == "manifests":
-                raw, media_type, _ = cat.manifest(name, ref)
-                self.send_response(200)
-                self.send_header("Content-Type", media_type)
-                self.send_header("Content-Length", str(len(raw)))
-                self.send_header("Docker-Content-Digest", ref)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(raw)
-                return
-            if not cat.blob_allowed(name, ref):
-                self._error(404, "BLOB_UNKNOWN", "no such blob in this model")
-                return
-            self._blob(name, ref)
-        except NotFoundError:
-            self._error(404, "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN",
-                        f"{kind[:-1]} not found")
-        except ModelPackError as e:
-            # the DMCR's own words stay inside: they name hosts and repositories
-            log.warning("catalog upstream error", extra={"model": name, "ref": ref,
-                                                         "error": str(e)[:300]})
-            self._error(502, "UNAVAILABLE", "the registry behind the catalog failed")
-
-    def _blob(self, name: str, digest: str) -> None:
-        repo = jobs.repository({"kind": "ClusterModel", "metadata": {"name": name}})
-        headers = {}
-        if self.headers.get("Range"):
-            headers["Range"] = self.headers["Range"]
-        resp = self.catalog.client().request(self.command, f"/v2/{repo}/blobs/{digest}",
-                                             headers=headers, stream=True,
-                                             ok=(200, 206, 416), what=digest)
-        try:
-            self.send_response(resp.status_code)
-            for h in ("Content-Length", "Content-Range"):
-                if resp.headers.get(h):
-                    self.send_header(h, resp.headers[h])
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Docker-Content-Digest", digest)
-            self.end_headers()
-            if self.command == "HEAD" or resp.status_code == 416:
-                return
-            fp = getattr(resp.raw, "_fp", None)
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            if fp is not None and not resp.headers.get("Content-Encoding"):
-                while n := fp.readinto(view):
-                    self.wfile.write(view[:n])
-            else:
-                for chunk in resp.raw.stream(CHUNK, decode_content=False):
-                    self.wfile.write(chunk)
-        finally:
-            resp.close()
-
 
 class CatalogServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -362,7 +232,8 @@ def create_server(address: tuple[str, int], catalog: Catalog,
                   keeper: tls.Keeper | None) -> CatalogServer:
     """Bind ``address`` (port 0: any); HTTPS with ``keeper``'s current certificate when
     given (always, in a cluster)."""
-    handler = type("BoundHandler", (Handler,), {"catalog": catalog})
+    handler = type("BoundHandler", (Handler,), {"catalog": catalog,
+                                                 "manifests": catalog.manifests})
     server = CatalogServer(address, handler)
     server.tls_keeper = keeper
     return server
@@ -440,7 +311,7 @@ def build(config: Config, client: Any, cluster_models: Any,
                                             audiences=config.audiences),
                       limiter=RateLimiter(config.rate, config.burst))
     server = create_server(config.listen, catalog, keeper)
-    fields = {"sha256": tls.fingerprint(keeper.material.cert)}
+    fields = {"sha256": certs.fingerprint(keeper.material.cert)}
     if isinstance(keeper.source, tls.SharedSecret):
         log.info("catalog serves the replicas' shared certificate", extra={
             **fields, "secret": f"{config.namespace}/{config.ca_secret}"})

@@ -33,7 +33,8 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from api import conditions as c
-from controller.models import publishjob as jobs
+from api import names
+from api.model import ModelView
 from kube import client as kube
 from kube.informer import Informer
 from kube.workqueue import WorkerPool, WorkQueue
@@ -255,15 +256,13 @@ def _offered(m: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def is_import(obj: dict[str, Any]) -> bool:
-    return isinstance(((obj.get("spec") or {}).get("source") or {}).get("catalog"), dict)
+    return isinstance((ModelView.of(obj).spec.get("source") or {}).get("catalog"), dict)
 
 
 def pin_key(obj: dict[str, Any]) -> str:
     """What a pin is valid for: this generation and this reimport annotation."""
-    meta = obj["metadata"]
-    ann = meta.get("annotations") or {}
-    parts = [str(meta.get("uid", "")), str(meta.get("generation") or 1),
-             str(ann.get(jobs.REIMPORT, ""))]
+    view = ModelView.of(obj)
+    parts = [view.uid, str(view.generation), str(view.annotations.get(names.REIMPORT, ""))]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -273,14 +272,13 @@ def ensure_pin(obj: dict[str, Any], sources: Informer | None,
     """(obj, the ModelCatalogSource, None) when the import may go on to its Job;
     (obj, None, seconds) when it must wait (status says why), 0 meaning "nothing
     owed" (a Ready import whose source went away stays Ready)."""
-    spec = (obj.get("spec") or {}).get("source", {}).get("catalog") or {}
+    view = ModelView.of(obj)
+    spec = view.spec.get("source", {}).get("catalog") or {}
     src_name, model = str(spec.get("sourceRef") or ""), str(spec.get("model") or "")
-    status = obj.get("status") or {}
-    pin = status.get("catalog") or {}
-    pinned = bool(pin.get("digest")) and pin.get("key") == pin_key(obj)
+    pinned = bool(view.catalog_digest) and view.catalog_key == pin_key(obj)
     src = sources.get(("", src_name)) if sources is not None else None
     if src is None:
-        if pinned and status.get("phase") == c.READY:
+        if pinned and view.phase == c.READY:
             return obj, None, 0.0
         why = "the manager serves no catalog imports" if sources is None else \
             f"ModelCatalogSource {src_name!r} not found"
@@ -301,7 +299,7 @@ def ensure_pin(obj: dict[str, Any], sources: Informer | None,
     frozen = {"digest": offered["digest"], "sizeBytes": int(offered.get("sizeBytes") or 0),
               "revision": str(offered.get("revision") or ""), "key": pin_key(obj),
               "lastSyncedAt": c.now()}
-    log.info("catalog import pinned", extra={"model": obj["metadata"]["name"],
+    log.info("catalog import pinned", extra={"model": view.name,
                                              "source": src_name, "digest": frozen["digest"]})
     obj = write_status(obj, {"catalog": frozen, "conditions": [
         c.condition("SourceResolved", True, "Pinned",
@@ -313,7 +311,7 @@ def _wait(obj: dict[str, Any], write_status: Callable[[dict[str, Any], dict[str,
           dict[str, Any]], reason: str, message: str) -> dict[str, Any]:
     conds = [c.condition("SourceResolved", False, reason, message)]
     patch: dict[str, Any] = {"conditions": conds}
-    if (obj.get("status") or {}).get("phase") not in (c.READY, c.PUBLISHING):
+    if ModelView.of(obj).phase not in (c.READY, c.PUBLISHING):
         patch["phase"] = c.PENDING  # a model serving an artifact keeps serving it
         conds.append(c.condition("Ready", False, reason, message))
     return write_status(obj, patch)

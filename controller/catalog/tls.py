@@ -10,8 +10,8 @@ Sources, by the manager's flags:
 
 * ``SharedSecret`` (the default in a cluster, ``--catalog-ca-secret``): one
   self-signed CA and serving certificate in a Secret of the controller's
-  namespace (``modelcache-catalog-tls``), kept by the webhook's
-  ``certs.CertKeeper``: whichever replica gets there first creates it (a
+  namespace (``modelcache-catalog-tls``), kept by ``kube.certs.CertKeeper``
+  (as the webhook's is): whichever replica gets there first creates it (a
   replica that loses the race gets 409 and reads the winner's), writes carry
   the resourceVersion, the serving certificate is re-issued by the same CA
   when a third of its lifetime is left. Every replica serves the same
@@ -25,23 +25,25 @@ Sources, by the manager's flags:
 * ``InMemory``: a self-signed certificate made once by this process (tests,
   a one-replica trial); it differs per process.
 
-Generating a certificate needs the ``cryptography`` package. Private keys
-stay in the Secret, the files and memory, never in logs.
+Making, checking and loading certificates is ``kube.certs``'s (the webhook
+uses the same helper); this module only picks the source and keeps the
+served context current. Private keys stay in the Secret, the files and
+memory, never in logs.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
-import ipaddress
 import logging
 import os
 import ssl
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from kube import certs
+from kube import client as kube
 
 log = logging.getLogger(__name__)
 
@@ -67,62 +69,6 @@ class Source(Protocol):
     def load(self) -> Material: ...
 
 
-def fingerprint(cert_pem: bytes) -> str:
-    """SHA-256 of the first certificate's DER (what ``openssl x509 -fingerprint`` shows)."""
-    der = ssl.PEM_cert_to_DER_cert(cert_pem.decode())
-    return hashlib.sha256(der).hexdigest()
-
-
-def self_signed(hosts: list[str], days: int = 365) -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM) for ``hosts`` (DNS names or IP addresses)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            names.append(x509.DNSName(h))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts
-                                            else "modelcache-catalog")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            # a CA:TRUE self-signed leaf: OpenSSL accepts it as its own trust anchor
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(key, hashes.SHA256()))
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
-
-
-def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert_file, key_file)
-    return ctx
-
-
-def context_from_pem(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """A server context from PEM bytes (``load_cert_chain`` wants files: a private temp dir)."""
-    with tempfile.TemporaryDirectory(prefix="modelcache-catalog-tls-") as d:
-        cert, key = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
-        for path, data in ((cert, cert_pem), (key, key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        return server_context(cert, key)
-
-
 # -- sources ------------------------------------------------------------------------
 
 
@@ -130,7 +76,7 @@ class InMemory:
     """A self-signed certificate made once, here: every process has its own."""
 
     def __init__(self, hosts: list[str]) -> None:
-        cert, key = self_signed(hosts)
+        cert, key = certs.self_signed(hosts)
         self.material = Material(cert, key, ca=cert)
 
     def load(self) -> Material:
@@ -144,7 +90,7 @@ class Files:
         self.cert_file, self.key_file = cert_file, key_file
         self.made: bytes | None = None  # the self-signed certificate written here
         if not os.path.exists(cert_file):
-            cert, key = self_signed(hosts)
+            cert, key = certs.self_signed(hosts)
             for path, data, mode in ((key_file, key, 0o600), (cert_file, cert, 0o644)):
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
                 with os.fdopen(fd, "wb") as f:
@@ -168,8 +114,6 @@ class UserSecret:
         self.client, self.namespace, self.name = client, namespace, name
 
     def load(self) -> Material:
-        from kube import client as kube
-
         what = f"catalog TLS Secret {self.namespace}/{self.name}"
         try:
             secret = self.client.get(kube.SECRETS, self.name, self.namespace)
@@ -191,8 +135,6 @@ class SharedSecret:
     def __init__(self, client: Any, namespace: str, name: str, hosts: list[str], *,
                  ca_lifetime: datetime.timedelta = CA_LIFETIME,
                  cert_lifetime: datetime.timedelta = CERT_LIFETIME) -> None:
-        from kube import certs
-
         self.keeper = certs.CertKeeper(client, namespace, name, hosts,
                                        ca_lifetime=ca_lifetime, cert_lifetime=cert_lifetime,
                                        component="catalog")
@@ -224,7 +166,7 @@ class Keeper:
     @staticmethod
     def _context(m: Material) -> ssl.SSLContext:
         try:
-            return context_from_pem(m.cert, m.key)
+            return certs.server_context(m.cert, m.key)
         except (ssl.SSLError, ValueError) as e:  # a key that does not match, not PEM
             raise TLSConfigError(f"catalog certificate cannot be served: {e}") from e
 
@@ -239,7 +181,8 @@ class Keeper:
         # the context first: a connection accepted meanwhile gets the old or the new
         # pair, never a mix
         self.context, self.material = ctx, m
-        log.info("catalog serving a new certificate", extra={"sha256": fingerprint(m.cert)})
+        log.info("catalog serving a new certificate",
+                 extra={"sha256": certs.fingerprint(m.cert)})
         return True
 
     def start(self) -> None:

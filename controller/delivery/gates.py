@@ -31,8 +31,9 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from api import inject
 from api import names as c
+from api import podspec
+from api.model import ModelView
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
@@ -56,7 +57,7 @@ def requirements(pod: Obj) -> list[Obj]:
                  for m in ctr.get("volumeMounts") or []}
     out: list[Obj] = []
     for v in spec.get("volumes") or []:
-        if not inject.is_injected_volume(v):
+        if not podspec.is_injected_volume(v):
             continue
         if "csi" in v:
             attrs = v["csi"].get("volumeAttributes") or {}
@@ -163,9 +164,9 @@ class GateLifter:
 
     def _on_model(self, kind: str) -> Any:
         def handler(event: str, obj: Obj, old: Obj | None) -> None:
-            def state(o: Obj | None) -> tuple[Any, ...]:
-                s = (o or {}).get("status") or {}
-                return (s.get("phase"), (s.get("artifact") or {}).get("digest"))
+            def state(o: Obj | None) -> tuple[str, str]:
+                view = ModelView.of(o)
+                return (view.phase, view.digest)
             if old is not None and event == "MODIFIED" and state(old) == state(obj):
                 return  # progress writes, every second while publishing: nothing for us
             ns, name = obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
@@ -203,13 +204,12 @@ class GateLifter:
                 out.append((what, "ModelNotFound", f"{what} not found{where}: the pod stays "
                             f"gated ({c.GATE}) until it exists and is Ready"))
                 continue
-            status = m.get("status") or {}
-            phase = status.get("phase") or "Pending"
+            view = ModelView.of(m)
+            phase = view.phase or "Pending"
             if phase == "Ready":
                 continue
             if phase == "Failed":
-                cond: Obj = next((x for x in status.get("conditions") or []
-                             if x.get("type") == "Ready"), {})
+                cond = view.condition("Ready") or {}
                 out.append((what, "ModelFailed",
                             f"{what} is Failed ({cond.get('reason') or 'no reason'}: "
                             f"{(cond.get('message') or '')[:300]}): the pod stays gated "
@@ -268,13 +268,12 @@ class GateLifter:
         for r in pod["requires"]:
             if r["kind"] == "PVC":
                 continue
-            status = (self._model(r["kind"], ns, r["name"]) or {}).get("status") or {}
-            digest = r["digest"] or str((status.get("artifact") or {}).get("digest") or "")
+            digest = r["digest"] or ModelView.of(self._model(r["kind"], ns, r["name"])).digest
             if digest and c.node_label(digest) in self.nodes:
                 labels.append(c.node_label(digest))
         spec = {"affinity": pod["spec"].get("affinity")} if pod["spec"].get("affinity") else {}
-        have = inject.affinity_labels(spec)
-        terms = [inject.preferred_term(lb) for lb in dict.fromkeys(labels) if lb not in have]
+        have = podspec.affinity_labels(spec)
+        terms = [podspec.preferred_term(lb) for lb in dict.fromkeys(labels) if lb not in have]
         if not terms:
             return []
         aff = spec.get("affinity") or {}

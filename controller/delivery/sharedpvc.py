@@ -16,10 +16,9 @@ The work queue's key is ``(namespace, claimName)``. One pass:
   ``spec.delivery.sharedPVC.storageClassName`` or ``--shared-pvc-storage-class``,
   else the cluster default; size = artifact + 10 % + 1 GiB, see ``pvc_size``);
   once it is materialized, nothing else. Else ensure the one materializer
-  Job (``contract.materializer_job_name``): absent → create; Complete →
-  annotate the PVC ``ANN_PVC_MATERIALIZED``; Failed → a Warning Event on the
-  PVC, then, after a backoff that doubles per failure (counted in the PVC's
-  annotations, so a restart keeps it), delete the Job and make it again.
+  Job (``materializer.py``: absent → create; Complete → annotate the PVC
+  ``ANN_PVC_MATERIALIZED``; Failed → a Warning Event on the PVC, then, after
+  a backoff that doubles per failure, delete the Job and make it again).
 * not in use: stamp ``unused-since`` on the PVC; ``--shared-pvc-grace``
   later, if still unused, delete the Job, the pull-credential copy and the
   PVC. A user appearing meanwhile removes the stamp.
@@ -41,7 +40,6 @@ here works, and hands push rights to the namespace while a Job runs.)
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import threading
@@ -51,6 +49,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from api import names as contract
+from api.model import ModelView
+from controller.delivery import materializer
+from controller.delivery.materializer import LABEL_CLAIM, parse_ts, ts
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
 from controller.models.reconciler import job_transform
@@ -63,12 +64,7 @@ log = logging.getLogger(__name__)
 
 WORKLOAD_KINDS: tuple[kube.Resource, ...] = (
     kube.DEPLOYMENTS, kube.STATEFULSETS, kube.DAEMONSETS, kube.CRONJOBS, kube.JOBS, kube.PODS)
-MOUNT = "/var/lib/modelcache/pvc"  # where the materializer sees the PVC
-LABEL_CLAIM = "modelcache.io/pvc"  # on a materializer Job and a pull-secret copy: its PVC
 ANN_UNUSED_SINCE = "modelcache.io/unused-since"
-ANN_FAILURES = "modelcache.io/materialize-failures"
-ANN_FAILED_JOB = "modelcache.io/materialize-failed-job"  # the failed Job's uid, counted once
-ANN_RETRY_AT = "modelcache.io/materialize-retry-at"
 
 # PVC size = artifact + 10 % + 1 GiB, rounded up to a GiB. Why: a block-backed
 # RWX volume loses space to its filesystem (ext4 keeps 5 % for root and up to
@@ -145,11 +141,6 @@ def pvc_size(size_bytes: int) -> str:
     return f"{math.ceil(want / GIB)}Gi"
 
 
-def _labels(claim: str) -> dict[str, str]:
-    return {contract.LABEL_PVC: "true", jobs.LABEL_MANAGED: jobs.MANAGER,
-            "app.kubernetes.io/component": "materialize", LABEL_CLAIM: claim}
-
-
 def build_pvc(namespace: str, digest: str, reference: str, size_bytes: int,
               storage_class: str | None) -> Obj:
     spec: Obj = {"accessModes": ["ReadWriteMany"], "volumeMode": "Filesystem",
@@ -158,73 +149,10 @@ def build_pvc(namespace: str, digest: str, reference: str, size_bytes: int,
         spec["storageClassName"] = storage_class
     claim = contract.pvc_name(digest)
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": namespace, "labels": _labels(claim),
+            "metadata": {"name": claim, "namespace": namespace, "labels": materializer.labels(claim),
                          "annotations": {contract.ANN_PVC_DIGEST: digest,
                                          contract.ANN_PVC_REFERENCE: reference}},
             "spec": spec}
-
-
-def pull_secret_name(claim: str) -> str:
-    return f"{claim}-pull"
-
-
-def _owned_by(pvc: Obj) -> list[Obj]:
-    # not blockOwnerDeletion: that would need update on persistentvolumeclaims/finalizers
-    return [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-             "name": pvc["metadata"]["name"], "uid": pvc["metadata"]["uid"]}]
-
-
-def build_job(pvc: Obj, digest: str, reference: str, settings: jobs.Settings,
-              with_pull_secret: bool) -> Obj:
-    """The materializer Job: the PVC mounted read-write, ``modelcache-controller materialize``."""
-    meta = pvc["metadata"]
-    ns, claim = str(meta["namespace"]), str(meta["name"])
-    name = contract.materializer_job_name(ns, digest)
-    cmd = ["modelcache-controller", "materialize", "--reference", reference, "--dest", MOUNT,
-           "--digest", digest, "--result-file", jobs.TERMINATION_LOG]
-    if settings.registry_insecure:
-        cmd.append("--insecure")
-    env: list[Obj] = []
-    if with_pull_secret:
-        for var, key in (("MODELCACHE_REGISTRY_USERNAME", "username"),
-                         ("MODELCACHE_REGISTRY_PASSWORD", "password")):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {
-                "name": pull_secret_name(claim), "key": key}}})
-    container: Obj = {
-        "name": "materialize", "image": settings.image, "command": cmd, "env": env,
-        "volumeMounts": [{"name": "pvc", "mountPath": MOUNT}],
-        "terminationMessagePath": jobs.TERMINATION_LOG, "terminationMessagePolicy": "File",
-        "securityContext": {"allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}}}
-    labels = _labels(claim)
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": name, "namespace": ns, "labels": labels,
-                         "annotations": {contract.ANN_PVC_DIGEST: digest},
-                         "ownerReferences": _owned_by(pvc)},
-            "spec": {
-                "backoffLimit": settings.backoff_limit,
-                # exit 1 is the materializer's terminal failure (a corrupt blob, a missing
-                # manifest): the Job fails at once and our own, slower backoff takes over
-                "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-                    "containerName": "materialize", "operator": "In", "values": [1]}}]},
-                "template": {"metadata": {"labels": labels}, "spec": {
-                    "restartPolicy": "Never", "automountServiceAccountToken": False,
-                    "containers": [container],
-                    "volumes": [{"name": "pvc", "persistentVolumeClaim": {
-                        "claimName": claim}}]}}}}
-
-
-def _ts(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_ts(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 # -- the reconciler ------------------------------------------------------------------------
@@ -258,6 +186,10 @@ class SharedPVC:
         self._claims: dict[tuple[str, str, str], list[str]] = {}  # (kind, ns, name) -> claims
         self._pool = WorkerPool(self.queue, self._handle, workers=self.config.workers,
                                 name="sharedpvc")
+        self.materializer = materializer.Materializer(
+            client, settings, jobs_cache=self.jobs, recorder=recorder, metrics=metrics,
+            annotate=self.annotate, pull_secret=config.pull_secret,
+            retry_base=config.retry_base, retry_max=config.retry_max)
         self._wire()
 
     # -- wiring ---------------------------------------------------------------
@@ -303,7 +235,7 @@ class SharedPVC:
 
         def on_model(event: str, obj: Obj, old: Obj | None) -> None:
             # a model turning Ready (or its cache arriving) may unblock a waiting claim
-            digest = str(((obj.get("status") or {}).get("artifact") or {}).get("digest") or "")
+            digest = ModelView.of(obj).digest
             if event == "DELETED" or not digest.startswith("sha256:"):
                 return
             claim = contract.pvc_name(digest)
@@ -374,7 +306,7 @@ class SharedPVC:
             return None  # not ours to fix: a human edited it
         if ann.get(contract.ANN_PVC_MATERIALIZED) == digest:
             return None
-        return self.ensure_materialized(pvc, digest, str(ann.get(contract.ANN_PVC_REFERENCE)))
+        return self.materializer.ensure(pvc, digest, str(ann.get(contract.ANN_PVC_REFERENCE)))
 
     def find_model(self, namespace: str, claim: str) -> Obj | None:
         """The Model of the namespace (first) or ClusterModel whose artifact this claim is for."""
@@ -382,7 +314,7 @@ class SharedPVC:
             for m in inf.items():
                 if (m["metadata"].get("namespace") or "") != ns:
                     continue
-                digest = str(((m.get("status") or {}).get("artifact") or {}).get("digest") or "")
+                digest = ModelView.of(m).digest
                 if digest.startswith("sha256:") and contract.pvc_name(digest) == claim:
                     return dict(m, kind=inf.res.kind)
         return None
@@ -392,17 +324,15 @@ class SharedPVC:
         if model is None:
             log.info("shared pvc waits for its model", extra={"pvc": f"{namespace}/{claim}"})
             return None
-        artifact = (model.get("status") or {}).get("artifact") or {}
-        digest = str(artifact["digest"])
-        reference = str(artifact.get("reference") or "")
+        view = ModelView.of(model)
+        digest, reference = view.digest, view.reference
         if not reference.endswith("@" + digest):
             reference = f"{self.settings.registry}/{jobs.repository(model)}@{digest}"
         if self.config.pull_registry:  # same repositories and digests, read-only
             reference = f"{self.config.pull_registry}/{reference.split('/', 1)[1]}"
         storage_class = (((model.get("spec") or {}).get("delivery") or {}).get("sharedPVC")
                          or {}).get("storageClassName") or self.config.storage_class
-        body = build_pvc(namespace, digest, reference, int(artifact.get("sizeBytes") or 0),
-                         storage_class)
+        body = build_pvc(namespace, digest, reference, view.size, storage_class)
         try:
             answer = self.client.create(kube.PVCS, body, namespace)
             self.metrics.shared_pvcs.labels("created").inc()
@@ -425,119 +355,6 @@ class SharedPVC:
         self.pvcs.observe(out)
         return out
 
-    def ensure_materialized(self, pvc: Obj, digest: str, reference: str) -> float | None:
-        ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
-        name = contract.materializer_job_name(ns, digest)
-        job = self.jobs.get((ns, name))
-        if job is not None and job["metadata"].get("deletionTimestamp"):
-            return 1.0
-        if job is None:
-            ann = pvc["metadata"].get("annotations") or {}
-            retry_at = _parse_ts(ann.get(ANN_RETRY_AT))
-            if retry_at is not None and retry_at > time.time():
-                return retry_at - time.time()
-            self.create_job(pvc, digest, reference)
-            return None
-        state = jobs.state(job)
-        if state == "Active":
-            return None
-        if state == "Complete":
-            self.annotate(pvc, {contract.ANN_PVC_MATERIALIZED: digest, ANN_FAILURES: None,
-                                ANN_FAILED_JOB: None, ANN_RETRY_AT: None})
-            self.delete_pull_secret(ns, claim)
-            self.metrics.shared_pvcs.labels("materialized").inc()
-            self.recorder.record(pvc, "Normal", "Materialized",
-                                 f"{reference} is on the volume (Job {name})")
-            log.info("shared pvc materialized", extra={"pvc": f"{ns}/{claim}", "digest": digest})
-            return None
-        return self.on_failed(pvc, job)
-
-    def on_failed(self, pvc: Obj, job: Obj) -> float:
-        """Count a failed Job once, with an Event; after the backoff, delete it to retry."""
-        ann = pvc["metadata"].get("annotations") or {}
-        uid = str(job["metadata"].get("uid") or "")
-        if ann.get(ANN_FAILED_JOB) != uid:
-            failures = int(ann.get(ANN_FAILURES) or 0) + 1
-            delay = float(min(self.config.retry_base * 2 ** (failures - 1),
-                              self.config.retry_max))
-            reason, message = self.failure_of(job)
-            self.annotate(pvc, {ANN_FAILURES: str(failures), ANN_FAILED_JOB: uid,
-                                ANN_RETRY_AT: _ts(time.time() + delay)})
-            self.metrics.shared_pvcs.labels("failed").inc()
-            self.recorder.record(pvc, "Warning", "MaterializeFailed",
-                                 f"Job {job['metadata']['name']} failed ({reason}): "
-                                 f"{message[:600]}; retry {failures} in {delay:.0f}s")
-            log.info("materializer failed", extra={
-                "pvc": f"{pvc['metadata']['namespace']}/{pvc['metadata']['name']}",
-                "reason": reason, "failures": failures, "retryIn": delay})
-            return delay
-        retry_at = _parse_ts(ann.get(ANN_RETRY_AT)) or 0.0
-        if retry_at > time.time():
-            return retry_at - time.time()
-        self.client.delete(kube.JOBS, job["metadata"]["name"], job["metadata"]["namespace"])
-        return 1.0  # the Job's DELETED event brings the key back sooner
-
-    def failure_of(self, job: Obj) -> tuple[str, str]:
-        """The materializer's reason and message from its pod's termination message,
-        else the Job's condition."""
-        import json
-
-        meta = job["metadata"]
-        try:
-            pods, _ = self.client.list(kube.PODS, meta["namespace"],
-                                       label_selector=f"job-name={meta['name']}")
-        except kube.ApiError:
-            pods = []
-        pods.sort(key=lambda p: str(p["metadata"].get("creationTimestamp", "")), reverse=True)
-        for pod in pods:
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-                text = ((cs.get("state") or {}).get("terminated") or {}).get("message")
-                try:
-                    err = json.loads(text or "")["error"]
-                    return str(err.get("reason")), str(err.get("message"))
-                except (ValueError, KeyError, TypeError):
-                    continue
-        for c in (job.get("status") or {}).get("conditions") or []:
-            if c.get("type") == "Failed":
-                return str(c.get("reason") or "JobFailed"), str(c.get("message") or "")
-        return "JobFailed", ""
-
-    def create_job(self, pvc: Obj, digest: str, reference: str) -> None:
-        ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
-        with_secret = self.ensure_pull_secret(pvc)
-        body = build_job(pvc, digest, reference, self.settings, with_secret)
-        try:
-            answer = self.client.create(kube.JOBS, body, ns)
-            self.metrics.shared_pvcs.labels("job_created").inc()
-            log.info("materializer job created", extra={
-                "pvc": f"{ns}/{claim}", "job": body["metadata"]["name"], "reference": reference})
-        except kube.Conflict:
-            answer = self.client.get(kube.JOBS, body["metadata"]["name"], ns)
-        self.jobs.observe(job_transform(answer))
-
-    def ensure_pull_secret(self, pvc: Obj) -> bool:
-        """Copy the pull-only credential's two keys next to the Job; False if none is set."""
-        if not self.config.pull_secret:
-            return False
-        ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
-        source = self.client.get(kube.SECRETS, self.config.pull_secret, self.settings.namespace)
-        data = {k: v for k, v in (source.get("data") or {}).items()
-                if k in ("username", "password")}
-        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                "metadata": {"name": pull_secret_name(claim), "namespace": ns,
-                             "labels": _labels(claim), "ownerReferences": _owned_by(pvc)},
-                "data": data}
-        try:
-            self.client.create(kube.SECRETS, body, ns)
-        except kube.Conflict:
-            self.client.patch(kube.SECRETS, pull_secret_name(claim), {"data": data}, ns)
-        return True
-
-    def delete_pull_secret(self, namespace: str, claim: str) -> None:
-        if self.config.pull_secret:
-            self.client.delete(kube.SECRETS, pull_secret_name(claim), namespace,
-                               propagation=None)
-
     def collect(self, namespace: str, claim: str, pvc: Obj | None) -> float | None:
         """No user: after the grace period, the Job, the credential copy and the PVC go."""
         leftover = [j for j in self.jobs.items() if j["metadata"].get("namespace") == namespace
@@ -547,16 +364,16 @@ class SharedPVC:
                 self.client.delete(kube.JOBS, j["metadata"]["name"], namespace)
             return None
         ann = pvc["metadata"].get("annotations") or {}
-        since = _parse_ts(ann.get(ANN_UNUSED_SINCE))
+        since = parse_ts(ann.get(ANN_UNUSED_SINCE))
         now = time.time()
         if since is None:
-            self.annotate(pvc, {ANN_UNUSED_SINCE: _ts(now)})
+            self.annotate(pvc, {ANN_UNUSED_SINCE: ts(now)})
             return self.config.grace
         if now - since < self.config.grace:
             return self.config.grace - (now - since)
         for j in leftover:
             self.client.delete(kube.JOBS, j["metadata"]["name"], namespace)
-        self.delete_pull_secret(namespace, claim)
+        self.materializer.delete_pull_secret(namespace, claim)
         # exactly the version judged unused (a stale cache answers 409 and looks again);
         # a user that appears after this recreates the PVC once this one is gone
         meta = pvc["metadata"]

@@ -2,7 +2,7 @@
 ``Delivery`` bundle the manager starts (webhook, certificates, gate lifter).
 
 Where it sits: the API server POSTs an AdmissionReview to ``/mutate`` for the
-objects the MutatingWebhookConfiguration selects (certs.webhooks: only
+objects the MutatingWebhookConfiguration selects (webhookconfig.webhooks: only
 objects that carry the model annotations). ``Admission.review`` binds a
 model lookup to the request's namespace and calls ``inject.mutate``; models
 come from the manager's informer caches, so an admission is CPU only. A
@@ -22,9 +22,7 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import ssl
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ from urllib.parse import urlsplit
 
 from api import inject
 from api import names as c
-from controller.delivery import gates
+from controller.delivery import gates, webhookconfig
 from kube import certs
 from kube import client as kube
 from kube.events import Recorder
@@ -172,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found\n", "text/plain")
 
     def do_POST(self) -> None:
-        if urlsplit(self.path).path != certs.WEBHOOK_PATH:
+        if urlsplit(self.path).path != webhookconfig.WEBHOOK_PATH:
             self._send(404, b"not found\n", "text/plain")
             return
         try:
@@ -198,34 +196,11 @@ class _Server(ThreadingHTTPServer):
     admission: Admission
 
 
-def _load(ctx: ssl.SSLContext, bundle: certs.Bundle) -> None:
-    """``load_cert_chain`` takes only paths: hand it memory files where Linux has them
-    (the controller's root filesystem is read-only), else a private temp dir."""
-    if hasattr(os, "memfd_create"):
-        fds = [os.memfd_create(n) for n in ("tls.crt", "tls.key")]
-        try:
-            for fd, data in zip(fds, (bundle.cert, bundle.key), strict=True):
-                os.write(fd, data)
-            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        for name, data in (("tls.crt", bundle.cert), ("tls.key", bundle.key)):
-            fd = os.open(os.path.join(d, name), os.O_WRONLY | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        ctx.load_cert_chain(os.path.join(d, "tls.crt"), os.path.join(d, "tls.key"))
-
-
 def create_server(address: tuple[str, int], admission: Admission,
                   bundle: certs.Bundle) -> tuple[ThreadingHTTPServer, ssl.SSLContext]:
     """The HTTPS server (not started) and its TLS context; ``reload(ctx, bundle)`` swaps
     the certificate for new connections."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load(ctx, bundle)
+    ctx = certs.server_context(bundle.cert, bundle.key)
     server = _Server(address, _Handler)
     server.admission = admission
     # the handshake happens on the first read, in the request's thread, so a slow
@@ -236,7 +211,7 @@ def create_server(address: tuple[str, int], admission: Admission,
 
 
 def reload(ctx: ssl.SSLContext, bundle: certs.Bundle) -> None:
-    _load(ctx, bundle)
+    certs.load_chain(ctx, bundle.cert, bundle.key)
 
 
 # -- the bundle the manager runs --------------------------------------------------------
@@ -280,17 +255,17 @@ class Delivery:
 
     def client_config(self, bundle: certs.Bundle) -> Obj:
         if self.cfg.url:
-            return certs.url_client_config(self.cfg.url, bundle.ca_bundle_b64)
+            return webhookconfig.url_client_config(self.cfg.url, bundle.ca_bundle_b64)
         svc, _, port = str(self.cfg.service).partition(":")
-        return certs.service_client_config(self.namespace, svc, int(port or 443),
-                                           bundle.ca_bundle_b64)
+        return webhookconfig.service_client_config(self.namespace, svc, int(port or 443),
+                                                   bundle.ca_bundle_b64)
 
     def sync_certificates(self) -> None:
         """Ensure the Secret and the configuration, then serve the (maybe new) certificate:
         in this order, so the API server trusts a new CA before it is presented."""
         bundle = self.keeper.ensure()
-        certs.ensure_webhook_config(self.client, self.cfg.config_name,
-                                    certs.webhooks(self.client_config(bundle)))
+        webhookconfig.ensure_webhook_config(self.client, self.cfg.config_name,
+                                            webhookconfig.webhooks(self.client_config(bundle)))
         if self._ctx is not None and bundle.cert != self._served:
             reload(self._ctx, bundle)
             log.info("webhook serving a new certificate")
@@ -298,8 +273,8 @@ class Delivery:
 
     def start(self) -> None:
         bundle = self.keeper.ensure()
-        certs.ensure_webhook_config(self.client, self.cfg.config_name,
-                                    certs.webhooks(self.client_config(bundle)))
+        webhookconfig.ensure_webhook_config(self.client, self.cfg.config_name,
+                                            webhookconfig.webhooks(self.client_config(bundle)))
         self.server, self._ctx = create_server(self.cfg.listen, self.admission, bundle)
         self._served = bundle.cert
         threading.Thread(target=self.server.serve_forever, daemon=True, name="webhook").start()

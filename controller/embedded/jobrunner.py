@@ -34,7 +34,6 @@ wait until ``release()``.
 from __future__ import annotations
 
 import base64
-import datetime
 import logging
 import os
 import secrets
@@ -45,19 +44,15 @@ import tempfile
 import threading
 from typing import Any
 
-from controller.models import publishjob as jobs
+from api import jobresult, names
+from api.conditions import now as _now
 from kube import client as kube
 
 log = logging.getLogger(__name__)
 # what `python -m controller.main` needs on sys.path when this is a checkout
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MESSAGE_LIMIT = 4096  # the kubelet keeps this much of a termination message
-SELECTOR = f"{jobs.LABEL_MANAGED}={jobs.MANAGER}"
+SELECTOR = f"{names.LABEL_MANAGED}={names.MANAGER}"
 SERVICE_ACCOUNTS = kube.Resource("", "v1", "serviceaccounts", True, "ServiceAccount")
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class JobRunner:
@@ -150,7 +145,7 @@ class JobRunner:
         if meta.get("deletionTimestamp"):
             self._kill(meta.get("uid", ""))
             return
-        if jobs.state(job) != "Active":
+        if jobresult.state(job) != jobresult.ACTIVE:
             return
         with self._lock:
             if meta["uid"] in self.seen:
@@ -271,7 +266,7 @@ class JobRunner:
     def _run_container(self, jmeta: dict[str, Any], name: str, pod_spec: dict[str, Any],
                        container: dict[str, Any], pod_dir: str, start: str) -> int | None:
         mapping = self._mounts(pod_spec, container, pod_dir)
-        term_path = container.get("terminationMessagePath") or "/dev/termination-log"
+        term_path = container.get("terminationMessagePath") or jobresult.TERMINATION_LOG
         host_term = os.path.join(pod_dir, "termination-log")
         open(host_term, "w").close()
         mapping[term_path] = host_term
@@ -302,7 +297,7 @@ class JobRunner:
         if self._stop.is_set():
             return None
         with open(host_term, "rb") as f:
-            message = f.read(MESSAGE_LIMIT).decode(errors="replace")
+            message = f.read(jobresult.MESSAGE_LIMIT).decode(errors="replace")
         with self._lock:
             deleted = jmeta["uid"] in self._deleted
         # "deleted": killed because its Job was deleted (as kubelet kills the pod's

@@ -2,7 +2,7 @@
 
 Where it sits: ``modelcache import`` (cli/bundle.py) pushes a bundle's
 ModelPack to this cluster's registry at the repository the controller uses
-for the model (``jobs.repository``) and applies the CR with this
+for the model (``api.model.repository``) and applies the CR with this
 annotation. The reconciler then calls ``ensure`` *instead of* the publish
 path: an air-gapped cluster cannot reach the original source, so no Job is
 ever made for such a model. ``ensure`` checks that the manifest with that
@@ -20,11 +20,12 @@ upstream to re-resolve; a new version arrives as a new bundle.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from api import conditions as c
-from api import names
+from api import model, names
+from api.model import ModelView
 from controller.errors import PermanentError, TemporaryError
 from controller.models import publishjob as jobs
 from kube.events import Recorder
@@ -36,7 +37,6 @@ from modelpack.pull import resolve
 
 log = logging.getLogger(__name__)
 
-IMPORTED, IMPORTED_REVISION, tag = names.IMPORTED, names.IMPORTED_REVISION, names.imported_tag
 # a missing manifest is looked for again this often (one GET), not with the growing
 # per-key backoff: a push may land at any time and should be adopted soon after
 MISSING_RETRY = 10.0
@@ -52,38 +52,33 @@ class Host(Protocol):
     def write_status(self, obj: dict[str, Any], patch: dict[str, Any],
                      what: str = "status") -> dict[str, Any]: ...
 
-    def set_failed(self, obj: dict[str, Any], reason: str, message: str,
-                   cond: str = "Published", key: str | None = None,
-                   job: str | None = "") -> None: ...
-
 
 def imported_digest(obj: dict[str, Any]) -> str | None:
-    value = (obj["metadata"].get("annotations") or {}).get(IMPORTED)
+    value = ModelView.of(obj).annotations.get(names.IMPORTED)
     return str(value) if value is not None else None
 
 
-def ensure(host: Host, obj: dict[str, Any], fields: Iterable[str]) -> float | None:
-    """Ready from the imported manifest, or Pending while it is missing; ``fields`` are the
-    ``status.resolved`` keys a publish fills. Returns a requeue delay (None: nothing owed)."""
-    meta = obj["metadata"]
+def ensure(host: Host, obj: dict[str, Any]) -> float | None:
+    """Ready from the imported manifest, or Pending while it is missing.
+    Returns a requeue delay (None: nothing owed)."""
+    view = ModelView.of(obj)
     digest = imported_digest(obj) or ""
-    status = obj.get("status") or {}
-    if status.get("phase") == c.READY and (status.get("artifact") or {}).get("digest") == digest \
-            and status.get("observedGeneration") == int(meta.get("generation") or 1):
+    # the same digest is Ready already, for this generation
+    was_ready = view.phase == c.READY and view.digest == digest
+    if was_ready and view.observed_generation == view.generation:
         return None
     try:
         dg.validate(digest)
     except ModelPackError as e:
-        msg = f"annotation {IMPORTED}: {e}"
-        host.set_failed(obj, "InvalidImportedDigest", msg)
-        raise PermanentError(msg, reason="InvalidImportedDigest") from e
-    repo = jobs.repository(obj)
+        raise PermanentError(f"annotation {names.IMPORTED}: {e}", reason="InvalidImportedDigest",
+                             condition="Published") from e
+    repo = model.repository(obj)
     ref = Reference(host.settings.registry, repo, None, digest)
     try:
         pack = resolve(host.registry(), ref)
     except NotFoundError as e:
         msg = f"{ref} is not in the registry; push it with `modelcache import`"
-        if status.get("phase") != c.PENDING:
+        if view.phase != c.PENDING:
             host.recorder.record(obj, "Warning", "ImportedArtifactMissing", msg)
         host.write_status(obj, {"phase": c.PENDING, "conditions": [
             c.condition("SourceResolved", True, "Imported", "imported from a bundle"),
@@ -93,18 +88,15 @@ def ensure(host: Host, obj: dict[str, Any], fields: Iterable[str]) -> float | No
     except ModelPackError as e:
         if e.retryable:
             raise TemporaryError(f"reading {ref}: {e}", reason=e.reason) from e
-        host.set_failed(obj, e.reason, f"imported artifact {ref}: {e}")
-        raise PermanentError(str(e), reason=e.reason) from e
-    resolved = {k: v for k, v in pack.metadata().items() if k in set(fields) and v is not None}
-    reference = f"{host.settings.registry}/{repo}:{tag(digest)}@{digest}"
-    revision = str((meta.get("annotations") or {}).get(IMPORTED_REVISION) or "")
-    was_ready = status.get("phase") == c.READY and \
-        (status.get("artifact") or {}).get("digest") == digest
+        raise PermanentError(f"imported artifact {ref}: {e}", reason=e.reason,
+                             condition="Published") from e
+    reference = f"{host.settings.registry}/{repo}:{names.imported_tag(digest)}@{digest}"
+    revision = str(view.annotations.get(names.IMPORTED_REVISION) or "")
     host.write_status(obj, {
         "phase": c.READY,
         "progress": c.progress_done(pack.size),
         "artifact": {"digest": digest, "sizeBytes": pack.size, "reference": reference},
-        "resolved": resolved,
+        "resolved": model.resolved_of(pack.metadata()),
         "source": {"resolvedRevision": revision},
         "publish": None,  # no Job: dropping the annotation later means "publish from source"
         "conditions": [
@@ -114,6 +106,6 @@ def ensure(host: Host, obj: dict[str, Any], fields: Iterable[str]) -> float | No
             c.condition("Ready", True, "Imported", "the model is ready to use")]})
     if not was_ready:
         host.recorder.record(obj, "Normal", "Imported", f"adopted {reference} ({pack.size} bytes)")
-        log.info("imported artifact adopted", extra={"model": meta.get("name"),
+        log.info("imported artifact adopted", extra={"model": view.name,
                                                      "digest": digest, "bytes": pack.size})
     return None

@@ -18,14 +18,17 @@ endpoint only.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from api import model, names
+from api import jobresult, model, names
+from controller import jobspec
 from controller.errors import PermanentError
+from ingest.sources.catalog import build_uri
 from kube import client as kube
 
 # the names live in api.names; re-exported for this module's readers
@@ -34,7 +37,6 @@ LABEL_MANAGED, MANAGER, ANN_TARGET = names.LABEL_MANAGED, names.MANAGER, names.A
 LABEL_KIND, LABEL_NAME, LABEL_NAMESPACE = names.LABEL_KIND, names.LABEL_NAME, names.LABEL_NAMESPACE
 LABEL_UID, LABEL_KEY = names.LABEL_UID, names.LABEL_KEY
 WORK_DIR = "/var/lib/modelcache/work"
-TERMINATION_LOG = "/dev/termination-log"
 
 
 @dataclass(frozen=True)
@@ -221,10 +223,6 @@ def plan(obj: dict[str, Any], settings: Settings,
 def _catalog_plan(s: dict[str, Any], src: dict[str, Any], digest: str, settings: Settings,
                   args: tuple[str, ...]) -> Plan:
     """A catalog import: the pinned digest from the source's URL, its CA and token Secret."""
-    import base64
-
-    from ingest.sources.catalog import build_uri
-
     spec = src.get("spec") or {}
     url = str(spec.get("url") or "")
     env: list[tuple[str, str]] = []
@@ -277,80 +275,49 @@ def labels(obj: dict[str, Any], key: str | None) -> dict[str, str]:
     return out
 
 
+def report_env(settings: Settings, name: str) -> list[dict[str, Any]]:
+    """Where Job ``name`` sends its progress, and its bearer; none without ``--report-url``."""
+    if not settings.report_url:
+        return []
+    return [{"name": "MODELCACHE_REPORT_URL",
+             "value": f"{settings.report_url.rstrip('/')}/report/{name}"},
+            {"name": "MODELCACHE_REPORT_TOKEN", "value": report_token(settings, name)}]
+
+
 def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[str, Any]:
     """The publish Job for ``obj`` under publish key ``key``."""
     name = job_name(obj, key)
     ref = target(obj, settings)
-    spec = obj.get("spec") or {}
-    placement = spec.get("publish") or {}
     cmd = ["modelcache-controller", "publish", "--source", p.uri, "--to", ref,
-           "--work-dir", WORK_DIR, "--result-file", TERMINATION_LOG,
+           "--work-dir", WORK_DIR, "--result-file", jobresult.TERMINATION_LOG,
            "--name", str(obj["metadata"]["name"]), *p.args]
     if settings.registry_insecure:
         cmd.append("--insecure-registry")
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in p.env]
     env += [{"name": k, "value": v} for k, v in sorted(settings.extra_env.items())]
-    if settings.report_url:
-        url = f"{settings.report_url.rstrip('/')}/report/{name}"
-        env += [{"name": "MODELCACHE_REPORT_URL", "value": url},
-                {"name": "MODELCACHE_REPORT_TOKEN", "value": report_token(settings, name)}]
+    env += report_env(settings, name)
     if settings.registry_secret:
-        for var, k in (("MODELCACHE_REGISTRY_USERNAME", "username"),
-                       ("MODELCACHE_REGISTRY_PASSWORD", "password")):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {
-                "name": settings.registry_secret, "key": k}}})
+        env += jobspec.secret_env(settings.registry_secret, jobspec.REGISTRY_LOGIN)
     if p.secret is not None:
-        for var, k in sorted(p.secret.keys.items()):
-            key_ref: dict[str, Any] = {"name": copied_secret_name(name), "key": k}
-            if var in p.secret.optional:
-                key_ref["optional"] = True
-            env.append({"name": var, "valueFrom": {"secretKeyRef": key_ref}})
-    container: dict[str, Any] = {
-        "name": "publish", "image": settings.image, "command": cmd, "env": env,
-        "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}],
-        "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "File",
-        "securityContext": {"allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}},
-    }
-    if placement.get("resources"):
-        container["resources"] = placement["resources"]
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "containers": [container],
-        "volumes": [{"name": "work", "emptyDir": {}}],
-    }
-    if settings.service_account:
-        pod["serviceAccountName"] = settings.service_account
-    if placement.get("nodeSelector"):
-        pod["nodeSelector"] = placement["nodeSelector"]
-    if placement.get("tolerations"):
-        pod["tolerations"] = placement["tolerations"]
-    job_spec: dict[str, Any] = {
-        "backoffLimit": settings.backoff_limit,
-        # exit 1 is the worker's terminal failure: retrying cannot help; 75 is retryable
-        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-            "containerName": "publish", "operator": "In", "values": [1]}}]},
-        "template": {"metadata": {"labels": labels(obj, key)}, "spec": pod},
-    }
-    if settings.active_deadline:
-        job_spec["activeDeadlineSeconds"] = settings.active_deadline
-    if settings.ttl_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = settings.ttl_after_finished
-    meta: dict[str, Any] = {"name": name, "namespace": settings.namespace,
-                            "labels": labels(obj, key), "annotations": {ANN_TARGET: ref}}
+        env += jobspec.secret_env(copied_secret_name(name), sorted(p.secret.keys.items()),
+                                  p.secret.optional)
+    owners = None
     if model_kind(obj) == "ClusterModel":
         # a namespaced dependent may have a cluster-scoped owner, not one in another namespace
-        meta["ownerReferences"] = [{
+        owners = [{
             "apiVersion": str(obj.get("apiVersion") or kube.CLUSTER_MODELS.api_version),
             "kind": "ClusterModel", "name": obj["metadata"]["name"],
             "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+    return jobspec.build(
+        name=name, namespace=settings.namespace, labels=labels(obj, key),
+        annotations={ANN_TARGET: ref}, owners=owners, container="publish",
+        image=settings.image, command=cmd, env=env,
+        mounts=[{"name": "work", "mountPath": WORK_DIR}],
+        volumes=[{"name": "work", "emptyDir": {}}], backoff_limit=settings.backoff_limit,
+        placement=(obj.get("spec") or {}).get("publish"),
+        active_deadline=settings.active_deadline,
+        ttl_after_finished=settings.ttl_after_finished, service_account=settings.service_account)
 
 
-def state(job: dict[str, Any]) -> str:
-    """``Complete``, ``Failed`` or ``Active`` from a Job's status conditions."""
-    for c in (job.get("status") or {}).get("conditions") or []:
-        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
-            return str(c["type"])
-    return "Active"
+# a Job's own state (``jobresult.ACTIVE``/``COMPLETE``/``FAILED``), for this module's readers
+state = jobresult.state

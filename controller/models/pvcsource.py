@@ -40,6 +40,8 @@ import time
 from typing import Any, Protocol
 
 from api import conditions as c
+from api import jobresult
+from controller import jobspec
 from controller.errors import TemporaryError
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
@@ -113,53 +115,25 @@ def build_job(obj: dict[str, Any], key: str, url: str, settings: jobs.Settings
     meta = obj["metadata"]
     name = reader_job_name(obj, key)
     claim, path = source_of(obj)
-    placement = (obj.get("spec") or {}).get("publish") or {}
-    labels = dict(jobs.labels(obj, key), **{"app.kubernetes.io/component": COMPONENT})
-    env: list[dict[str, Any]] = [{"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {
-        "name": uploads.secret_name(obj), "key": uploads.TOKEN_KEY}}}]
-    if settings.report_url:
-        env += [{"name": "MODELCACHE_REPORT_URL",
-                 "value": f"{settings.report_url.rstrip('/')}/report/{name}"},
-                {"name": "MODELCACHE_REPORT_TOKEN", "value": jobs.report_token(settings, name)}]
-    container: dict[str, Any] = {
-        "name": CONTAINER, "image": settings.image,
-        "command": ["modelcache-controller", "pvc-upload", "--mount", MOUNT, "--path", path,
-                    "--url", url, "--result-file", jobs.TERMINATION_LOG],
-        "env": env,
-        "volumeMounts": [{"name": "source", "mountPath": MOUNT, "readOnly": True}],
-        "terminationMessagePath": jobs.TERMINATION_LOG, "terminationMessagePolicy": "File",
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
-    }
-    if placement.get("resources"):
-        container["resources"] = placement["resources"]
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never", "automountServiceAccountToken": False,
-        "enableServiceLinks": False, "containers": [container],
-        "volumes": [{"name": "source", "persistentVolumeClaim": {
-            "claimName": claim, "readOnly": True}}],
-    }
-    if placement.get("nodeSelector"):
-        pod["nodeSelector"] = placement["nodeSelector"]
-    if placement.get("tolerations"):
-        pod["tolerations"] = placement["tolerations"]
-    spec: dict[str, Any] = {
-        "backoffLimit": settings.backoff_limit,
-        # exit 1 is the reader's terminal failure (a path missing or unsafe): no retry helps
-        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-            "containerName": CONTAINER, "operator": "In", "values": [1]}}]},
-        "template": {"metadata": {"labels": labels}, "spec": pod},
-    }
-    if settings.active_deadline:
-        spec["activeDeadlineSeconds"] = settings.active_deadline
-    if settings.ttl_after_finished is not None:
-        spec["ttlSecondsAfterFinished"] = settings.ttl_after_finished
+    env = jobspec.secret_env(uploads.secret_name(obj), [(TOKEN_ENV, uploads.TOKEN_KEY)])
     owner = {"apiVersion": str(obj.get("apiVersion") or kube.MODELS.api_version),
              "kind": "Model", "name": meta["name"], "uid": meta["uid"], "controller": True}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {
-        "name": name, "namespace": meta["namespace"], "labels": labels,
-        "annotations": {jobs.ANN_TARGET: jobs.target(obj, settings)},
-        "ownerReferences": [owner]}, "spec": spec}
+    return jobspec.build(
+        name=name, namespace=meta["namespace"],
+        labels=dict(jobs.labels(obj, key), **{"app.kubernetes.io/component": COMPONENT}),
+        annotations={jobs.ANN_TARGET: jobs.target(obj, settings)}, owners=[owner],
+        container=CONTAINER, image=settings.image,
+        command=["modelcache-controller", "pvc-upload", "--mount", MOUNT, "--path", path,
+                 "--url", url, "--result-file", jobresult.TERMINATION_LOG],
+        env=env + jobs.report_env(settings, name),
+        mounts=[{"name": "source", "mountPath": MOUNT, "readOnly": True}],
+        volumes=[{"name": "source", "persistentVolumeClaim": {
+            "claimName": claim, "readOnly": True}}],
+        backoff_limit=settings.backoff_limit, placement=(obj.get("spec") or {}).get("publish"),
+        active_deadline=settings.active_deadline,
+        ttl_after_finished=settings.ttl_after_finished,
+        # in a user's namespace: no writable root, no other Services' addresses
+        read_only_root=True, service_links=False)
 
 
 def ensure(host: Host, obj: dict[str, Any], key: str) -> float | None:
@@ -235,14 +209,14 @@ def _ensure_reader(host: Host, obj: dict[str, Any], key: str, sid: str, url: str
                                                        "job": jname})
         except kube.Conflict:
             job = host.client.get(kube.JOBS, jname, ns)
-    st = jobs.state(job)
-    if st == "Failed":
+    st = jobresult.state(job)
+    if st == jobresult.FAILED:
         reason, message = reader_failure(host.client, job)
         host.metrics.publishes.labels("Model", "failed").inc()
         host.set_failed(obj, reason, message, key=key, job=jname)
         cleanup(host.client, obj)
         return None
-    if st == "Complete":
+    if st == jobresult.COMPLETE:
         # the reader exits 0 only once the session is Ready; the next look reads the result
         raise TemporaryError(f"reader Job {jname} is Complete, session {sid} not Ready yet",
                              reason="ResultPending")
@@ -251,30 +225,10 @@ def _ensure_reader(host: Host, obj: dict[str, Any], key: str, sid: str, url: str
 
 
 def reader_failure(client: kube.Kube, job: dict[str, Any]) -> tuple[str, str]:
-    """The reader's reason and message from its newest pod's termination message."""
-    import json
-
-    meta = job["metadata"]
-    pods, _ = client.list(kube.PODS, meta["namespace"], label_selector=f"job-name={meta['name']}")
-    pods.sort(key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp", "")),
-              reverse=True)
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated") or {}
-            try:
-                err = (json.loads(term.get("message") or "") or {}).get("error") or {}
-            except (ValueError, AttributeError):
-                continue
-            if err.get("reason"):
-                message = str(err.get("message") or "")[:500]
-                if err.get("retryable"):
-                    message = f"{message} (retries exhausted)"
-                return str(err["reason"])[:64], message
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Failed" and cond.get("status") == "True":
-            return str(cond.get("reason") or "JobFailed"), \
-                f"PVC reader Job {meta['name']} failed: {cond.get('message') or ''}".strip()
-    return "JobFailed", f"PVC reader Job {meta['name']} failed"
+    """The reader's reason and message, by the Job result protocol (its pods' messages)."""
+    pods, _ = client.list(kube.PODS, job["metadata"]["namespace"],
+                          label_selector=jobresult.pod_selector(job))
+    return jobresult.read(job, pods).explain(f"PVC reader Job {job['metadata']['name']}")
 
 
 def delete_readers(client: kube.Kube, obj: dict[str, Any]) -> None:

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from api import conditions
+from api import conditions, names
+from api.model import ModelView
 from controller.metrics import Metrics
-from controller.models import publishjob as jobs
 from kube import client as kube
 from kube.httpreply import reply
 from kube.informer import Informer
@@ -77,7 +77,7 @@ class Progress:
         kind, namespace, name = key
         informer = self.informers[kind]
         obj = informer.get((namespace, name))
-        if obj is None or (obj.get("status") or {}).get("phase") != conditions.PUBLISHING:
+        if obj is None or ModelView.of(obj).phase != conditions.PUBLISHING:
             return
         res = kube.MODELS if kind == "Model" else kube.CLUSTER_MODELS
         try:
@@ -150,8 +150,8 @@ def create_server(address: tuple[str, int], *, metrics: Metrics, healthy: Callab
                 self._send(404, b"unknown job")
                 return
             lab = (job.get("metadata") or {}).get("labels") or {}
-            progress.offer(lab.get(jobs.LABEL_KIND, "Model"), lab.get(jobs.LABEL_NAMESPACE, ""),
-                           lab.get(jobs.LABEL_NAME, ""), event)
+            progress.offer(lab.get(names.LABEL_KIND, "Model"), lab.get(names.LABEL_NAMESPACE, ""),
+                           lab.get(names.LABEL_NAME, ""), event)
             metrics.progress_reports.labels("accepted").inc()
             self._send(204)
 

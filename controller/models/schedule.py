@@ -41,6 +41,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
+# Why our own parser and no library: cronsim 2.9 (maintained, Debian-cron semantics) gives
+# the same fire times for every 5-field case in tests/unit/test_schedule.py, but names no
+# cause in its errors ("Bad minute" alike for 60, */0, 5-1 and fri-mon, where the
+# InvalidSchedule message must say what to fix), takes a sixth (seconds) field and L/W/#,
+# and has no macros and no '?': this validator would stay, and a second parser would only
+# add a way to disagree. croniter 7 (now under pallets-eco) reads '*/2' in day-of-month as
+# a restriction, unlike Vixie cron, and accepts '0 0 30 2 *', '5-1' and '@DAILY'.
 UTC = datetime.UTC
 MIN_EVERY = 1.0  # seconds; a shorter interval would make the probe a busy loop
 MAX_YEARS = 9  # Feb 29 on a given weekday recurs within 28 years, but a plain Feb 29 within 8

@@ -5,24 +5,20 @@ the schedule (``schedule.py``) says a Ready (or Failed-after-a-move) model
 is due. The probe runs in the manager, on a small thread pool with an
 overall deadline, and downloads nothing. Its answer is compared
 (``moved``) with ``status.source.resolvedRevision``, which the publish
-worker's ``resolve()`` wrote, so each probe must produce exactly the string
-that source's ``resolve()`` reports:
+worker's ``resolve()`` wrote, so the probe opens the very source URI the
+publish Job is given (``publishjob.plan``) and asks that source for its
+``latest()`` revision: the string its ``resolve()`` pins, from one
+metadata call (each source says how: a Hub commit sha, an Ollama tag's
+manifest digest, an HTTP ETag or Last-Modified, an S3 listing digest; a
+pinned commit or sha256 never moves and is not asked).
 
-* Hugging Face: the commit sha the revision points at (``model_info``);
-  a revision that *is* a commit sha never moves and is not asked;
-* Ollama: the tag's manifest digest (one manifest GET, no blob);
-* HTTP: with ``sha256`` pinned, never moves (not asked); else the ETag
-  (or Last-Modified) of a HEAD, as ``UrlSource.resolve`` reads it; a server
-  that sends neither cannot tell us, and the check is skipped with a log
-  line and a status message;
-* S3: the listing digest, sha256 over every (key, ETag, size) under the
-  prefix (``S3Source.resolve``'s revision, without its per-object HEADs);
-* catalog: the digest the ModelCatalogSource's last listing offers for
-  the model (its ``status.models``; no call at all). A move re-pins the
-  import (``status.catalog`` is cleared so the next pass pins the listed
-  digest): catalog imports follow the remote only when the user asked for
-  it with ``updatePolicy.schedule``.
-* upload and pvc have no upstream; the CRD refuses a schedule on them.
+A catalog import is the exception: its probe reads the digest the
+ModelCatalogSource's last listing offers for the model (its
+``status.models``; no call at all), the listing the import was pinned
+from. A move re-pins the import (``status.catalog`` is cleared so the next
+pass pins the listed digest): catalog imports follow the remote only when
+the user asked for it with ``updatePolicy.schedule``. Upload and pvc
+sources have no upstream; the CRD refuses a schedule on them.
 
 Credentials come from the Secret the publish Job would get (``jobs.plan``'s
 ``SecretUse``), read when the probe runs, passed as arguments and never
@@ -34,15 +30,13 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import hashlib
 import logging
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from api import conditions as c
 from controller.models import publishjob as jobs
 from controller.models import schedule
-from ingest.sources import base, httpio
+from ingest.sources import base, httpio, open_source
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
@@ -52,14 +46,6 @@ log = logging.getLogger(__name__)
 PROBED = ("huggingFace", "ollama", "http", "s3", "catalog")
 NO_UPSTREAM = ("upload", "pvc")
 TIMEOUT = 30.0  # seconds for a whole probe, retries included
-
-
-@dataclass(frozen=True)
-class Found:
-    """A probe's answer: the upstream revision now, or None and why it cannot tell."""
-
-    revision: str | None
-    note: str = ""
 
 
 def source_kind(obj: dict[str, Any]) -> str | None:
@@ -119,7 +105,7 @@ class Prober:
                                            thread_name_prefix="upstream-probe")
 
     def probe(self, obj: dict[str, Any], settings: jobs.Settings, creds: dict[str, str],
-              catalog_sources: Informer | None = None) -> Found:
+              catalog_sources: Informer | None = None) -> base.Latest:
         future = self._pool.submit(probe, obj, settings, creds, catalog_sources, self.timeout)
         try:
             return future.result(timeout=self.timeout)
@@ -133,22 +119,22 @@ class Prober:
 
 
 def probe(obj: dict[str, Any], settings: jobs.Settings, creds: dict[str, str],
-          catalog_sources: Informer | None = None, timeout: float = TIMEOUT) -> Found:
+          catalog_sources: Informer | None = None, timeout: float = TIMEOUT) -> base.Latest:
     """One probe, in the calling thread; ``SourceError`` when the upstream cannot answer."""
     kind = source_kind(obj)
     s = ((obj.get("spec") or {}).get("source") or {}).get(kind or "") or {}
     if kind not in PROBED:
-        return Found(None, f"a {kind} source has no upstream to check")
-    try:
-        if kind == "huggingFace":
-            return _huggingface(s, settings, creds, timeout)
-        if kind == "ollama":
-            return _ollama(s, timeout)
-        if kind == "http":
-            return _http(s, creds, timeout)
-        if kind == "s3":
-            return _s3(s, creds)
+        return base.Latest(None, f"a {kind} source has no upstream to check")
+    if kind == "catalog":
         return _catalog(s, catalog_sources)
+    try:
+        src = open_source(jobs.plan(obj, settings).uri, **_options(kind, s, settings, creds))
+        try:
+            if not isinstance(src, base.Tracked):  # every PROBED kind is
+                raise TypeError(f"{src.uri} cannot say its latest revision")
+            return src.latest(timeout)
+        finally:
+            src.close()
     except base.SourceError:
         raise
     except Exception as e:  # a client library's surprise: retry at the next check
@@ -156,93 +142,24 @@ def probe(obj: dict[str, Any], settings: jobs.Settings, creds: dict[str, str],
                                reason="UpstreamCheckFailed", retryable=True) from e
 
 
-def _huggingface(s: dict[str, Any], settings: jobs.Settings, creds: dict[str, str],
-                 timeout: float) -> Found:
-    from ingest.sources import huggingface as hf
-
-    revision = str(s.get("revision") or "main")
-    if hf._SHA_RE.match(revision):
-        return Found(None, "the revision is a commit: it never moves")
-    # "" and not None: never the manager's own HF_TOKEN for a model that names no Secret
-    src = hf.HuggingFaceSource(str(s.get("repo") or ""), revision,
-                               token=creds.get("HF_TOKEN", ""), endpoint=settings.hf_endpoint)
-    try:
-        info = src.api.model_info(src.repo, revision=revision, timeout=timeout)
-    except Exception as e:
-        raise hf._map_error(e, src.uri) from e
-    finally:
-        src.close()
-    if not info.sha:
-        raise base.SourceError(f"{src.uri}: the Hub returned no commit sha", reason="HubError",
-                               retryable=True)
-    return Found(str(info.sha))
+def _options(kind: str, s: dict[str, Any], settings: jobs.Settings,
+             creds: dict[str, str]) -> dict[str, Any]:
+    """``open_source``'s keywords for the spec's source, credentials from ``creds`` only."""
+    if kind == "huggingFace":
+        # "" and not None: never the manager's own HF_TOKEN for a model that names no Secret
+        return {"token": creds.get("HF_TOKEN", ""), "endpoint": settings.hf_endpoint}
+    if kind == "http":
+        return {"token": creds.get("MODELCACHE_HTTP_TOKEN"), "sha256": s.get("sha256"),
+                "archive": s.get("archive")}
+    if kind == "s3":
+        return {"endpoint": s.get("endpoint"), "region": s.get("region"),
+                "access_key": creds.get("AWS_ACCESS_KEY_ID"),
+                "secret_key": creds.get("AWS_SECRET_ACCESS_KEY"),
+                "session_token": creds.get("AWS_SESSION_TOKEN")}
+    return {}  # ollama: anonymous, as the publish Job pulls
 
 
-def _ollama(s: dict[str, Any], timeout: float) -> Found:
-    from ingest.sources import ollama
-    from modelpack.errors import ModelPackError
-
-    host = s.get("registry") or ollama.DEFAULT_HOST
-    _, repo, tag = ollama.parse_uri(f"{host}/{s.get('model')}:{s.get('tag') or 'latest'}")
-    src = ollama.OllamaSource(host, repo, tag)
-    src.client.session.timeout = (5.0, timeout)
-    try:
-        _, digest, _ = src.client.get_manifest(src.ref)
-    except ModelPackError as e:
-        raise ollama._map(e, src.uri) from e
-    finally:
-        src.close()
-    return Found(digest)
-
-
-def _http(s: dict[str, Any], creds: dict[str, str], timeout: float) -> Found:
-    from ingest.sources.url import UrlSource
-
-    if s.get("sha256"):
-        return Found(None, "the content is pinned by sha256: it never moves")
-    src = UrlSource(str(s.get("url") or ""), token=creds.get("MODELCACHE_HTTP_TOKEN"),
-                    archive=str(s.get("archive") or "Auto"))
-    src.session.timeout = (5.0, timeout)
-    try:
-        revision = src.resolve().revision  # a HEAD (or a one-byte GET): no download
-    finally:
-        src.close()
-    if not revision:
-        return Found(None, f"{src.uri} sends neither ETag nor Last-Modified: cannot tell "
-                           "whether it changed (set the modelcache.io/reimport annotation "
-                           "to publish it again)")
-    return Found(revision)
-
-
-def _s3(s: dict[str, Any], creds: dict[str, str]) -> Found:
-    from ingest.sources import s3
-
-    src = s3.S3Source(str(s.get("bucket") or ""), str(s.get("prefix") or ""),
-                      endpoint=s.get("endpoint"), region=s.get("region"),
-                      access_key=creds.get("AWS_ACCESS_KEY_ID"),
-                      secret_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-                      session_token=creds.get("AWS_SESSION_TOKEN"))
-    pin, objects = hashlib.sha256(), 0
-    try:
-        # S3Source.resolve's revision: the same entries hashed in the same (key) order
-        for page in src.client.get_paginator("list_objects_v2").paginate(
-                Bucket=src.bucket, Prefix=src.prefix):
-            for o in page.get("Contents") or []:
-                key, size = str(o["Key"]), int(o.get("Size", 0))
-                if key.endswith("/") and size == 0:
-                    continue  # a "folder" marker object
-                pin.update(f"{key}\0{o.get('ETag', '')}\0{size}\n".encode())
-                objects += 1
-    except Exception as e:
-        raise s3._map(e, src.uri) from e
-    finally:
-        src.close()
-    if not objects:
-        raise base.SourceNotFound(f"{src.uri}: no objects under the prefix", reason="NoFiles")
-    return Found("sha256:" + pin.hexdigest())
-
-
-def _catalog(s: dict[str, Any], sources: Informer | None) -> Found:
+def _catalog(s: dict[str, Any], sources: Informer | None) -> base.Latest:
     name, model = str(s.get("sourceRef") or ""), str(s.get("model") or "")
     src = sources.get(("", name)) if sources is not None else None
     if src is None:
@@ -251,10 +168,9 @@ def _catalog(s: dict[str, Any], sources: Informer | None) -> Found:
     status = src.get("status") or {}
     offered = next((m for m in status.get("models") or [] if m.get("name") == model), None)
     if offered is None or not offered.get("digest"):
-        return Found(None, f"ModelCatalogSource {name!r} no longer offers {model!r}")
-    return Found(str(offered["digest"]),
-                 f"listed by ModelCatalogSource {name!r} at {status.get('lastListedAt')}")
-
+        return base.Latest(None, f"ModelCatalogSource {name!r} no longer offers {model!r}")
+    return base.Latest(str(offered["digest"]),
+                             f"listed by ModelCatalogSource {name!r} at {status.get('lastListedAt')}")
 
 
 # -- the reconcile step ---------------------------------------------------------------

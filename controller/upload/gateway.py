@@ -56,19 +56,6 @@ CHUNK = 4 << 20
 MAX_JSON = 64 << 10
 _RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 MIN_FREE = 64 << 20  # below this the staging volume is full for readiness
-_QUANTITY = re.compile(r"^\s*(\d+)\s*(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?\s*$")
-_UNITS = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-          "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50}
-
-
-def size_arg(text: str) -> int:
-    """A byte count as Kubernetes writes quantities (``100Gi``, ``500G``, ``1048576``)."""
-    m = _QUANTITY.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (e.g. 100Gi)")
-    return int(m.group(1)) * _UNITS[m.group(2)]
-
-
 class UploadSource:
     """The files of a completed upload, already staged in the session's store."""
 

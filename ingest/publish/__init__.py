@@ -19,6 +19,7 @@ from ingest.publish.worker import (
     publish_to_layout,
 )
 from ingest.sources import open_source
+from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
 
 __all__ = ["Options", "PublishError", "PublishResult", "Sink", "default_work_dir", "delta_sink",
@@ -34,8 +35,6 @@ def publish_uri(uri: str, *, push: str | None = None, output: str | None = None,
     ``progress`` receives event dicts (phase, bytesDone, bytesTotal, percent,
     bytesPerSecond, etaSeconds); ``creds`` go to ``open_source``.
     """
-    from modelpack.oci import reference
-
     if (push is None) == (output is None):
         raise ValueError("exactly one of push= or output= is needed")
     work_dir = work_dir or default_work_dir()

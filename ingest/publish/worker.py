@@ -26,11 +26,12 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ingest.publish import push as pushing
 from ingest.publish.progress import Sink, Tracker, null_sink
@@ -38,14 +39,17 @@ from ingest.publish.stage import stage_file
 from ingest.sources import archive, base
 from modelpack.errors import ModelPackError
 from modelpack.formats import ModelInfo, classify, gguf, inspect_files, safetensors
+from modelpack.oci import reference
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_layout
+from modelpack.parallel import run_all
 from modelpack.paths import LocalFile
 from modelpack.store.blobs import BlobStore
 from modelpack.store.placement import place_tree, remove_tree
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PublishError(Exception):
@@ -65,9 +69,8 @@ def as_publish_error(e: BaseException) -> PublishError:
     """The one place where source, core and OS errors become the worker's error."""
     if isinstance(e, PublishError):
         return e
-    if isinstance(e, base.SourceError | ModelPackError):
-        retryable = bool(getattr(e, "retryable", False))
-        return PublishError(str(e), reason=e.reason, retryable=retryable)
+    if isinstance(e, ModelPackError):  # the sources' errors included (``base``)
+        return PublishError(str(e), reason=e.reason, retryable=e.retryable)
     if isinstance(e, OSError):
         return PublishError(f"local I/O: {e}", reason="StagingError", retryable=True)
     return PublishError(f"{type(e).__name__}: {e}", reason="InternalError", retryable=False)
@@ -206,21 +209,12 @@ class _Run:
         self.client.upload_file(self.ref.repository, self.store.path(digest), size,
                                 digest, self.pushed_progress)
 
-    def parallel(self, items: list[Any], fn: Callable[[Any], None]) -> None:
-        if not items:
-            return
-        workers = max(1, min(self.options.workers, len(items)))
-        with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(fn, item) for item in items]
-            try:
-                for fut in cf.as_completed(futures):
-                    fut.result()
-            except BaseException:
-                self.cancel.set()
-                for fut in futures:
-                    fut.cancel()
-                cf.wait(futures)
-                raise
+    def parallel(self, items: Iterable[T], fn: Callable[[T], None],
+                 size: Callable[[T], int] | None = None) -> None:
+        """``fn`` over ``items`` on the worker's bound; the first failure stops the rest
+        (``cancel`` tells the transfers in flight to stop at their next chunk)."""
+        run_all(fn, items, self.options.workers, size=size, name="publish",
+                on_error=self.cancel.set)
 
 
 def _staging_dir(work_dir: str, uri: str, revision: str) -> str:
@@ -243,10 +237,10 @@ def _prepare(source: base.Source, tracker: Tracker, options: Options, work_dir: 
 
 def _stage_and_verify(run: _Run, resolved: base.Resolved, root: str) -> ModelInfo:
     run.tracker.set_phase("download", total=resolved.size)
-    # largest first, so the long transfers start early and overlap the small ones
-    order = sorted(resolved.files, key=lambda f: -(f.size or 0))
     try:
-        run.parallel(order, lambda f: run.stage(resolved.revision, f))
+        # largest first, so the long transfers start early and overlap the small ones
+        run.parallel(resolved.files, lambda f: run.stage(resolved.revision, f),
+                     size=lambda f: f.size or 0)
     except BaseException:
         run.cancel.set()  # the pushes in flight stop at their next chunk
         run.push_pool.shutdown(wait=True, cancel_futures=True)
@@ -274,8 +268,6 @@ def _finish(root: str, store_given: bool, options: Options, error: PublishError 
 
 def default_work_dir() -> str:
     """Where staging lives unless told: ``$MODELCACHE_WORK_DIR`` or a temp dir."""
-    import tempfile
-
     return os.environ.get("MODELCACHE_WORK_DIR") or os.path.join(
         tempfile.gettempdir(), "modelcache-publish")
 
@@ -316,8 +308,6 @@ def publish(source: base.Source, client: RegistryClient, ref: Reference | str, *
     ``sink`` receives progress events (dicts); staging goes under ``work_dir``
     and is kept after a retryable failure, so the next call resumes.
     """
-    from modelpack.oci import reference
-
     options = options or Options()
     ref = reference.parse(ref) if isinstance(ref, str) else ref
     with _staged(source, options, work_dir or default_work_dir(), client, ref, store,

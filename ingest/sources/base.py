@@ -3,30 +3,44 @@
 Pipeline position: the publish worker asks a source to ``resolve()`` (pin
 the revision, list the files with sizes and digests when the source knows
 them), then ``open()``s each file at an offset to stream it into the
-staging store. Every source maps its transport's failures to the
-``SourceError`` hierarchy here, with the retry decision made once, so no
-``requests``/``botocore``/``huggingface_hub`` exception leaks past it.
+staging store. The manager's upstream check asks a source that can move
+(``Tracked``) for its ``latest()`` revision: the string ``resolve()`` would
+pin, from one metadata call.
+
+Errors: every source maps its transport's failures here, with the retry
+decision made once, so no ``requests``/``botocore``/``huggingface_hub``
+exception leaks past it. There is one hierarchy for the whole publishing
+boundary, modelpack's: a ``SourceError`` is a ``ModelPackError`` (``reason``
+and ``retryable``), and a source failure that is the same thing as a core
+one *is* that core class too: a missing repository is a ``NotFoundError``,
+a refused token an ``AuthError``, bytes unlike their stated digest an
+``IntegrityError``, a hostile name a ``FormatError``. So ``except
+NotFoundError`` holds for a registry and a source alike, and the worker
+maps one root to its result.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from modelpack.errors import AuthError, FormatError, IntegrityError, ModelPackError, NotFoundError
 
 
-class SourceError(Exception):
-    """Base of every source error; ``reason`` is a short CamelCase tag."""
+class SourceError(ModelPackError):
+    """Base of every source error; the source states ``retryable`` per error, as a
+    registry error does (``status``: the HTTP status, when there was one)."""
 
-    retryable: bool = False
-    reason: str = "SourceError"
+    reason = "SourceError"
 
     def __init__(self, message: str, *, reason: str | None = None,
-                 retryable: bool | None = None) -> None:
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
+                 retryable: bool | None = None, status: int | None = None) -> None:
+        # ModelPackError's, not the next in line: RegistryError's (for the classes below
+        # that are registry errors too) would reset a class's ``retryable``
+        ModelPackError.__init__(self, message, reason=reason)
         if retryable is not None:
             self.retryable = retryable
+        self.status = status
 
 
 class SourceUnavailable(SourceError):
@@ -36,25 +50,25 @@ class SourceUnavailable(SourceError):
     reason = "SourceUnavailable"
 
 
-class SourceNotFound(SourceError):
+class SourceNotFound(SourceError, NotFoundError):
     """The repository, revision, object or file does not exist."""
 
     reason = "NotFound"
 
 
-class SourceAuthError(SourceError):
+class SourceAuthError(SourceError, AuthError):
     """Credentials are missing, wrong, or do not grant access (gated repos too)."""
 
     reason = "Unauthorized"
 
 
-class SourceIntegrityError(SourceError):
+class SourceIntegrityError(SourceError, IntegrityError):
     """Bytes do not match what the source promised (digest or size)."""
 
     reason = "ChecksumMismatch"
 
 
-class UnsafeSourceError(SourceError):
+class UnsafeSourceError(SourceError, FormatError):
     """The source names a hostile path, a link, or exceeds a safety bound."""
 
     reason = "UnsafeSource"
@@ -112,5 +126,29 @@ class Source(Protocol):
     def resolve(self) -> Resolved: ...
 
     def open(self, file: SourceFile, offset: int = 0) -> Stream: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Latest:
+    """Where a source's upstream points now: the revision ``resolve()`` would pin, or
+    None and why it cannot tell (a pinned commit never moves; a server that sends no
+    validator cannot say)."""
+
+    revision: str | None
+    note: str = ""
+
+
+@runtime_checkable
+class Tracked(Protocol):
+    """A source whose upstream can move (a branch, a tag, a URL, a prefix, a listing).
+
+    ``latest`` downloads nothing: one metadata call, each under ``timeout``
+    seconds (None: the source's own timeouts)."""
+
+    uri: str
+
+    def latest(self, timeout: float | None = None) -> Latest: ...
 
     def close(self) -> None: ...

@@ -18,6 +18,7 @@ import urllib3
 from ingest.sources import base
 
 TIMEOUT = (10.0, 60.0)
+PROBE_CONNECT = 5.0  # seconds to connect for an upstream check (``Tracked.latest``)
 
 
 class TimeoutSession(requests.Session):

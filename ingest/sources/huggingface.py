@@ -6,7 +6,8 @@ their sizes, LFS sha256 and git blob ids); its typed errors map to ours.
 The bytes do not: ``snapshot_download`` resumes only inside one call and
 deletes partial files, so we stream ``resolve/<sha>/<path>`` ourselves
 with ``Range``, which lets the worker resume across restarts and hash in
-the same pass. ``HF_ENDPOINT`` and ``HF_TOKEN`` are honoured.
+the same pass. ``HF_ENDPOINT`` and ``HF_TOKEN`` are honoured. ``latest`` is
+``model_info`` alone: the commit the revision points at now.
 """
 
 from __future__ import annotations
@@ -81,17 +82,28 @@ class HuggingFaceSource:
             return False
         return not any(fnmatch.fnmatch(path, p) for p in self.exclude)
 
-    def resolve(self) -> base.Resolved:
+    def _info(self, timeout: float | None = None) -> Any:
+        """``model_info`` of the revision, which pins it to a commit sha."""
         try:
-            info = self.api.model_info(self.repo, revision=self.revision)
-            sha = info.sha
-            if not sha or not _SHA_RE.match(sha):
-                raise base.SourceError(f"{self.uri}: the Hub returned no commit sha",
-                                       reason="HubError", retryable=True)
-            entries = list(self.api.list_repo_tree(self.repo, revision=sha, recursive=True))
-        except base.SourceError:
-            raise
+            info = self.api.model_info(self.repo, revision=self.revision, timeout=timeout)
         except Exception as e:  # the hub client's errors, mapped in one place
+            raise _map_error(e, self.uri) from e
+        if not info.sha or not _SHA_RE.match(info.sha):
+            raise base.SourceError(f"{self.uri}: the Hub returned no commit sha",
+                                   reason="HubError", retryable=True)
+        return info
+
+    def latest(self, timeout: float | None = None) -> base.Latest:
+        if _SHA_RE.match(self.revision):
+            return base.Latest(None, "the revision is a commit: it never moves")
+        return base.Latest(str(self._info(timeout).sha))
+
+    def resolve(self) -> base.Resolved:
+        info = self._info()
+        sha = str(info.sha)
+        try:
+            entries = list(self.api.list_repo_tree(self.repo, revision=sha, recursive=True))
+        except Exception as e:
             raise _map_error(e, self.uri) from e
         files: list[base.SourceFile] = []
         seen: set[str] = set()

@@ -8,7 +8,8 @@ text layers become config/doc files, and the config blob's
 ``model_format``/``model_family``/``model_type``/``file_type`` land in the
 resolved metadata. Every layer is digest-addressed, so each file's sha256
 is known before a byte moves. The registry protocol and its token auth
-come from the core's ``RegistryClient``.
+come from the core's ``RegistryClient``. ``latest`` is one manifest GET:
+the tag's digest, which is also what ``resolve`` pins.
 """
 
 from __future__ import annotations
@@ -66,18 +67,6 @@ def _map(e: ModelPackError, what: str) -> base.SourceError:
     return base.SourceError(msg, reason=e.reason)
 
 
-class _BlobStream:
-    def __init__(self, inner: httpio.ResponseStream) -> None:
-        self.inner = inner
-        self.offset = inner.offset
-
-    def readinto(self, buf: memoryview) -> int:
-        return self.inner.readinto(buf)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 class OllamaSource:
     def __init__(self, host: str, repository: str, tag: str = "latest", *,
                  insecure: bool | None = None, username: str | None = None,
@@ -92,6 +81,15 @@ class OllamaSource:
         except ModelPackError as e:
             raise _map(e, self.uri) from e
         self.digests: dict[str, str] = {}
+
+    def latest(self, timeout: float | None = None) -> base.Latest:
+        if timeout is not None:
+            self.client.session.timeout = (httpio.PROBE_CONNECT, timeout)
+        try:
+            _, digest, _ = self.client.get_manifest(self.ref)
+        except ModelPackError as e:
+            raise _map(e, self.uri) from e
+        return base.Latest(digest)
 
     def resolve(self) -> base.Resolved:
         try:
@@ -155,7 +153,7 @@ class OllamaSource:
         except ModelPackError as e:
             raise _map(e, self.uri) from e
         start = offset if resp.status_code == 206 else 0
-        return _BlobStream(httpio.ResponseStream(resp, start, f"{self.uri} {digest}"))
+        return httpio.ResponseStream(resp, start, f"{self.uri} {digest}")
 
     def close(self) -> None:
         self.client.session.close()

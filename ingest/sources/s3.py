@@ -7,7 +7,9 @@ like any other untrusted name. A single-part ETag is the object's MD5 and
 is checked in the same pass as the download; a stated SHA-256 checksum is
 used as the digest. Ranged GETs carry ``IfMatch`` so a resumed transfer
 never splices two versions. Credentials come from arguments or the usual
-AWS environment; botocore's errors map to ours here.
+AWS environment; botocore's errors map to ours here. ``latest`` is the
+same listing and the same digest (``_listing``), without the per-object
+HEADs ``resolve`` adds for stated checksums.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import base64
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -102,33 +105,50 @@ class S3Source:
         )
         self.etags: dict[str, str] = {}
 
+    def _listing(self, pin: Any) -> Iterator[tuple[str, str, int]]:
+        """Every object under the prefix as (key, ETag, size), in key order, folder markers
+        left out; each goes into ``pin`` as it passes: the listing digest, the revision."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix)
+        for page in pages:
+            for obj in page.get("Contents") or []:
+                key, etag = str(obj["Key"]), str(obj.get("ETag", ""))
+                size = int(obj.get("Size", 0))
+                if key.endswith("/") and size == 0:
+                    continue  # a "folder" marker object
+                pin.update(f"{key}\0{etag}\0{size}\n".encode())
+                yield key, etag, size
+
+    def latest(self, timeout: float | None = None) -> base.Latest:
+        """The listing digest now (botocore's own connect and read timeouts apply)."""
+        pin = hashlib.sha256()
+        try:
+            objects = sum(1 for _ in self._listing(pin))
+        except Exception as e:  # botocore's errors, mapped in one place
+            raise _map(e, self.uri) from e
+        if not objects:
+            raise base.SourceNotFound(f"{self.uri}: no objects under the prefix",
+                                      reason="NoFiles")
+        return base.Latest("sha256:" + pin.hexdigest())
+
     def resolve(self) -> base.Resolved:
         files: list[base.SourceFile] = []
         pin = hashlib.sha256()
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix)
-            for page in pages:
-                for obj in page.get("Contents") or []:
-                    key = str(obj["Key"])
-                    if key.endswith("/") and int(obj.get("Size", 0)) == 0:
-                        continue  # a "folder" marker object
-                    try:
-                        path = safe_relpath(key[len(self.prefix):])
-                    except UnsafePathError as e:
-                        raise base.UnsafeSourceError(f"{self.uri}: object key refused: {e}",
-                                                     reason="UnsafePath") from e
-                    etag = str(obj.get("ETag", ""))
-                    size = int(obj["Size"])
-                    m = _MD5_ETAG.match(etag)
-                    files.append(base.SourceFile(
-                        path, size, None, check=("md5", m.group(1)) if m else None,
-                        version=etag))
-                    self.etags[path] = etag
-                    pin.update(f"{key}\0{etag}\0{size}\n".encode())
-                    if len(files) > MAX_FILES:
-                        raise base.UnsafeSourceError(f"{self.uri}: more than {MAX_FILES} objects",
-                                                     reason="TooManyFiles")
+            for key, etag, size in self._listing(pin):
+                try:
+                    path = safe_relpath(key[len(self.prefix):])
+                except UnsafePathError as e:
+                    raise base.UnsafeSourceError(f"{self.uri}: object key refused: {e}",
+                                                 reason="UnsafePath") from e
+                m = _MD5_ETAG.match(etag)
+                files.append(base.SourceFile(
+                    path, size, None, check=("md5", m.group(1)) if m else None,
+                    version=etag))
+                self.etags[path] = etag
+                if len(files) > MAX_FILES:
+                    raise base.UnsafeSourceError(f"{self.uri}: more than {MAX_FILES} objects",
+                                                 reason="TooManyFiles")
         except base.SourceError:
             raise
         except Exception as e:  # botocore's errors, mapped in one place

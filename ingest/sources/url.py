@@ -7,6 +7,7 @@ file that changed between restarts is fetched whole rather than spliced.
 An expected sha256 is checked in the same pass as the download. An
 archive is staged as one blob and expanded by ``ingest.sources.archive``
 under its safety bounds; a single file is published under its own name.
+``latest`` is ``resolve``'s HEAD alone; a pinned sha256 never moves.
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ class UrlSource:
                             version=self.validator or "")
         meta = {"url": self.uri, "archive": archive}
         return base.Resolved(revision, (f,), meta)
+
+    def latest(self, timeout: float | None = None) -> base.Latest:
+        if self.sha256:
+            return base.Latest(None, "the content is pinned by sha256: it never moves")
+        if timeout is not None:
+            self.session.timeout = (httpio.PROBE_CONNECT, timeout)
+        revision = self.resolve().revision  # a HEAD (or a one-byte GET): no download
+        if not revision:
+            return base.Latest(None, f"{self.uri} sends neither ETag nor Last-Modified: cannot "
+                                     "tell whether it changed (set the modelcache.io/reimport "
+                                     "annotation to publish it again)")
+        return base.Latest(revision)
 
     def open(self, file: base.SourceFile, offset: int = 0) -> base.Stream:
         return httpio.open_range(self.session, self.url, offset, headers=self.headers,

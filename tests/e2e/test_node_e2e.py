@@ -37,7 +37,6 @@ from typing import Any
 import pytest
 
 from api import names as c
-from controller.models import adopt
 from modelpack.oci import reference
 from modelpack.oci.manifest import ModelPack
 from modelpack.pack import pack_to_registry
@@ -89,7 +88,7 @@ def setup(registry: Any, client: Any, tmp_path_factory: pytest.TempPathFactory
     # manager and the node use the digest; the tag keeps the manifest listed)
     repo = f"models/{NAMESPACE}/{MODEL}"
     pack = pack_to_registry(src, client, reference.parse(f"{registry.host}/{repo}:v1")).pack
-    client.put_manifest(repo, adopt.tag(pack.digest), pack.manifest_bytes)
+    client.put_manifest(repo, c.imported_tag(pack.digest), pack.manifest_bytes)
     # the node plugin pulls through the proxy (it counts blob GETs);
     # the manager and containerd talk to the registry directly
     proxy = Proxy(registry.host)
@@ -120,7 +119,7 @@ def model(digest: str) -> dict[str, Any]:
     """An imported Model: the source is never contacted (adopt.py), but the CRD wants one."""
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Model",
             "metadata": {"name": MODEL, "namespace": NAMESPACE,
-                         "annotations": {adopt.IMPORTED: digest}},
+                         "annotations": {c.IMPORTED: digest}},
             "spec": {"source": {"huggingFace": {"repo": f"e2e/{MODEL}"}}}}
 
 
@@ -294,7 +293,7 @@ def test_annotated_deployment_gets_the_model_through_the_whole_system(setup: Set
     ready_seconds = time.monotonic() - t0
     assert status["artifact"]["digest"] == digest
     assert status["artifact"]["reference"] == (
-        f"{setup.registry}/models/{NAMESPACE}/{MODEL}:{adopt.tag(digest)}@{digest}")
+        f"{setup.registry}/models/{NAMESPACE}/{MODEL}:{c.imported_tag(digest)}@{digest}")
     assert status["resolved"]["format"] == "Safetensors"
     assert any(x["type"] == "Ready" and x["status"] == "True" for x in status["conditions"])
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from cli.local import registry as localregistry
+from ingest.publish import catalog_import
 from ingest.sources import catalog
 from modelpack import digest as dg
 from modelpack.errors import FormatError, IntegrityError
@@ -41,8 +42,8 @@ def dest() -> Iterator[localregistry.LocalRegistry]:
 
 
 def _import(base: str, repo: str, digest: str, dest: RegistryClient, to: str,
-            work: str) -> catalog.ImportResult:
-    return catalog.import_model(catalog.build_uri(base, repo, digest), dest,
+            work: str) -> catalog_import.ImportResult:
+    return catalog_import.import_model(catalog.build_uri(base, repo, digest), dest,
                                 Reference(dest.host, to, tag="v1"), token=None,
                                 work_dir=work, wait=5.0, max_delay=0.5)
 
@@ -138,7 +139,7 @@ def test_the_probe_reads_a_header_that_arrives_in_small_pieces(tmp_path: Any) ->
                          (_bad_weights(src), "TrailingData")):
         layer = Layer("model.safetensors", dg.of_bytes(data), len(data),
                       "application/vnd.cncf.model.weight.v1.raw")
-        probe = catalog._Probe(layer, str(tmp_path), allow_pickle=False)
+        probe = catalog_import._Probe(layer, str(tmp_path), allow_pickle=False)
         try:
             view = memoryview(data)
             for at in range(0, len(data), 3):  # the 8-byte length split across reads

@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
+from api import names
 from cli import bundle
 from cli.local import registry as localregistry
 from cli.main import main as cli_main
-from controller.models import adopt
 from kube import client as k
 from modelpack.errors import IntegrityError
 from modelpack.oci.manifest import canonical
@@ -167,7 +167,7 @@ def test_round_trip_is_byte_identical_and_adopted_without_a_job(
     assert st["artifact"]["digest"] == digest
     assert st["artifact"]["sizeBytes"] == a["status"]["artifact"]["sizeBytes"]
     assert st["artifact"]["reference"] == \
-        f"{cluster_b.registry.host}/cluster/bundle-rt:{adopt.tag(digest)}@{digest}"
+        f"{cluster_b.registry.host}/cluster/bundle-rt:{names.imported_tag(digest)}@{digest}"
     assert st["resolved"] == a["status"]["resolved"]  # same metadata as A's publish reported
     assert st["source"]["resolvedRevision"] == a["status"]["source"]["resolvedRevision"]
     assert {c["type"]: c["reason"] for c in st["conditions"]} == {
@@ -175,7 +175,7 @@ def test_round_trip_is_byte_identical_and_adopted_without_a_job(
     assert b["spec"]["source"] == a["spec"]["source"]
     assert b["metadata"]["labels"] == {"team": "ml"}
     assert b["metadata"]["annotations"]["example.com/owner"] == "ml-platform"
-    assert b["metadata"]["annotations"][adopt.IMPORTED] == digest
+    assert b["metadata"]["annotations"][names.IMPORTED] == digest
     assert "modelcache.io/artifact" in b["metadata"]["finalizers"]
     assert jobs_of(cluster_b.client, b["metadata"]["uid"]) == []  # adopted, never published
 
@@ -192,7 +192,7 @@ def test_round_trip_is_byte_identical_and_adopted_without_a_job(
     r2 = _cli("import", path, "--kubeconfig", cluster_b.env.kubeconfig,
               "--registry", cluster_b.registry.host, "--insecure", "--no-progress")
     assert r2.returncode == 0, r2.stderr
-    assert cluster_b.rc.list_tags("cluster/bundle-rt") == [adopt.tag(digest)]
+    assert cluster_b.rc.list_tags("cluster/bundle-rt") == [names.imported_tag(digest)]
     with open(path, "rb") as f:
         assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == bundle_sha  # not modified
 

@@ -208,9 +208,9 @@ def test_source_lists_the_catalog(cluster_b: k.Kube, source_b: str,
 
 def test_source_reasons_and_ca_fixed_later(cluster_b: k.Kube, manager_b: app.Manager,
                                            catalog: CatalogA, source_b: str) -> None:
-    from controller.catalog import tls
+    from kube import certs
 
-    wrong_ca, _ = tls.self_signed(["127.0.0.1"])
+    wrong_ca, _ = certs.self_signed(["127.0.0.1"])
     name = f"badca-{uuid.uuid4().hex[:5]}"
     make_source(cluster_b, name, catalog.url, base64.b64encode(wrong_ca).decode(),
                 "upstream-token")

@@ -159,7 +159,7 @@ def test_two_replicas_share_one_certificate(replicas: Replicas, cluster: k.Kube,
     a, b = replicas.build_together(2, ca_secret=secret_name)
     data = secret_data(cluster, secret_name)
     assert {"ca.crt", "ca.key", "ca-bundle.crt", "tls.crt", "tls.key"} <= set(data)
-    want = tls.fingerprint(data["tls.crt"])
+    want = certs.fingerprint(data["tls.crt"])
     # both present the Secret's certificate, and it verifies with the Secret's CA bundle
     assert served_fingerprint(port(a), data["ca-bundle.crt"]) == want
     assert served_fingerprint(port(b), data["ca-bundle.crt"]) == want
@@ -189,7 +189,7 @@ def test_changed_secret_is_served_without_restart(replicas: Replicas, cluster: k
                             ca_lifetime=tls.CA_LIFETIME, cert_lifetime=tls.CERT_LIFETIME)
     cluster.patch(k.SECRETS, secret_name, {"data": {
         key: base64.b64encode(v).decode() for key, v in new.items()}}, SYSTEM_NS)
-    fp = tls.fingerprint(new["tls.crt"])
+    fp = certs.fingerprint(new["tls.crt"])
     wait_for(all_serve([a, b], fp, new["ca-bundle.crt"]), 30, what="the edited certificate")
     with pytest.raises(ssl.SSLCertVerificationError):
         served_fingerprint(port(a), old["ca-bundle.crt"])
@@ -203,7 +203,7 @@ def test_changed_secret_is_served_without_restart(replicas: Replicas, cluster: k
             data = secret_data(cluster, secret_name)
         except k.NotFound:
             return None
-        fp2 = tls.fingerprint(data["tls.crt"])
+        fp2 = certs.fingerprint(data["tls.crt"])
         return fp2 if fp2 != fp and all_serve([a, b], fp2, data["ca-bundle.crt"])() else None
 
     wait_for(remade, 30, what="a re-created certificate served by both")
@@ -225,8 +225,8 @@ def test_certificate_near_its_end_is_renewed_by_the_same_ca(replicas: Replicas,
 
     def renewed() -> str | None:
         now_data = secret_data(cluster, secret_name)
-        fp = tls.fingerprint(now_data["tls.crt"])
-        if fp in (tls.fingerprint(data["tls.crt"]), tls.fingerprint(cert)):
+        fp = certs.fingerprint(now_data["tls.crt"])
+        if fp in (certs.fingerprint(data["tls.crt"]), certs.fingerprint(cert)):
             return None
         # importers keep working: the same CA signs the renewed certificate
         return fp if all_serve([a, b], fp, data["ca-bundle.crt"])() else None
@@ -248,20 +248,20 @@ def _tls_secret(client: k.Kube, name: str, cert: bytes, key: bytes, create: bool
 
 def test_user_tls_secret_is_served_as_is_and_reloaded(replicas: Replicas, cluster: k.Kube,
                                                       secret_name: str) -> None:
-    cert, key = tls.self_signed(["127.0.0.1"])
+    cert, key = certs.self_signed(["127.0.0.1"])
     _tls_secret(cluster, secret_name, cert, key, create=True)
     a, b = replicas.build_together(2, tls_secret=secret_name)
     assert served_fingerprint(port(a), cert) == served_fingerprint(port(b), cert) \
-        == tls.fingerprint(cert)
+        == certs.fingerprint(cert)
     assert a.cert_pem is None  # no ca.crt in the Secret: its issuer is the owner's business
-    cert2, key2 = tls.self_signed(["127.0.0.1"])
+    cert2, key2 = certs.self_signed(["127.0.0.1"])
     _tls_secret(cluster, secret_name, cert2, key2, create=False)
-    wait_for(all_serve([a, b], tls.fingerprint(cert2), cert2), 30, what="the renewed Secret")
+    wait_for(all_serve([a, b], certs.fingerprint(cert2), cert2), 30, what="the renewed Secret")
     # a broken edit (a key of another certificate) is refused; the last good pair serves on
     _tls_secret(cluster, secret_name, cert, key2, create=False)
     with pytest.raises(tls.TLSConfigError, match="cannot be served"):
         a.tls_keeper.check()  # type: ignore[union-attr]
-    assert served_fingerprint(port(a), cert2) == tls.fingerprint(cert2)
+    assert served_fingerprint(port(a), cert2) == certs.fingerprint(cert2)
 
 
 def test_missing_user_secret_is_a_clear_error(replicas: Replicas) -> None:
@@ -280,11 +280,11 @@ def test_certificate_files_are_reloaded(tmp_path: Any) -> None:
     try:
         made = (tmp_path / "tls.crt").read_bytes()
         assert server.cert_pem == made and oct((tmp_path / "tls.key").stat().st_mode)[-3:] == "600"
-        assert served_fingerprint(port(server), made) == tls.fingerprint(made)
-        cert, key = tls.self_signed(["127.0.0.1"])
+        assert served_fingerprint(port(server), made) == certs.fingerprint(made)
+        cert, key = certs.self_signed(["127.0.0.1"])
         (tmp_path / "tls.key").write_bytes(key)
         (tmp_path / "tls.crt").write_bytes(cert)
-        wait_for(all_serve([server], tls.fingerprint(cert), cert), 30, what="the new files")
+        wait_for(all_serve([server], certs.fingerprint(cert), cert), 30, what="the new files")
         assert server.cert_pem is None  # no longer ours: its issuer is not known here
     finally:
         server.shutdown()

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from api import names as c
-from controller.delivery import webhook
+from controller.delivery import webhook, webhookconfig
 from controller.metrics import Metrics
 from kube import certs
 from kube import client as k
@@ -101,7 +101,7 @@ class Env:
         self.recorder.stop()
         for i in self.informers:
             i.stop()
-        self.client.delete(certs.MWC, self.cfg.config_name)
+        self.client.delete(webhookconfig.MWC, self.cfg.config_name)
         self.client.close()
 
     # -- namespaces and models -----------------------------------------------
@@ -526,7 +526,7 @@ def test_certificate_rotation_keeps_the_webhook_trusted(env: Env) -> None:
     env.delivery.sync_certificates()
     now = keeper.ensure()
     assert now.ca_bundle.endswith(first.ca_bundle) and now.cert not in (first.cert, third.cert)
-    mwc = env.client.get(certs.MWC, env.cfg.config_name)
+    mwc = env.client.get(webhookconfig.MWC, env.cfg.config_name)
     assert {base64.b64decode(w["clientConfig"]["caBundle"]) for w in mwc["webhooks"]} == \
         {now.ca_bundle}
     # the API server still reaches the webhook, now serving the certificate of the new CA
@@ -535,7 +535,7 @@ def test_certificate_rotation_keeps_the_webhook_trusted(env: Env) -> None:
 
 
 def test_webhook_configuration(env: Env) -> None:
-    mwc = env.client.get(certs.MWC, env.cfg.config_name)
+    mwc = env.client.get(webhookconfig.MWC, env.cfg.config_name)
     by = {w["name"]: w for w in mwc["webhooks"]}
     assert set(by) == {"workloads.modelcache.io", "pods.modelcache.io"}
     for w in by.values():
@@ -546,9 +546,9 @@ def test_webhook_configuration(env: Env) -> None:
     assert {r for rule in by["workloads.modelcache.io"]["rules"] for r in rule["resources"]} == \
         {"deployments", "statefulsets", "daemonsets", "jobs", "cronjobs"}
     # a second sync writes nothing
-    assert not certs.ensure_webhook_config(
+    assert not webhookconfig.ensure_webhook_config(
         env.client, env.cfg.config_name,
-        certs.webhooks(env.delivery.client_config(env.delivery.keeper.ensure())))
+        webhookconfig.webhooks(env.delivery.client_config(env.delivery.keeper.ensure())))
 
 
 # -- latency ----------------------------------------------------------------------------
@@ -593,7 +593,7 @@ def test_admission_latency(env: Env) -> None:
           f"p50 {pct(without, .5):.1f} ms p99 {pct(without, .99):.1f} ms "
           f"(mean delta {1000 * (statistics.mean(with_hook) - statistics.mean(without)):.1f} ms)")
     assert len(handler) == 200
-    assert pct(with_hook, .99) < certs.TIMEOUT_SECONDS * 1000
+    assert pct(with_hook, .99) < webhookconfig.TIMEOUT_SECONDS * 1000
 
 
 def test_certificate_plan_renews_for_new_hosts_and_drops_expired_cas() -> None:

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import requests
 
-from controller.upload.gateway import Gateway, create_server, size_arg
+from controller.upload.gateway import Gateway, create_server
+from kube.flags import size_arg
 
 ADMIN = "admin-staging-token"
 LIMIT = 1000

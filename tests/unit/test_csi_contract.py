@@ -1,38 +1,50 @@
-"""The node plugin's copy of the delivery contract, and its pure Kubernetes-side logic.
+"""The node plugin's side of the delivery contract, and its pure Kubernetes-side logic.
 
-``csi`` must not import ``controller`` (import-linter), so it repeats the
-few names of ``api/names.py`` it needs; these tests
-import both and fail the moment one side changes alone. Also: the merge
-patch of node labels, the trimming of Model objects, the prefetch
-selector and the inference of the Kubernetes flags (no API server needed;
-tests/integration/test_csi_kube.py runs all of it against a real one).
+``csi`` takes every name of the contract from ``api/names.py``; these tests
+check that no csi module spells one of them again, and that what the node
+writes and parses is the contract's. Also: the merge patch of node labels,
+the trimming of Model objects, the prefetch selector and the inference of
+the Kubernetes flags (no API server needed; tests/integration/test_csi_kube.py
+runs all of it against a real one).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import pathlib
 
 import pytest
 
+import csi
 from api import names as contract
 from csi import identity, main, nodelabels, prefetch
-from csi.resolvers import file as resolver
-from csi.resolvers.kube import model_entry
+from csi.resolvers import base as resolver
+from csi.resolvers.kube import model_entry, trim
 
 DIGESTS = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(5)]
 
 
-def test_names_equal_the_contract() -> None:
+def test_names_are_the_contracts() -> None:
     assert identity.DRIVER_NAME == contract.CSI_DRIVER
-    assert resolver.ATTR_MODEL == contract.ATTR_MODEL
-    assert resolver.ATTR_CLUSTER_MODEL == contract.ATTR_CLUSTER_MODEL
-    assert resolver.ATTR_DIGEST == contract.ATTR_DIGEST
-    assert nodelabels.NODE_LABEL_PREFIX == contract.NODE_LABEL_PREFIX
     for d in DIGESTS:
-        label = nodelabels.node_label(d)
-        assert label == contract.node_label(d)
-        assert nodelabels.OURS.match(label)
+        label = contract.node_label(d)
+        assert nodelabels.OURS.match(label)  # the labels the node removes are the contract's
         assert len(label.split("/", 1)[1]) <= 63  # a valid label name part
+
+
+def test_csi_spells_no_name_of_the_contract_again() -> None:
+    """Every "modelcache.io" name the node uses comes from api.names, never a literal."""
+    root = pathlib.Path(csi.__file__).parent
+    spelled = []
+    for path in sorted(root.rglob("*.py")):
+        if "gen" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and "modelcache.io" in node.value and "\n" not in node.value:
+                spelled.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert not spelled, spelled
 
 
 def test_volume_reads_the_contract_attributes() -> None:
@@ -47,17 +59,17 @@ def test_volume_reads_the_contract_attributes() -> None:
 def test_label_patch_adds_removes_and_leaves_foreign_labels() -> None:
     current = {
         "kubernetes.io/hostname": "n1",
-        nodelabels.node_label(DIGESTS[0]): "true",  # still cached: kept, not re-sent
-        nodelabels.node_label(DIGESTS[1]): "true",  # evicted: removed
-        nodelabels.node_label(DIGESTS[2]): "false",  # wrong value: set again
+        contract.node_label(DIGESTS[0]): "true",  # still cached: kept, not re-sent
+        contract.node_label(DIGESTS[1]): "true",  # evicted: removed
+        contract.node_label(DIGESTS[2]): "false",  # wrong value: set again
         "nodecache.modelcache.io/pool": "fast",  # our prefix, not our shape: untouched
         "nodecache.modelcache.io/sha256-abc": "true",  # too short: not ours either
     }
     patch = nodelabels.label_patch(current, [DIGESTS[0], DIGESTS[2], DIGESTS[3]])
-    assert patch == {nodelabels.node_label(DIGESTS[1]): None,
-                     nodelabels.node_label(DIGESTS[2]): "true",
-                     nodelabels.node_label(DIGESTS[3]): "true"}
-    assert nodelabels.label_patch({nodelabels.node_label(DIGESTS[0]): "true"},
+    assert patch == {contract.node_label(DIGESTS[1]): None,
+                     contract.node_label(DIGESTS[2]): "true",
+                     contract.node_label(DIGESTS[3]): "true"}
+    assert nodelabels.label_patch({contract.node_label(DIGESTS[0]): "true"},
                                   [DIGESTS[0]]) == {}
 
 
@@ -81,6 +93,16 @@ def test_model_entry_ready_pinned_and_not_ready() -> None:
     assert "no reference" in model_entry(_model("Ready", artifact={"digest": DIGESTS[0]})).problem
     bad = model_entry(_model("Ready", artifact={"digest": "sha256:xyz", "reference": "r/x"}))
     assert "invalid" in bad.problem
+
+
+def test_trimmed_models_read_the_same() -> None:
+    """The informers cache ``trim``-ed objects: trimming keeps all a publish reads."""
+    art = {"digest": DIGESTS[0], "reference": "reg:5000/models/team-a/qwen:v1"}
+    for obj in (_model("Ready", artifact=art), _model("Publishing", conditions=[
+            {"type": "Ready", "status": "False", "message": "42% done"}])):
+        assert model_entry(trim(obj)) == model_entry(obj)
+    cluster = {"metadata": {"name": "llama"}, "status": {"phase": "Ready", "artifact": art}}
+    assert model_entry(trim(cluster)).what == "ClusterModel 'llama'"
 
 
 def test_prefetch_selector_semantics() -> None:

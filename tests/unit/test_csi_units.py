@@ -10,8 +10,10 @@ import time
 import grpc
 import pytest
 
-from csi import errors, logs, main, mounts, volumes
-from csi.resolvers.file import FileResolver, Volume
+from csi import errors, main, mounts, volumes
+from csi.resolvers.base import Volume
+from csi.resolvers.file import FileResolver
+from kube import flags, logs
 from modelpack import errors as mp
 
 MOUNTINFO = (
@@ -144,7 +146,7 @@ def test_error_codes_are_retryable_where_kubelet_must_retry():
 
 
 def test_flag_parsers():
-    assert main.size_arg("500Gi") == 500 << 30 and main.size_arg("10M") == 10 << 20
+    assert flags.binary_size_arg("500Gi") == 500 << 30 and flags.binary_size_arg("10M") == 10 << 20
     assert main.duration_arg("24h") == 86400 and main.duration_arg("90") == 90
     args = main.parser().parse_args(["--endpoint", "unix:///x.sock", "--cache-dir", "/c",
                                      "--node-id", "n"])

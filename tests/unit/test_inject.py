@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from api import inject
+from api import inject, podspec
 from api import names as c
 from api.inject import InjectError, Ref
 
@@ -428,7 +428,7 @@ def test_affinity_added_to_a_template_without_any():
     del template(obj, "Deployment")["spec"]["affinity"]
     res = run(obj, cached_labels={c.node_label(D1)})
     assert template(res.obj, "Deployment")["spec"]["affinity"] == {"nodeAffinity": {
-        "preferredDuringSchedulingIgnoredDuringExecution": [inject.preferred_term(
+        "preferredDuringSchedulingIgnoredDuringExecution": [podspec.preferred_term(
             c.node_label(D1))]}}
     stripped = copy.deepcopy(res.obj)
     del stripped["metadata"]["annotations"][c.ANN_MODELS]

@@ -1,0 +1,96 @@
+"""The resolver seam: a volume's ``model`` / ``clusterModel`` becomes a registry reference.
+
+Where it sits: the node service (``csi.node``) parses a publish's
+volume_context into a ``Volume`` here, then asks its ``Resolver``
+``resolve(volume)``. Two implement it: ``csi.resolvers.file.FileResolver``
+(``--models-file``: standalone nodes, tests, csi-sanity) and
+``csi.resolvers.kube.KubeResolver`` (Model/ClusterModel status from the API
+server); ``NoResolver`` answers when neither is configured.
+
+Rules every resolver keeps: a ``model`` is looked up only in the pod's own
+namespace, so a name that exists elsewhere is still NOT_FOUND; a pinned
+``digest`` stays in the model's own repository. The volume attribute names
+are the delivery contract's (``api.names``); the pod's namespace is
+kubelet's (``podInfoOnMount``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from api import names
+from csi import errors
+from modelpack import digest as dg
+from modelpack.errors import ModelPackError
+from modelpack.oci.reference import Reference
+
+NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"  # kubelet's, with podInfoOnMount
+
+
+def describe(cluster: bool, name: str | None, namespace: str | None) -> str:
+    """``ClusterModel 'x'`` / ``Model 'x' in namespace 'y'``: how answers name a model."""
+    if cluster:
+        return f"ClusterModel {name!r}"
+    return f"Model {name!r} in namespace {namespace!r}"
+
+
+@dataclass(frozen=True)
+class Volume:
+    """What a volume asks for, from its volume_context."""
+
+    namespace: str | None
+    model: str | None = None
+    cluster_model: str | None = None
+    digest: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable name of the request (for idempotency checks and logs)."""
+        if self.cluster_model:
+            name = f"clusterModel/{self.cluster_model}"
+        else:
+            name = f"model/{self.namespace}/{self.model}"
+        return name + (f"@{self.digest}" if self.digest else "")
+
+    @property
+    def what(self) -> str:
+        if self.cluster_model:
+            return describe(True, self.cluster_model, None)
+        return describe(False, self.model, self.namespace)
+
+    @classmethod
+    def from_context(cls, ctx: dict[str, str]) -> Volume:
+        model = ctx.get(names.ATTR_MODEL, "").strip() or None
+        cluster = ctx.get(names.ATTR_CLUSTER_MODEL, "").strip() or None
+        if bool(model) == bool(cluster):
+            raise errors.invalid(f"volumeAttributes need exactly one of {names.ATTR_MODEL!r} "
+                                 f"or {names.ATTR_CLUSTER_MODEL!r}")
+        namespace = ctx.get(NAMESPACE_KEY, "").strip() or None
+        if model and not namespace:
+            raise errors.invalid(f"{names.ATTR_MODEL!r} needs the pod's namespace "
+                                 f"({NAMESPACE_KEY}); is podInfoOnMount set on the CSIDriver?")
+        digest = ctx.get(names.ATTR_DIGEST, "").strip() or None
+        if digest:
+            try:
+                dg.validate(digest)
+            except ModelPackError as e:
+                raise errors.invalid(f"invalid digest {digest!r}: {e}") from e
+        return cls(namespace, model, cluster, digest)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    reference: Reference
+    pin: bool = False
+
+
+class Resolver(Protocol):
+    def resolve(self, volume: Volume) -> Resolved: ...
+
+
+class NoResolver:
+    """Used when no --models-file is given: every model is NOT_FOUND."""
+
+    def resolve(self, volume: Volume) -> Resolved:
+        raise errors.not_found(f"{volume.key}: no model source configured on this node")

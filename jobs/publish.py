@@ -1,0 +1,130 @@
+"""``modelcache-controller publish``: the publish Job's entry point.
+
+Where it sits: the manager (``controller/models/publishjob.py``) runs this
+as a Job in the controller's namespace; it publishes one source to a
+registry reference through the publish worker (``ingest.publish``), or, for
+a ``catalog+…`` source, copies a remote catalog's artifact byte for byte
+(``ingest.publish.catalog_import``). Progress goes out as JSON lines
+(``--progress-file``, default stderr; to the manager's report endpoint too
+when ``MODELCACHE_REPORT_URL`` is set), the result as one JSON document
+(``--result-file``, default stdout), with the exit status of the Job
+result protocol (``api/jobresult.py``): 0, 75 (retryable) or 1 (terminal).
+
+Credentials come from the environment (``HF_TOKEN``, ``HF_ENDPOINT``,
+``AWS_*``, ``MODELCACHE_HTTP_TOKEN``, ``MODELCACHE_REGISTRY_USERNAME``/
+``_PASSWORD``, ``MODELCACHE_CATALOG_TOKEN``/``_CA``) or files named by
+flags, never from flags' values, so they stay out of process listings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from api import jobresult
+from ingest.publish import Options, catalog_import, default_work_dir, json_lines, publish_uri
+from ingest.publish.worker import as_publish_error
+from jobs import report_client
+from modelpack.oci import reference
+from modelpack.oci.registry import RegistryClient
+
+
+def read_secret(path: str | None) -> str | None:
+    """A credential from a file (a mounted Secret), stripped; None without a path."""
+    if not path:
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("publish", help="publish one source to a registry reference")
+    p.add_argument("--source", required=True,
+                   help="hf://ORG/REPO[@REV], ollama://[HOST/]NS/MODEL[:TAG], http(s)://…, "
+                        "s3://BUCKET/PREFIX or a directory")
+    p.add_argument("--to", required=True, help="registry reference HOST/REPO:TAG")
+    p.add_argument("--insecure-registry", action="store_true", help="plain HTTP to the registry")
+    p.add_argument("--registry-username")
+    p.add_argument("--registry-password-file")
+    p.add_argument("--work-dir", default=None, help="staging directory (kept for resume)")
+    p.add_argument("--progress-file", default="-", help="JSON lines of progress ('-' = stderr)")
+    p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
+    p.add_argument("--format", default="Auto", choices=["Auto", "Safetensors", "GGUF", "Diffusers"])
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--include", action="append", default=[], help="HF include glob (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="HF exclude glob (repeatable)")
+    p.add_argument("--sha256", help="expected sha256 of an http(s) file")
+    p.add_argument("--archive", default="Auto", choices=["Auto", "None", "Tar", "Zip"])
+    p.add_argument("--token-file", help="a file holding the source's token (HF or HTTP bearer)")
+    p.add_argument("--endpoint", help="HF endpoint or S3 endpoint URL")
+    p.add_argument("--region", help="S3 region")
+    p.add_argument("--insecure-source", action="store_true",
+                   help="plain HTTP to an Ollama registry that is not on loopback")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--name", help="descriptor.name in the ModelPack config")
+    p.add_argument("--catalog-wait", type=float, default=1800.0,
+                   help="seconds a catalog import waits out source-side failures (a revoked "
+                   "token, the catalog down) before failing retryably")
+
+
+def _catalog_import(args: argparse.Namespace, client: Any, ref: Any, sink: Any) -> Any:
+    """``catalog+…`` sources are copied byte for byte (same digest), not re-packed;
+    token from $MODELCACHE_CATALOG_TOKEN or --token-file, CA from $MODELCACHE_CATALOG_CA."""
+    return catalog_import.import_model(
+        args.source, client, ref,
+        token=os.environ.get("MODELCACHE_CATALOG_TOKEN") or read_secret(args.token_file),
+        ca_pem=os.environ.get("MODELCACHE_CATALOG_CA"),
+        work_dir=args.work_dir or default_work_dir(), sink=sink, wait=args.catalog_wait,
+        workers=args.workers, allow_pickle=args.allow_pickle)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Publish ``--source`` to ``--to``; the result to ``--result-file``, the exit status."""
+    creds: dict[str, Any] = {
+        "include": args.include or None, "exclude": args.exclude or None,
+        "sha256": args.sha256, "archive": args.archive, "endpoint": args.endpoint,
+        "region": args.region,
+        "token": read_secret(args.token_file) or os.environ.get("MODELCACHE_HTTP_TOKEN"),
+    }
+    if args.insecure_source:
+        creds["insecure"] = True
+    progress_out = sys.stderr if args.progress_file == "-" else open(
+        args.progress_file, "a")
+    sink = json_lines(progress_out)
+    reporter = report_client.sink_from_env()
+    if reporter is not None:
+        sink = report_client.tee(sink, reporter)
+    result: dict[str, Any]
+    code = jobresult.OK
+    try:
+        ref = reference.parse(args.to)
+        client = RegistryClient(ref.host, insecure=args.insecure_registry,
+                                username=args.registry_username
+                                or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
+                                password=read_secret(args.registry_password_file)
+                                or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"))
+        if args.source.startswith("catalog+"):
+            res: Any = _catalog_import(args, client, ref, sink)
+        else:
+            res = publish_uri(args.source, push=args.to, client=client,
+                              progress=sink, work_dir=args.work_dir,
+                              options=Options(expected_format=args.format,
+                                              allow_pickle=args.allow_pickle,
+                                              workers=args.workers, name=args.name),
+                              **{k: v for k, v in creds.items() if v is not None})
+        result = res.to_json()
+    except Exception as e:  # a PublishError, or a bad URI or reference before any transfer
+        result, code = jobresult.from_error(as_publish_error(e))
+    finally:
+        if reporter is not None:
+            reporter.close()
+        if progress_out is not sys.stderr:
+            progress_out.close()
+    # indented on stdout, for a person; compact as a termination message
+    jobresult.write(result, args.result_file, indent_stdout=True)
+    return code
+
+
+__all__ = ["add_parser", "main", "read_secret"]
