@@ -180,6 +180,34 @@ def new_serving(ca_pem: bytes, ca_key_pem: bytes, hosts: list[str], now: datetim
     return cert, _pem_key(key)
 
 
+def new_client(ca_pem: bytes, ca_key_pem: bytes, common_name: str, now: datetime.datetime,
+               lifetime: datetime.timedelta, organization: str = "") -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for a client named ``common_name`` (``O=organization``).
+
+    Kubernetes reads the user from CN and the groups from O; issued by the CA,
+    never outliving it.
+    """
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)] if organization else []
+    subject = x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = _sign(subject, ca.subject, key, ca_key, now,
+                 min(now + lifetime, ca.not_valid_after_utc), ca=False, extensions=[
+                     x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                     x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())])
+    return cert, _pem_key(key)
+
+
+def new_key_pair() -> tuple[bytes, bytes]:
+    """(private key PEM, public key PEM): e.g. a service-account token signing pair."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _pem_key(key), public
+
+
 def self_signed(hosts: list[str], days: int = 365,
                 name: str = "modelcache-catalog") -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM) for ``hosts`` (DNS names or IP addresses), its own CA."""
