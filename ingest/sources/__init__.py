@@ -44,6 +44,7 @@ def open_source(uri: str, **creds: Any) -> Source:
     (S3), ``insecure``/``username``/``password`` (Ollama registry), ``ca_pem`` (catalog).
     """
     if uri.startswith("hf://"):
+        # on first use, for start-up time (see the module docstring)
         from ingest.sources.huggingface import HuggingFaceSource
 
         rest = uri[len("hf://"):]
@@ -51,21 +52,25 @@ def open_source(uri: str, **creds: Any) -> Source:
         return HuggingFaceSource(repo.strip("/"), rev or "main",
                                  **_pick(creds, "token", "endpoint", "include", "exclude"))
     if uri.startswith("ollama://"):
+        # on first use, for start-up time (see the module docstring)
         from ingest.sources.ollama import OllamaSource, parse_uri
 
         host, repo, tag = parse_uri(uri[len("ollama://"):])
         return OllamaSource(host, repo, tag,
                             **_pick(creds, "insecure", "username", "password", "token"))
     if uri.startswith("catalog+"):
+        # on first use, for start-up time (see the module docstring)
         from ingest.sources.catalog import CatalogSource
 
         return CatalogSource(uri, **_pick(creds, "token", "ca_pem"))
     if uri.startswith(("http://", "https://")):
+        # on first use, for start-up time (see the module docstring)
         from ingest.sources.url import UrlSource
 
         return UrlSource(uri, **_pick(creds, "sha256", "archive", "headers", "token",
                                       "filename"))
     if uri.startswith("s3://"):
+        # on first use, for start-up time (see the module docstring)
         from ingest.sources.s3 import S3Source
 
         bucket, _, prefix = uri[len("s3://"):].partition("/")
@@ -75,6 +80,7 @@ def open_source(uri: str, **creds: Any) -> Source:
         return S3Source(bucket, prefix, **kw)
     path = uri[len("file://"):] if uri.startswith("file://") else uri
     if os.path.isdir(path):
+        # on first use, for start-up time (see the module docstring)
         from ingest.sources.local import LocalDirSource
 
         return LocalDirSource(path)

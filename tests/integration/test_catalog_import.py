@@ -275,7 +275,7 @@ def test_revoked_token_waits_then_completes(cluster: k.Kube, cluster_b: k.Kube,
     denied = collections.Counter()
     state: dict[str, float] = {"until": 0.0}
     lock = threading.Lock()
-    orig_blob, orig_authz = catalog.catalog.blob_allowed, catalog.catalog.authorizer.authorize
+    orig_blob, orig_authz = catalog.catalog.manifests.blob_allowed, catalog.catalog.authorizer.authorize
 
     def blob_allowed(name: str, digest: str) -> bool:
         if name == m["name"]:
@@ -296,7 +296,7 @@ def test_revoked_token_waits_then_completes(cluster: k.Kube, cluster_b: k.Kube,
             denied[name] += 1
             raise
 
-    catalog.catalog.blob_allowed = blob_allowed  # type: ignore[method-assign]
+    catalog.catalog.manifests.blob_allowed = blob_allowed  # type: ignore[method-assign]
     catalog.catalog.authorizer.authorize = authorize  # type: ignore[method-assign]
     try:
         import_model(cluster_b, m["name"], m["name"])
@@ -310,7 +310,7 @@ def test_revoked_token_waits_then_completes(cluster: k.Kube, cluster_b: k.Kube,
         wait_for(lambda: phase(cluster_b, m["name"]) in ("Ready", "Failed"), 120, interval=0.3,
                  what="import finished after the token came back")
     finally:
-        del catalog.catalog.blob_allowed
+        del catalog.catalog.manifests.blob_allowed
         del catalog.catalog.authorizer.authorize
     cm = get(cluster_b, k.CLUSTER_MODELS, m["name"])
     assert cm is not None and cm["status"]["phase"] == "Ready", cm.get("status")
