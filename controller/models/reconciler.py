@@ -229,7 +229,7 @@ class Reconciler:
             sorted((k, hashes.get(k, "")) for k in p.secret.keys.values())).encode()
         ).hexdigest()[:16]
 
-    # -- what the step modules (and pvcsource) call back --------------------------
+    # -- called back by the step modules (pvcsource's Host names the last three) --
 
     def check_upstream(self, obj: dict[str, Any], first: bool = False) -> Result:
         """``spec.updatePolicy.schedule``: probe the upstream when due (``upstream.py``).
