@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 
+API_VERSION = "modelcache.io/v1alpha1"  # the CRDs' group and version
+
 # -- on a Model / ClusterModel ------------------------------------------------------
 FINALIZER = "modelcache.io/artifact"  # the artifact is deleted before the model goes
 REIMPORT = "modelcache.io/reimport"  # a new value asks for a fresh publish of the same spec
@@ -108,3 +110,13 @@ LABEL_GATED = "modelcache.io/gated"
 # on a workload (top-level and its template) whose injected volumes use SharedPVC:
 # the SharedPVC reconciler lists these to know which PVCs are in use
 LABEL_USES_SHARED_PVC = "modelcache.io/uses-shared-pvc"
+
+
+# -- what the controller keeps on the objects it manages ---------------------------
+LABEL_CLAIM = "modelcache.io/pvc"  # on a materializer Job and a pull-secret copy: its PVC
+ANN_FAILURES = "modelcache.io/materialize-failures"
+ANN_FAILED_JOB = "modelcache.io/materialize-failed-job"  # the failed Job's uid, counted once
+ANN_RETRY_AT = "modelcache.io/materialize-retry-at"
+ANN_UNUSED_SINCE = "modelcache.io/unused-since"
+ANN_URL = "modelcache.io/upload-url"  # on the token Secret: the session URL the reader sends to
+ANN_SESSION = "modelcache.io/upload-session"

@@ -46,7 +46,6 @@ from modelpack.oci.registry import Progress, RegistryClient
 log = logging.getLogger(__name__)
 
 BundleError = oci_bundle.BundleError
-API_VERSION = "modelcache.io/v1alpha1"
 KIND = model.CLUSTER_MODEL
 CR_FILE = "clustermodel.yaml"
 FIELD_MANAGER = "modelcache-import"
@@ -96,7 +95,7 @@ def bundle_cr(obj: dict[str, Any], digest: str) -> dict[str, Any]:
     out_meta: dict[str, Any] = {"name": meta["name"], "annotations": ann}
     if meta.get("labels"):
         out_meta["labels"] = dict(meta["labels"])
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": out_meta,
+    return {"apiVersion": names.API_VERSION, "kind": KIND, "metadata": out_meta,
             "spec": obj.get("spec") or {}}
 
 
@@ -104,7 +103,7 @@ def export_bundle(obj: dict[str, Any], client: RegistryClient, output: str,
                   progress: Progress = _noop, fetchers: int = 3) -> bundle_export.Exported:
     """Write the bundle of Ready ClusterModel ``obj`` (its artifact read from ``client``)."""
     # the artifact is fetched by this digest and verified against it: the CR's is the same
-    digest = str(obj["status"]["artifact"]["digest"])
+    digest = model.ModelView.of(obj).digest
     cr = yaml.safe_dump(bundle_cr(obj, digest), sort_keys=True,
                         default_flow_style=False).encode()
     return bundle_export.export(client, model.repository(dict(obj, kind=KIND)), digest, output,
@@ -148,8 +147,8 @@ def _check_cr(document: bytes, ref_name: str | None, digest: str) -> dict[str, A
         cr = yaml.safe_load(document)
     except yaml.YAMLError as e:
         raise BundleError(f"{CR_FILE} is not YAML: {str(e)[:200]}", reason="InvalidBundle") from e
-    if not isinstance(cr, dict) or cr.get("apiVersion") != API_VERSION or cr.get("kind") != KIND:
-        raise BundleError(f"{CR_FILE} is not a {API_VERSION} {KIND}", reason="InvalidBundle")
+    if not isinstance(cr, dict) or cr.get("apiVersion") != names.API_VERSION or cr.get("kind") != KIND:
+        raise BundleError(f"{CR_FILE} is not a {names.API_VERSION} {KIND}", reason="InvalidBundle")
     extra = set(cr) - {"apiVersion", "kind", "metadata", "spec"}
     md = cr.get("metadata")
     if extra or not isinstance(md, dict) or not isinstance(cr.get("spec"), dict) \

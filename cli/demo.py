@@ -43,7 +43,7 @@ import yaml
 
 from api import inject
 from api import names as contract
-from api.model import ModelView
+from api.model import RESOLVED_FIELDS, ModelView
 from cli.local import cluster as localcluster
 from cli.local.system import NODE_ID, DemoError, LocalSystem, mib, say, signals, step
 from cli.progress import open_bar
@@ -57,8 +57,8 @@ PUBLISH_TIMEOUT = 120.0  # what kubelet gives one CSI call
 # what the demo prints of status.resolved: a subset of api.model.RESOLVED_FIELDS on
 # purpose, the lines that say what the model is (tensors, quantization and paramSize
 # would only restate them)
-SHOWN_FIELDS = ("format", "family", "architecture", "parameterCount", "precision",
-                "contextLength", "files")
+SHOWN_FIELDS = tuple(f for f in RESOLVED_FIELDS if f not in ("paramSize", "quantization",
+                                                               "tensors"))
 
 
 def demo_model_dir() -> str:

@@ -14,10 +14,10 @@ MODELCACHE_REGISTRY_TOKEN) or ~/.docker/config.json, never from a log.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from cli import access, pack, progress, pull, upload
+from kube import logs
 from modelpack.errors import ModelPackError
 
 DESCRIPTION = """\
@@ -171,8 +171,7 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     args = build_parser(with_demo="demo" in words).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    logs.setup("info" if args.verbose else "warning", "text")
     try:
         rc: int = args.func(args)
         return rc

@@ -76,7 +76,7 @@ class Manager:
         self.models = Informer(self.client, kube.MODELS)
         self.cluster_models = Informer(self.client, kube.CLUSTER_MODELS)
         self.jobs = Informer(self.client, kube.JOBS, namespace=s.namespace,
-                             label_selector=f"{jobs.LABEL_MANAGED}={jobs.MANAGER}",
+                             label_selector=f"{delivery_contract.LABEL_MANAGED}={delivery_contract.MANAGER}",
                              transform=job_transform)
         self.secrets = Informer(self.client, kube.SECRETS, transform=secret_transform)
         self.informers = [self.models, self.cluster_models, self.jobs, self.secrets]
@@ -183,9 +183,9 @@ class Manager:
 
         def on_job(event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
             lab = obj["metadata"].get("labels") or {}
-            if lab.get(jobs.LABEL_NAME):
-                self.queue.add((lab.get(jobs.LABEL_KIND, "Model"),
-                                lab.get(jobs.LABEL_NAMESPACE, ""), lab[jobs.LABEL_NAME]))
+            if lab.get(delivery_contract.LABEL_NAME):
+                self.queue.add((lab.get(delivery_contract.LABEL_KIND, "Model"),
+                                lab.get(delivery_contract.LABEL_NAMESPACE, ""), lab[delivery_contract.LABEL_NAME]))
 
         self.jobs.handlers.append(on_job)
         if self.pvc_readers is not None:

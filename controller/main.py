@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     for add in PARSERS:
         add(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MODELCACHE_LOG_LEVEL", "WARNING"))
+    # plain text for the Job entry points (the manager and the gateway switch to JSON)
+    logs.setup(os.environ.get("MODELCACHE_LOG_LEVEL", "warning"), "text")
     return COMMANDS[args.command](args)
 
 

@@ -46,7 +46,7 @@ from modelpack.pack import pack_to_registry
 from tests.integration.test_crds import install_crds
 
 NAME = "bench-bundle"
-REPO = f"cluster/{NAME}"  # the controller's repository for a ClusterModel (jobs.repository)
+REPO = f"cluster/{NAME}"  # the controller's repository for a ClusterModel (model.repository)
 
 
 def evict(path: str) -> None:

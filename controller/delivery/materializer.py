@@ -42,18 +42,14 @@ log = logging.getLogger(__name__)
 
 MOUNT = "/var/lib/modelcache/pvc"  # where the materializer sees the PVC
 CONTAINER = "materialize"
-LABEL_CLAIM = "modelcache.io/pvc"  # on a materializer Job and a pull-secret copy: its PVC
-ANN_FAILURES = "modelcache.io/materialize-failures"
-ANN_FAILED_JOB = "modelcache.io/materialize-failed-job"  # the failed Job's uid, counted once
-ANN_RETRY_AT = "modelcache.io/materialize-retry-at"
 
 Obj = dict[str, Any]
 
 
 def labels(claim: str) -> dict[str, str]:
     """Labels of everything made for ``claim``: the PVC, its Job, its credential copy."""
-    return {contract.LABEL_PVC: "true", jobs.LABEL_MANAGED: jobs.MANAGER,
-            "app.kubernetes.io/component": CONTAINER, LABEL_CLAIM: claim}
+    return {contract.LABEL_PVC: "true", contract.LABEL_MANAGED: contract.MANAGER,
+            "app.kubernetes.io/component": CONTAINER, contract.LABEL_CLAIM: claim}
 
 
 def pull_secret_name(claim: str) -> str:
@@ -130,7 +126,7 @@ class Materializer:
             return 1.0
         if job is None:
             ann = pvc["metadata"].get("annotations") or {}
-            retry_at = parse_ts(ann.get(ANN_RETRY_AT))
+            retry_at = parse_ts(ann.get(contract.ANN_RETRY_AT))
             if retry_at is not None and retry_at > time.time():
                 return retry_at - time.time()
             self.create_job(pvc, digest, reference)
@@ -139,8 +135,8 @@ class Materializer:
         if state == jobresult.ACTIVE:
             return None
         if state == jobresult.COMPLETE:
-            self.annotate(pvc, {contract.ANN_PVC_MATERIALIZED: digest, ANN_FAILURES: None,
-                                ANN_FAILED_JOB: None, ANN_RETRY_AT: None})
+            self.annotate(pvc, {contract.ANN_PVC_MATERIALIZED: digest, contract.ANN_FAILURES: None,
+                                contract.ANN_FAILED_JOB: None, contract.ANN_RETRY_AT: None})
             self.delete_pull_secret(ns, claim)
             self.metrics.shared_pvcs.labels("materialized").inc()
             self.recorder.record(pvc, "Normal", "Materialized",
@@ -153,12 +149,12 @@ class Materializer:
         """Count a failed Job once, with an Event; after the backoff, delete it to retry."""
         ann = pvc["metadata"].get("annotations") or {}
         uid = str(job["metadata"].get("uid") or "")
-        if ann.get(ANN_FAILED_JOB) != uid:
-            failures = int(ann.get(ANN_FAILURES) or 0) + 1
+        if ann.get(contract.ANN_FAILED_JOB) != uid:
+            failures = int(ann.get(contract.ANN_FAILURES) or 0) + 1
             delay = float(min(self.retry_base * 2 ** (failures - 1), self.retry_max))
             outcome = self.outcome(job)
-            self.annotate(pvc, {ANN_FAILURES: str(failures), ANN_FAILED_JOB: uid,
-                                ANN_RETRY_AT: ts(time.time() + delay)})
+            self.annotate(pvc, {contract.ANN_FAILURES: str(failures), contract.ANN_FAILED_JOB: uid,
+                                contract.ANN_RETRY_AT: ts(time.time() + delay)})
             self.metrics.shared_pvcs.labels("failed").inc()
             self.recorder.record(pvc, "Warning", "MaterializeFailed",
                                  f"Job {job['metadata']['name']} failed ({outcome.reason}): "
@@ -167,7 +163,7 @@ class Materializer:
                 "pvc": f"{pvc['metadata']['namespace']}/{pvc['metadata']['name']}",
                 "reason": outcome.reason, "failures": failures, "retryIn": delay})
             return delay
-        retry_at = parse_ts(ann.get(ANN_RETRY_AT)) or 0.0
+        retry_at = parse_ts(ann.get(contract.ANN_RETRY_AT)) or 0.0
         if retry_at > time.time():
             return retry_at - time.time()
         self.client.delete(kube.JOBS, job["metadata"]["name"], job["metadata"]["namespace"])
@@ -219,5 +215,5 @@ class Materializer:
                                propagation=None)
 
 
-__all__ = ["LABEL_CLAIM", "MOUNT", "Materializer", "build_job", "labels", "parse_ts",
+__all__ = ["MOUNT", "Materializer", "build_job", "labels", "parse_ts",
            "pull_secret_name", "ts"]

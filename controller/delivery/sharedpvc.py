@@ -49,9 +49,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from api import names as contract
-from api.model import ModelView
+from api.model import ModelView, repository
 from controller.delivery import materializer
-from controller.delivery.materializer import LABEL_CLAIM, parse_ts, ts
+from controller.delivery.materializer import parse_ts, ts
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
 from controller.models.reconciler import job_transform
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 WORKLOAD_KINDS: tuple[kube.Resource, ...] = (
     kube.DEPLOYMENTS, kube.STATEFULSETS, kube.DAEMONSETS, kube.CRONJOBS, kube.JOBS, kube.PODS)
-ANN_UNUSED_SINCE = "modelcache.io/unused-since"
 
 # PVC size = artifact + 10 % + 1 GiB, rounded up to a GiB. Why: a block-backed
 # RWX volume loses space to its filesystem (ext4 keeps 5 % for root and up to
@@ -227,7 +226,7 @@ class SharedPVC:
 
         def on_job(event: str, obj: Obj, old: Obj | None) -> None:
             meta = obj["metadata"]
-            claim = (meta.get("labels") or {}).get(LABEL_CLAIM)
+            claim = (meta.get("labels") or {}).get(contract.LABEL_CLAIM)
             if claim:
                 self.queue.add((str(meta.get("namespace") or ""), str(claim)))
 
@@ -296,8 +295,8 @@ class SharedPVC:
             if pvc is None:
                 return 30.0  # no model has this digest (yet): the model watch brings us back
         ann = pvc["metadata"].get("annotations") or {}
-        if ann.get(ANN_UNUSED_SINCE):
-            pvc = self.annotate(pvc, {ANN_UNUSED_SINCE: None})
+        if ann.get(contract.ANN_UNUSED_SINCE):
+            pvc = self.annotate(pvc, {contract.ANN_UNUSED_SINCE: None})
             ann = pvc["metadata"].get("annotations") or {}
         digest = str(ann.get(contract.ANN_PVC_DIGEST) or "")
         if contract.pvc_name(digest) != claim:
@@ -327,7 +326,7 @@ class SharedPVC:
         view = ModelView.of(model)
         digest, reference = view.digest, view.reference
         if not reference.endswith("@" + digest):
-            reference = f"{self.settings.registry}/{jobs.repository(model)}@{digest}"
+            reference = f"{self.settings.registry}/{repository(model)}@{digest}"
         if self.config.pull_registry:  # same repositories and digests, read-only
             reference = f"{self.config.pull_registry}/{reference.split('/', 1)[1]}"
         storage_class = (((model.get("spec") or {}).get("delivery") or {}).get("sharedPVC")
@@ -358,16 +357,16 @@ class SharedPVC:
     def collect(self, namespace: str, claim: str, pvc: Obj | None) -> float | None:
         """No user: after the grace period, the Job, the credential copy and the PVC go."""
         leftover = [j for j in self.jobs.items() if j["metadata"].get("namespace") == namespace
-                    and (j["metadata"].get("labels") or {}).get(LABEL_CLAIM) == claim]
+                    and (j["metadata"].get("labels") or {}).get(contract.LABEL_CLAIM) == claim]
         if pvc is None or pvc["metadata"].get("deletionTimestamp"):
             for j in leftover:  # a Job whose PVC is gone has nothing left to fill
                 self.client.delete(kube.JOBS, j["metadata"]["name"], namespace)
             return None
         ann = pvc["metadata"].get("annotations") or {}
-        since = parse_ts(ann.get(ANN_UNUSED_SINCE))
+        since = parse_ts(ann.get(contract.ANN_UNUSED_SINCE))
         now = time.time()
         if since is None:
-            self.annotate(pvc, {ANN_UNUSED_SINCE: ts(now)})
+            self.annotate(pvc, {contract.ANN_UNUSED_SINCE: ts(now)})
             return self.config.grace
         if now - since < self.config.grace:
             return self.config.grace - (now - since)

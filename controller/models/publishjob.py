@@ -31,11 +31,6 @@ from controller.errors import PermanentError
 from ingest.sources.catalog import build_uri
 from kube import client as kube
 
-# the names live in api.names; re-exported for this module's readers
-FINALIZER, REIMPORT, UPSTREAM = names.FINALIZER, names.REIMPORT, names.UPSTREAM
-LABEL_MANAGED, MANAGER, ANN_TARGET = names.LABEL_MANAGED, names.MANAGER, names.ANN_TARGET
-LABEL_KIND, LABEL_NAME, LABEL_NAMESPACE = names.LABEL_KIND, names.LABEL_NAME, names.LABEL_NAMESPACE
-LABEL_UID, LABEL_KEY = names.LABEL_UID, names.LABEL_KEY
 WORK_DIR = "/var/lib/modelcache/work"
 
 
@@ -86,15 +81,13 @@ def _short(text: str, n: int) -> str:
     return re.sub(r"[^a-z0-9-]", "-", text.lower())[:n].strip("-") or "x"
 
 
-model_kind = model.model_kind
-repository = model.repository
 
 
 def target(obj: dict[str, Any], settings: Settings) -> str:
     """The registry reference a model is published to (tag: its generation)."""
     meta = obj["metadata"]
     gen = int(meta.get("generation") or 1)
-    if model_kind(obj) == "ClusterModel":
+    if model.model_kind(obj) == "ClusterModel":
         repo = f"cluster/{meta['name']}"
     else:
         repo = f"models/{meta['namespace']}/{meta['name']}"
@@ -105,12 +98,12 @@ def publish_key(obj: dict[str, Any], secret_hash: str) -> str:
     meta = obj["metadata"]
     ann = meta.get("annotations") or {}
     parts = [str(meta.get("uid", "")), str(meta.get("generation") or 1),
-             ann.get(REIMPORT, ""), ann.get(UPSTREAM, ""), secret_hash]
+             ann.get(names.REIMPORT, ""), ann.get(names.UPSTREAM, ""), secret_hash]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
 def job_name(obj: dict[str, Any], key: str) -> str:
-    prefix = "mcc" if model_kind(obj) == "ClusterModel" else "mc"
+    prefix = "mcc" if model.model_kind(obj) == "ClusterModel" else "mc"
     meta = obj["metadata"]
     ns = "" if prefix == "mcc" else _short(str(meta.get("namespace", "")), 12) + "-"
     return f"{prefix}-{ns}{_short(str(meta['name']), 30)}-{key}"[:63].strip("-")
@@ -141,7 +134,7 @@ def plan(obj: dict[str, Any], settings: Settings,
     spec = obj.get("spec") or {}
     source = spec.get("source") or {}
     meta = obj["metadata"]
-    cluster = model_kind(obj) == "ClusterModel"
+    cluster = model.model_kind(obj) == "ClusterModel"
     # a ClusterModel's Secret may only live in the controller's namespace (DESIGN.md)
     secret_ns = settings.namespace if cluster else str(meta.get("namespace"))
     chosen = [k for k, v in source.items() if v is not None]
@@ -265,13 +258,13 @@ def copied_secret(obj: dict[str, Any], job: str, settings: Settings, use: Secret
 
 def labels(obj: dict[str, Any], key: str | None) -> dict[str, str]:
     meta = obj["metadata"]
-    out = {LABEL_MANAGED: MANAGER, "app.kubernetes.io/component": "publish",
-           LABEL_KIND: model_kind(obj), LABEL_NAME: str(meta["name"]),
-           LABEL_UID: str(meta["uid"])}
+    out = {names.LABEL_MANAGED: names.MANAGER, "app.kubernetes.io/component": "publish",
+           names.LABEL_KIND: model.model_kind(obj), names.LABEL_NAME: str(meta["name"]),
+           names.LABEL_UID: str(meta["uid"])}
     if meta.get("namespace"):
-        out[LABEL_NAMESPACE] = str(meta["namespace"])
+        out[names.LABEL_NAMESPACE] = str(meta["namespace"])
     if key:
-        out[LABEL_KEY] = key
+        out[names.LABEL_KEY] = key
     return out
 
 
@@ -302,7 +295,7 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
         env += jobspec.secret_env(copied_secret_name(name), sorted(p.secret.keys.items()),
                                   p.secret.optional)
     owners = None
-    if model_kind(obj) == "ClusterModel":
+    if model.model_kind(obj) == "ClusterModel":
         # a namespaced dependent may have a cluster-scoped owner, not one in another namespace
         owners = [{
             "apiVersion": str(obj.get("apiVersion") or kube.CLUSTER_MODELS.api_version),
@@ -310,7 +303,7 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
             "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
     return jobspec.build(
         name=name, namespace=settings.namespace, labels=labels(obj, key),
-        annotations={ANN_TARGET: ref}, owners=owners, container="publish",
+        annotations={names.ANN_TARGET: ref}, owners=owners, container="publish",
         image=settings.image, command=cmd, env=env,
         mounts=[{"name": "work", "mountPath": WORK_DIR}],
         volumes=[{"name": "work", "emptyDir": {}}], backoff_limit=settings.backoff_limit,

@@ -40,7 +40,7 @@ import time
 from typing import Any, Protocol
 
 from api import conditions as c
-from api import jobresult
+from api import jobresult, names
 from controller import jobspec
 from controller.errors import TemporaryError
 from controller.metrics import Metrics
@@ -54,11 +54,10 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "pvc-reader"
 # the manager's informer over reader Jobs, in every namespace
-SELECTOR = f"{jobs.LABEL_MANAGED}={jobs.MANAGER},app.kubernetes.io/component={COMPONENT}"
+SELECTOR = f"{names.LABEL_MANAGED}={names.MANAGER},app.kubernetes.io/component={COMPONENT}"
 MOUNT = "/var/lib/modelcache/source"
 CONTAINER = "reader"
 TOKEN_ENV = "MODELCACHE_UPLOAD_TOKEN"  # read by jobs/pvc_reader.py
-ANN_URL = "modelcache.io/upload-url"  # on the token Secret: the session URL the reader sends to
 GONE_RETRY = 1.0  # a Job or session being replaced: look again soon
 
 
@@ -121,7 +120,7 @@ def build_job(obj: dict[str, Any], key: str, url: str, settings: jobs.Settings
     return jobspec.build(
         name=name, namespace=meta["namespace"],
         labels=dict(jobs.labels(obj, key), **{"app.kubernetes.io/component": COMPONENT}),
-        annotations={jobs.ANN_TARGET: jobs.target(obj, settings)}, owners=[owner],
+        annotations={names.ANN_TARGET: jobs.target(obj, settings)}, owners=[owner],
         container=CONTAINER, image=settings.image,
         command=["modelcache-controller", "pvc-upload", "--mount", MOUNT, "--path", path,
                  "--url", url, "--result-file", jobresult.TERMINATION_LOG],
@@ -149,8 +148,8 @@ def ensure(host: Host, obj: dict[str, Any], key: str) -> float | None:
     secret_meta = (_get(host.client, kube.SECRETS, uploads.secret_name(obj), ns) or {}
                    ).get("metadata") or {}
     ann = secret_meta.get("annotations") or {}
-    sid, url = str(ann.get(uploads.ANN_SESSION) or ""), str(ann.get(ANN_URL) or "")
-    if (secret_meta.get("labels") or {}).get(jobs.LABEL_KEY) != key or not sid or not url:
+    sid, url = str(ann.get(names.ANN_SESSION) or ""), str(ann.get(names.ANN_URL) or "")
+    if (secret_meta.get("labels") or {}).get(names.LABEL_KEY) != key or not sid or not url:
         claim, _ = source_of(obj)
         if _get(host.client, kube.PVCS, claim, ns) is None:
             return _pending(host, obj, "PVCNotFound",
@@ -158,9 +157,9 @@ def ensure(host: Host, obj: dict[str, Any], key: str) -> float | None:
         delete_readers(host.client, obj)  # a reader of an older session has a stale token
         created = gw.create(uploads.model_name(obj), jobs.target(obj, host.settings))
         body = uploads.token_secret(obj, host.settings, created)
-        body["metadata"]["labels"].update({jobs.LABEL_KEY: key,
+        body["metadata"]["labels"].update({names.LABEL_KEY: key,
                                            "app.kubernetes.io/component": COMPONENT})
-        body["metadata"]["annotations"][ANN_URL] = str(created["url"])  # for the reader
+        body["metadata"]["annotations"][names.ANN_URL] = str(created["url"])  # for the reader
         uploads.ensure_secret(host.client, body)
         sid, url = str(created["id"]), str(created["url"])
         log.info("pvc upload session created", extra={"model": uploads.model_name(obj),
@@ -235,7 +234,7 @@ def delete_readers(client: kube.Kube, obj: dict[str, Any]) -> None:
     """Delete this model's reader Jobs, their pods with them."""
     meta = obj["metadata"]
     items, _ = client.list(kube.JOBS, meta["namespace"], label_selector=(
-        f"{jobs.LABEL_UID}={meta['uid']},app.kubernetes.io/component={COMPONENT}"))
+        f"{names.LABEL_UID}={meta['uid']},app.kubernetes.io/component={COMPONENT}"))
     for job in items:
         if not job["metadata"].get("deletionTimestamp"):
             client.delete(kube.JOBS, job["metadata"]["name"], meta["namespace"])

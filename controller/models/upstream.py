@@ -34,6 +34,8 @@ import logging
 from typing import Any, Protocol
 
 from api import conditions as c
+from api import model, names
+from api.model import ModelView
 from controller.models import publishjob as jobs
 from controller.models import schedule
 from ingest.sources import base, httpio, open_source
@@ -56,9 +58,8 @@ def source_kind(obj: dict[str, Any]) -> str | None:
 
 def _revisions(obj: dict[str, Any]) -> tuple[str, str]:
     """(the revision the artifact was published from, the one last asked for)."""
-    current = ((obj.get("status") or {}).get("source") or {}).get("resolvedRevision") or ""
-    asked = (obj["metadata"].get("annotations") or {}).get(jobs.UPSTREAM) or ""
-    return str(current), str(asked)
+    view = ModelView.of(obj)
+    return view.resolved_revision, str(view.annotations.get(names.UPSTREAM) or "")
 
 
 def applies(obj: dict[str, Any]) -> bool:
@@ -67,13 +68,12 @@ def applies(obj: dict[str, Any]) -> bool:
     first publish has neither: its failure was not a move."""
     if source_kind(obj) not in PROBED:
         return False
-    published = ((obj.get("status") or {}).get("artifact") or {}).get("digest")
-    return bool(published) or any(_revisions(obj))
+    return bool(ModelView.of(obj).digest) or any(_revisions(obj))
 
 
 def moved(obj: dict[str, Any], latest: str | None) -> bool:
     """Whether ``latest`` asks for a publish: it is neither the revision the artifact was
-    published from nor one already asked for (``jobs.UPSTREAM``), whose publish may
+    published from nor one already asked for (``names.UPSTREAM``), whose publish may
     have failed or resolved a newer revision: asking again would change nothing."""
     return bool(latest) and latest not in _revisions(obj)
 
@@ -199,11 +199,6 @@ class Host(Protocol):
     def observe(self, obj: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]: ...
 
 
-def _id(obj: dict[str, Any]) -> str:
-    meta = obj["metadata"]
-    return f"{meta.get('namespace') + '/' if meta.get('namespace') else ''}{meta['name']}"
-
-
 def _untrack(host: Host, obj: dict[str, Any], reason: str, message: str) -> None:
     host.write_status(obj, {"upstream": {"nextCheckAt": None}, "conditions": [
         c.condition(COND, False, reason, message)]}, what="upstream")
@@ -211,11 +206,11 @@ def _untrack(host: Host, obj: dict[str, Any], reason: str, message: str) -> None
 
 def ensure_checked(host: Host, obj: dict[str, Any], first: bool = False) -> float | None:
     """``spec.updatePolicy.schedule`` for a published model: probe the upstream when the
-    schedule says so and, if it moved, set ``jobs.UPSTREAM`` (part of the publish key).
+    schedule says so and, if it moved, set ``names.UPSTREAM`` (part of the publish key).
     ``first``: just published, plan from now. Seconds until the next look; 0 after a
     move (publish now); None when nothing is scheduled."""
     meta = obj["metadata"]
-    key = (jobs.model_kind(obj), meta.get("namespace") or "", meta["name"])
+    key = (model.model_kind(obj), meta.get("namespace") or "", meta["name"])
     text = ((obj.get("spec") or {}).get("updatePolicy") or {}).get("schedule")
     status = obj.get("status") or {}
     tracked = any(x.get("type") == COND and x.get("status") == "True"
@@ -229,7 +224,7 @@ def ensure_checked(host: Host, obj: dict[str, Any], first: bool = False) -> floa
         sched = schedule.parse(str(text))
     except schedule.ScheduleError as e:  # the CRD refuses most; only a spec change helps
         host.scheduler.forget(key)
-        log.warning("invalid schedule", extra={"model": _id(obj), "error": str(e)[:300]})
+        log.warning("invalid schedule", extra={"model": ModelView.of(obj).full_name, "error": str(e)[:300]})
         _untrack(host, obj, e.reason, str(e))
         return None
     kind = source_kind(obj)
@@ -255,7 +250,7 @@ def ensure_checked(host: Host, obj: dict[str, Any], first: bool = False) -> floa
     except base.SourceError as e:
         at = host.scheduler.checked(key, sched, retry_in=RETRY if e.retryable else None)
         log.warning("upstream check failed", extra={
-            "model": _id(obj), "reason": e.reason, "error": httpio.cut(str(e), 300),
+            "model": ModelView.of(obj).full_name, "reason": e.reason, "error": httpio.cut(str(e), 300),
             "retryIn": round(at - now, 3)})
         host.write_status(obj, {"upstream": {
             "lastCheckedAt": schedule.rfc3339(now), "nextCheckAt": schedule.rfc3339(at),
@@ -267,7 +262,7 @@ def ensure_checked(host: Host, obj: dict[str, Any], first: bool = False) -> floa
     latest = found.revision
     is_move = moved(obj, latest)
     if latest is None:
-        log.info("upstream not checked", extra={"model": _id(obj), "why": found.note})
+        log.info("upstream not checked", extra={"model": ModelView.of(obj).full_name, "why": found.note})
         message = found.note
     else:
         message = f"moved to {latest}: publishing it" if is_move else "unchanged"
@@ -282,11 +277,11 @@ def ensure_checked(host: Host, obj: dict[str, Any], first: bool = False) -> floa
     if is_move:
         assert latest is not None
         current = _revisions(obj)[0] or "?"
-        log.info("upstream moved", extra={"model": _id(obj), "from": current, "to": latest})
+        log.info("upstream moved", extra={"model": ModelView.of(obj).full_name, "from": current, "to": latest})
         host.recorder.record(obj, "Normal", "UpstreamMoved",
                              f"revision {_short(current)} → {_short(latest)}; publishing again")
         answer = host.client.patch(host.res(obj), meta["name"], {
-            "metadata": {"annotations": {jobs.UPSTREAM: latest}}}, host.ns(obj))
+            "metadata": {"annotations": {names.UPSTREAM: latest}}}, host.ns(obj))
         host.observe(obj, answer)
         return 0.0
     return at - now

@@ -32,13 +32,13 @@ from typing import Any
 
 import requests
 
+from api import model, names
 from controller.errors import TemporaryError
 from controller.models import publishjob as jobs
 from kube import client as kube
 
 log = logging.getLogger(__name__)
 TOKEN_KEY = "token"
-ANN_SESSION = "modelcache.io/upload-session"
 
 
 @dataclass(frozen=True)
@@ -102,18 +102,18 @@ def session_id(url: str | None) -> str:
 
 def model_name(obj: dict[str, Any]) -> str:
     meta = obj["metadata"]
-    return str(meta["name"]) if jobs.model_kind(obj) == "ClusterModel" \
+    return str(meta["name"]) if model.model_kind(obj) == "ClusterModel" \
         else f"{meta['namespace']}/{meta['name']}"
 
 
 def secret_namespace(obj: dict[str, Any], settings: jobs.Settings) -> str:
     # a ClusterModel's Secrets live in the controller's namespace (DESIGN.md)
-    return settings.namespace if jobs.model_kind(obj) == "ClusterModel" \
+    return settings.namespace if model.model_kind(obj) == "ClusterModel" \
         else str(obj["metadata"]["namespace"])
 
 
 def secret_name(obj: dict[str, Any]) -> str:
-    prefix = "cluster-" if jobs.model_kind(obj) == "ClusterModel" else ""
+    prefix = "cluster-" if model.model_kind(obj) == "ClusterModel" else ""
     return f"{prefix}{obj['metadata']['name']}"[:240].rstrip("-.") + "-upload-token"
 
 
@@ -127,13 +127,13 @@ def token_secret(obj: dict[str, Any], settings: jobs.Settings, session: dict[str
     """The Secret holding a session's token, owned by the model (GC'd with it)."""
     meta = obj["metadata"]
     owner = {"apiVersion": str(obj.get("apiVersion") or kube.MODELS.api_version),
-             "kind": jobs.model_kind(obj), "name": meta["name"], "uid": meta["uid"],
+             "kind": model.model_kind(obj), "name": meta["name"], "uid": meta["uid"],
              "controller": True}
     labels = {k: v for k, v in jobs.labels(obj, None).items()}
     labels["app.kubernetes.io/component"] = "upload"
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": secret_name(obj), "namespace": secret_namespace(obj, settings),
-                         "labels": labels, "annotations": {ANN_SESSION: str(session["id"])},
+                         "labels": labels, "annotations": {names.ANN_SESSION: str(session["id"])},
                          "ownerReferences": [owner]},
             "data": {TOKEN_KEY: base64.b64encode(str(session["token"]).encode()).decode()}}
 

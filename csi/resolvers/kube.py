@@ -69,19 +69,17 @@ def trim(obj: Obj) -> Obj:
     """What a publish or a prefetch reads of a Model/ClusterModel (the informers'
     transform): names, ``spec.delivery.nodeCache``, the phase, the artifact and the
     Ready condition. Nothing else of the spec is kept, nor ever logged."""
+    view = ModelView.of(obj)
     meta = obj.get("metadata") or {}
-    node_cache = ((obj.get("spec") or {}).get("delivery") or {}).get("nodeCache")
-    status = obj.get("status") or {}
-    artifact = status.get("artifact") or {}
+    node_cache = (view.spec.get("delivery") or {}).get("nodeCache")
+    artifact = {k: v for k, v in (("digest", view.digest), ("reference", view.reference)) if v}
     return {
         "kind": obj.get("kind") or (MODEL if meta.get("namespace") else CLUSTER_MODEL),
         "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion") if k in meta},
         "spec": {"delivery": {"nodeCache": node_cache}} if node_cache is not None else {},
-        "status": {"phase": status.get("phase"),
-                   "artifact": {k: artifact[k] for k in ("digest", "reference")
-                                if k in artifact},
-                   "conditions": [c for c in status.get("conditions") or []
-                                  if isinstance(c, dict) and c.get("type") == conditions.READY]},
+        "status": {"phase": view.phase or None, "artifact": artifact,
+                   "conditions": [dict(c) for c in view.conditions
+                                  if c.get("type") == conditions.READY]},
     }
 
 

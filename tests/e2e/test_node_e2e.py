@@ -84,7 +84,7 @@ def setup(registry: Any, client: Any, tmp_path_factory: pytest.TempPathFactory
     src = str(tmp_path_factory.mktemp("model"))
     modelgen.make_safetensors_model(src, seed=8)
     # into the repository the controller uses for Model e2e-team/tiny
-    # (jobs.repository), then tagged as `modelcache import` tags it (the
+    # (api.model.repository), then tagged as `modelcache import` tags it (the
     # manager and the node use the digest; the tag keeps the manifest listed)
     repo = f"models/{NAMESPACE}/{MODEL}"
     pack = pack_to_registry(src, client, reference.parse(f"{registry.host}/{repo}:v1")).pack

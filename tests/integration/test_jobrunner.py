@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from api import names
 from controller.embedded.jobrunner import JobRunner
 from controller.models import publishjob as jobs
 from kube import client as k
@@ -57,7 +58,7 @@ def runner(cluster: tuple[k.Kube, str], tmp_path: Any) -> Iterator[JobRunner]:
 
 def _job(ns: str, script: str, *, backoff: int = 0, labelled: bool = True) -> dict[str, Any]:
     name = f"j-{uuid.uuid4().hex[:8]}"
-    labels = {jobs.LABEL_MANAGED: jobs.MANAGER} if labelled else {}
+    labels = {names.LABEL_MANAGED: names.MANAGER} if labelled else {}
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": name, "namespace": ns, "labels": labels},
             "spec": {"backoffLimit": backoff,

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from api import names
 from controller.catalog import sources as catalogsources
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
@@ -115,7 +116,7 @@ def assert_moved(client: k.Kube, ns: str, m: dict[str, Any], old_digest: str, re
     """Published again from ``revision``: a new digest, the event, one more Job only."""
     uid = m["metadata"]["uid"]
     assert m["status"]["artifact"]["digest"] != old_digest
-    assert m["metadata"]["annotations"][jobs.UPSTREAM] == revision
+    assert m["metadata"]["annotations"][names.UPSTREAM] == revision
     assert cond(m, "Ready")["status"] == "True"
     assert len(jobs_of(client, uid)) == jobs_n
     wait_for(lambda: [e for e in events_of(client, ns, uid)
@@ -221,10 +222,10 @@ def test_moved_catalog_digest_re_pins_the_import(cluster):
         clock.now += 2.0
         res = rec.check_upstream(current())  # a move: publish now, not at the next check
         assert res.follow_up and res.requeue_after is None
-        obj = wait_for(lambda: (lambda o: o if jobs.UPSTREAM in (
+        obj = wait_for(lambda: (lambda o: o if names.UPSTREAM in (
             o["metadata"].get("annotations") or {}) else None)(current()), 10,
             what="the move marked")
-        assert obj["metadata"]["annotations"][jobs.UPSTREAM] == d2
+        assert obj["metadata"]["annotations"][names.UPSTREAM] == d2
         assert "catalog" not in obj["status"]  # unpinned
         # the next pass pins what the source lists now, and so publishes it
         obj, src, wait = catalogsources.ensure_pin(obj, infs[k.MODEL_CATALOG_SOURCES],
@@ -263,7 +264,7 @@ def test_moved_branch_is_published_again_still_one_is_not(cluster, namespace, ma
     wait_checks(hub, "acme/sched", 2)
     m = assert_still(cluster, namespace, "sched", 1)
     assert m["status"]["upstream"]["revision"] == first.sha
-    assert jobs.UPSTREAM not in (m["metadata"].get("annotations") or {})
+    assert names.UPSTREAM not in (m["metadata"].get("annotations") or {})
 
     # the branch moves to a new commit (one more file): published again from it
     second = hub.add_repo("acme/sched", small_model, files={"README.md": b"# v2\n"})
@@ -290,7 +291,7 @@ def test_failed_after_a_move_recovers_on_a_later_commit(cluster, namespace, mana
     m = wait_for(phase_is(cluster, namespace, "fixed", "Failed"), 90, what="Failed")
     assert cond(m, "Ready")["reason"] == "ChecksumMismatch", cond(m, "Ready")
     assert m["status"]["artifact"]["digest"] == digest  # the old artifact stays
-    assert m["metadata"]["annotations"][jobs.UPSTREAM] == broken.sha
+    assert m["metadata"]["annotations"][names.UPSTREAM] == broken.sha
     # the same broken commit is not asked for again
     wait_checks(hub, "acme/fixed", 2)
     assert len(jobs_of(cluster, uid)) == 2

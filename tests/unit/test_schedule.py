@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.models import publishjob as jobs
+from api import names as api_names
 from controller.models import schedule, upstream
 
 UTC = datetime.UTC
@@ -229,7 +229,7 @@ def test_rfc3339_round_trip() -> None:
 
 def _model(resolved: str = "", asked: str = "", source: str = "huggingFace",
            digest: str = "") -> dict[str, Any]:
-    ann = {jobs.UPSTREAM: asked} if asked else {}
+    ann = {api_names.UPSTREAM: asked} if asked else {}
     status: dict[str, Any] = {}
     if resolved:
         status["source"] = {"resolvedRevision": resolved}
