@@ -37,6 +37,7 @@ from kube.events import Recorder
 from kube.informer import Informer
 from kube.leader import LeaderElector
 from kube.workqueue import ShutDown, WorkQueue
+from modelpack.oci.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,6 @@ class Manager:
     # -- wiring ---------------------------------------------------------------
 
     def _registry(self) -> Any:
-        from modelpack.oci.registry import RegistryClient
-
         return RegistryClient(self.settings.registry, insecure=self.settings.registry_insecure,
                               username=self.opts.registry_username,
                               password=self.opts.registry_password)

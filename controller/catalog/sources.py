@@ -35,6 +35,8 @@ from typing import Any
 from api import conditions as c
 from api import names
 from api.model import ModelView
+from ingest.sources import base as sources_base
+from ingest.sources import catalog
 from kube import client as kube
 from kube.informer import Informer
 from kube.workqueue import WorkerPool, WorkQueue
@@ -157,9 +159,6 @@ class Controller:
 
     def reconcile(self, name: str) -> float | None:
         """List one source; seconds until the next listing, or None: retry with backoff."""
-        from ingest.sources import base as sources_base
-        from ingest.sources import catalog
-
         obj = self.sources.get(("", name))
         if obj is None:
             return 0.0

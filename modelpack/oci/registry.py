@@ -14,6 +14,12 @@ with sendfile, from an offset when it sits inside an archive. Transport and
 HTTP failures map to ``RegistryError`` with the retry decision made here,
 once.
 
+Why one file of ~600 lines: every method here shares the session, the
+credentials and the one error mapping (``_raise_for``/``_with_retries``);
+split apart, the blob I/O would reach into the client's private state from
+another module. The halves are kept apart inside: manifests and tags, then
+downloads, then uploads.
+
 oras-py is imported on first need (a token realm's challenge, a docker
 config to read): its import pulls in jsonschema and costs ~0.1-0.3 s of
 CPU, a tenth of a whole 2 GiB pull, and an anonymous or basic-auth pull
