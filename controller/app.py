@@ -31,7 +31,7 @@ from controller.models import publishjob as jobs
 from controller.models import pvcsource
 from controller.models.reconciler import Reconciler, job_transform, secret_transform
 from controller.models.report import Progress, create_server
-from controller.upload import reconcile as uploads
+from controller.upload import client as uploads
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer

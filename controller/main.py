@@ -308,7 +308,7 @@ def _shared_pvc_config(args: argparse.Namespace) -> Any:
 
 
 def _upload_config(args: argparse.Namespace) -> Any:
-    from controller.upload import reconcile as uploads  # on use, as in cmd_manager
+    from controller.upload import client as uploads  # on use, as in cmd_manager
 
     if not args.upload_gateway_url:
         return None

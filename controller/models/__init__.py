@@ -1,22 +1,22 @@
-"""The controller manager: Model and ClusterModel reconcilers on a small runtime of our own.
+"""The Model / ClusterModel reconcile, one file per step.
 
-Where things happen (one file, one job):
+* ``reconciler``: the level-triggered reconcile, read top to bottom in the
+  order it runs;
+* ``publishjob``: a Model's source → the publish Job (deterministic name,
+  command, env, Secret copies);
+* ``publish``: the Job's life: create, follow, read its result, apply it
+  (Ready with artifact and resolved metadata) or fail;
+* ``pvcsource``: ``source.pvc``: the reader Job that streams a claim to the
+  upload gateway (``source.upload`` itself is in ``controller/upload``);
+* ``adopt``: an artifact pushed by ``modelcache import`` → Ready, no Job;
+* ``schedule`` / ``upstream``: ``spec.updatePolicy.schedule``: when to look,
+  and the look (each source's ``latest()``);
+* ``report``: ``/healthz``, ``/readyz``, ``/metrics`` and the publish
+  workers' progress reports;
+* ``finalize`` / ``artifacts``: deletion: the artifact's tags and manifests
+  go before the finalizer.
 
-* ``kube``: a thin JSON client over the ``kubernetes`` package's transport
-  (dicts in, dicts out) and the API error hierarchy;
-* ``informer``: list + watch into an in-memory cache, one per resource;
-* ``workqueue``: per-key dedup, rate-limited requeue with backoff, delayed adds;
-* ``leader``: leader election on a ``coordination.k8s.io`` Lease;
-* ``jobs``: a Model's source → the publish Job (deterministic name, command, env);
-* ``reconciler``: the level-triggered Model/ClusterModel reconcile;
-* ``conditions``: phases, conditions and status documents;
-* ``events``: core/v1 Events, recorded off the reconcile path;
-* ``report``: the HTTP side: ``/healthz``, ``/readyz``, ``/metrics`` and the
-  publish workers' progress reports;
-* ``artifacts``: deleting a model's artifact from the registry;
-* ``schedule``: ``spec.updatePolicy.schedule`` (cron in UTC, macros, ``@every``): when to look;
-* ``upstream``: the look itself, per source kind (commit, tag digest, ETag, listing hash);
-* ``app``: wiring, the ``manager`` subcommand's body.
-
-docs/architecture.md ("Control plane") says why this is not kopf.
+The runtime under it (client, informer, workqueue, leader election, events)
+is the shared toolkit in ``kube/``; docs/architecture.md ("Control plane")
+says why it is not kopf.
 """

@@ -45,7 +45,7 @@ from controller import jobspec
 from controller.errors import TemporaryError
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
-from controller.upload import reconcile as uploads
+from controller.upload import client as uploads
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer

@@ -13,7 +13,7 @@ One pass, from the object as the cache has it:
 3. an air-gap import (``adopt.py``) is adopted, never published; a catalog
    import has its remote digest pinned first (``catalog/sources.py``);
    plan the source (``publishjob.plan``); an invalid one is Failed
-   (terminal), an upload waits (WaitForUpload, ``uploadsource.py``), a PVC
+   (terminal), an upload waits (WaitForUpload, ``controller/upload/reconcile.py``), a PVC
    is read by a Job in the Model's namespace and published through the
    upload gateway (``pvcsource.py``), a source this controller does not
    publish stays Pending with a reason;
@@ -53,10 +53,11 @@ from api.model import ModelView
 from controller.catalog import sources as catalogsources
 from controller.errors import PermanentError, Result
 from controller.metrics import Metrics
-from controller.models import adopt, finalize, publish, pvcsource, schedule, uploadsource, upstream
+from controller.models import adopt, finalize, publish, pvcsource, schedule, upstream
 from controller.models import publishjob as jobs
 from controller.models.publish import job_transform
-from controller.upload import reconcile as uploads
+from controller.upload import client as uploads
+from controller.upload import reconcile as uploadsource
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer

@@ -1,160 +1,124 @@
-"""``source.upload``: the manager's side of the upload gateway (controller/upload/).
+"""``source.upload`` in a Model reconcile: an upload-gateway session per publish key.
 
-For a Model with ``source.upload`` the reconciler asks the gateway for a
-session per publish key (``POST /v1/sessions`` with the admin token; the
-session's reference is the Model's usual registry target), keeps the session
-token in a Secret beside the Model (owned by it; key ``token``), and writes
-``status.upload {url, tokenSecretRef, expiresAt}`` with ``status.publish.key``.
-The session id is the last segment of ``status.upload.url``: a restarted
-manager finds the session there and does not make a second one.
-
-The session publishes by itself once the user's upload completes; the
-manager polls ``GET /v1/uploads/<id>`` every ``poll_interval`` seconds with
-the *admin* token, not the session's: a session token stops working at
-``expiresAt``, and an upload completed just before that may still be
-publishing after it, whose result must not be lost.
-
-Expiry: a session whose token expired before anything was published is
-replaced by a new one (new token in the same Secret, new URL in the status,
-event ``UploadSessionRenewed``), so a Model waiting for an upload always
-shows a usable URL; files sent to the old session are not carried over. A
-session the gateway no longer knows (reaped, or the gateway's root lost) is
-replaced the same way.
+Where it sits: step 5 of ``reconciler.py`` for a model whose plan is
+``upload``. ``ensure`` opens a gateway session (its token in a Secret in the
+model's namespace) and writes WaitForUpload with the session's URL; it polls
+the session until the gateway has verified and pushed the files (Publishing,
+then Ready through ``publish.apply_result``) or failed. An expired or vanished
+session is replaced by a new one. The gateway itself lives in
+``controller/upload``.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime
 import logging
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-import requests
-
-from api import model, names
-from controller.errors import TemporaryError
+from api import conditions as c
+from api.model import ModelView
+from controller.errors import Result
+from controller.models import publish
 from controller.models import publishjob as jobs
-from kube import client as kube
+from controller.upload import client as uploads
 
 log = logging.getLogger(__name__)
-TOKEN_KEY = "token"
 
 
-@dataclass(frozen=True)
-class Config:
-    """What the manager's ``--upload-*`` flags decide."""
+class Host(publish.Host, Protocol):
+    """What an upload session needs of the reconciler: the publish path's, and the gateway."""
 
-    url: str  # how the manager reaches the gateway (admin calls, polling)
-    admin_token: str
-    ttl_seconds: float = 24 * 3600.0
-    poll_interval: float = 5.0
-    timeout: float = 10.0
+    uploads: uploads.Gateway | None
 
 
-class Gateway:
-    """The upload gateway's admin API; every failure leaves as ``TemporaryError``."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None
-              ) -> requests.Response:
-        try:
-            return requests.request(
-                method, f"{self.config.url.rstrip('/')}{path}", json=body,
-                headers={"Authorization": f"Bearer {self.config.admin_token}"},
-                timeout=self.config.timeout)
-        except requests.RequestException as e:
-            raise TemporaryError(f"upload gateway unreachable: {type(e).__name__}",
-                                 reason="UploadGatewayUnavailable") from e
-
-    def create(self, model: str, reference: str) -> dict[str, Any]:
-        """A new session: ``{id, url, token, expiresAt}``."""
-        resp = self._call("POST", "/v1/sessions", {
-            "model": model, "reference": reference, "ttlSeconds": self.config.ttl_seconds})
-        if resp.status_code != 201:
-            raise _error(resp, "creating an upload session")
-        out: dict[str, Any] = resp.json()
-        return out
-
-    def status(self, session_id: str) -> dict[str, Any] | None:
-        """The session's ``{phase, result, error, progress, expiresAt, …}``; None if unknown."""
-        resp = self._call("GET", f"/v1/uploads/{session_id}")
-        if resp.status_code == 404:
-            return None
-        if resp.status_code != 200:
-            raise _error(resp, "reading an upload session")
-        out: dict[str, Any] = resp.json()
-        return out
-
-
-def _error(resp: requests.Response, what: str) -> TemporaryError:
-    # the gateway's body is untrusted: only its reason header and a cut of the text go on
-    reason = resp.headers.get("X-Error-Reason", "")[:64]
-    return TemporaryError(f"{what}: HTTP {resp.status_code} {reason} {resp.text[:200]!r}",
-                          reason="UploadGatewayError")
+def ensure(host: Host, obj: dict[str, Any], p: jobs.Plan, key: str) -> Result:
+    """``source.upload``: a gateway session for this publish key, polled until it publishes."""
+    gw = host.uploads
+    if gw is None:
+        msg = "the manager has no upload gateway (--upload-gateway-url)"
+        host.write_status(obj, {"phase": c.PENDING, "conditions": [
+            c.condition("SourceResolved", False, "UploadGatewayNotConfigured", msg),
+            c.condition("Ready", False, "UploadGatewayNotConfigured", msg)]})
+        return Result()
+    poll = gw.config.poll_interval
+    view = ModelView.of(obj)
+    sid = uploads.session_id(view.upload.get("url"))
+    if not sid or view.publish_key != key:
+        return new_session(host, obj, key, renewed=False)
+    session = gw.status(sid)
+    if session is None:
+        log.info("upload session gone", extra={"model": view.full_name, "session": sid})
+        return new_session(host, obj, key, renewed=True)
+    phase = session.get("phase")
+    if phase == "Ready" and isinstance(session.get("result"), dict) \
+            and "digest" in session["result"]:
+        res = publish.apply_result(host, obj, session["result"], key, None)
+        uploads.delete_secret(host.client, obj, host.settings)
+        return res
+    if phase == "Failed":
+        err = session.get("error") or {}
+        host.metrics.publishes.labels(view.kind, "failed").inc()
+        host.set_failed(obj, str(err.get("reason") or "UploadPublishFailed"),
+                        str(err.get("message") or "the upload gateway failed to publish"),
+                        key=key, job=None)
+        uploads.delete_secret(host.client, obj, host.settings)
+        return Result()
+    if phase == "Publishing":
+        mark_publishing(host, obj, key, session)
+        return Result(requeue_after=poll)
+    left = float(session.get("expiresAt") or 0) - time.time()
+    if left <= 0:
+        return new_session(host, obj, key, renewed=True)
+    mark_wait_for_upload(host, obj, key, view.upload, session.get("error"))
+    return Result(requeue_after=min(poll, left + 0.5))
 
 
-def session_id(url: str | None) -> str:
-    return (url or "").rstrip("/").rsplit("/", 1)[-1] if url else ""
+def new_session(host: Host, obj: dict[str, Any], key: str, renewed: bool) -> Result:
+    assert host.uploads is not None
+    session = host.uploads.create(uploads.model_name(obj), jobs.target(obj, host.settings))
+    uploads.ensure_secret(host.client, uploads.token_secret(obj, host.settings, session))
+    up = {"url": str(session["url"]),
+          "tokenSecretRef": {"name": uploads.secret_name(obj)},
+          "expiresAt": uploads.rfc3339(float(session["expiresAt"]))}
+    log.info("upload session created", extra={
+        "model": ModelView.of(obj).full_name, "session": session["id"], "renewed": renewed})
+    host.recorder.record(obj, "Normal",
+                         "UploadSessionRenewed" if renewed else "UploadSessionCreated",
+                         f"upload to {up['url']} with the token in Secret "
+                         f"{uploads.secret_name(obj)} until {up['expiresAt']}")
+    mark_wait_for_upload(host, obj, key, up, None)
+    return Result(requeue_after=host.uploads.config.poll_interval)
 
 
-def model_name(obj: dict[str, Any]) -> str:
-    meta = obj["metadata"]
-    return str(meta["name"]) if model.model_kind(obj) == "ClusterModel" \
-        else f"{meta['namespace']}/{meta['name']}"
+def mark_wait_for_upload(host: Host, obj: dict[str, Any], key: str, up: Mapping[str, Any],
+                         error: dict[str, Any] | None) -> None:
+    msg = f"waiting for files at {up.get('url')} (token in Secret " \
+          f"{(up.get('tokenSecretRef') or {}).get('name')})"
+    if error:  # a retryable publish failure: the session takes "complete" again
+        msg = f"{msg}; the last publish failed: {str(error.get('message'))[:300]}"
+    ready = c.condition("Ready", False, "WaitForUpload", msg)
+    if ModelView.of(obj).digest:
+        ready = c.condition("Ready", True, "WaitForUpload",
+                            "serving the previous artifact while waiting for an upload")
+    host.write_status(obj, {"phase": c.WAIT_FOR_UPLOAD, "upload": up,
+                            "publish": {"key": key, "jobName": None}, "conditions": [
+        c.condition("SourceResolved", True, "SourceValid", "the source is valid"),
+        c.condition("Published", False, "WaitForUpload", msg), ready]})
 
 
-def secret_namespace(obj: dict[str, Any], settings: jobs.Settings) -> str:
-    # a ClusterModel's Secrets live in the controller's namespace (DESIGN.md)
-    return settings.namespace if model.model_kind(obj) == "ClusterModel" \
-        else str(obj["metadata"]["namespace"])
-
-
-def secret_name(obj: dict[str, Any]) -> str:
-    prefix = "cluster-" if model.model_kind(obj) == "ClusterModel" else ""
-    return f"{prefix}{obj['metadata']['name']}"[:240].rstrip("-.") + "-upload-token"
-
-
-def rfc3339(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(float(epoch), datetime.UTC).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
-
-
-def token_secret(obj: dict[str, Any], settings: jobs.Settings, session: dict[str, Any]
-                 ) -> dict[str, Any]:
-    """The Secret holding a session's token, owned by the model (GC'd with it)."""
-    meta = obj["metadata"]
-    owner = {"apiVersion": str(obj.get("apiVersion") or kube.MODELS.api_version),
-             "kind": model.model_kind(obj), "name": meta["name"], "uid": meta["uid"],
-             "controller": True}
-    labels = {k: v for k, v in jobs.labels(obj, None).items()}
-    labels["app.kubernetes.io/component"] = "upload"
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": secret_name(obj), "namespace": secret_namespace(obj, settings),
-                         "labels": labels, "annotations": {names.ANN_SESSION: str(session["id"])},
-                         "ownerReferences": [owner]},
-            "data": {TOKEN_KEY: base64.b64encode(str(session["token"]).encode()).decode()}}
-
-
-def ensure_secret(client: kube.Kube, body: dict[str, Any]) -> None:
-    """Create the token Secret, or point the existing one at the new session."""
-    meta = body["metadata"]
-    try:
-        client.create(kube.SECRETS, body, meta["namespace"])
-    except kube.Conflict:
-        client.patch(kube.SECRETS, meta["name"], {
-            "metadata": {"annotations": meta["annotations"], "labels": meta["labels"]},
-            "data": body["data"]}, meta["namespace"])
-
-
-def delete_secret(client: kube.Kube, obj: dict[str, Any], settings: jobs.Settings) -> None:
-    try:
-        client.delete(kube.SECRETS, secret_name(obj), secret_namespace(obj, settings),
-                      propagation=None)
-    except kube.NotFound:
-        pass
-    except kube.ApiError as e:
-        log.info("upload token secret not deleted", extra={"secret": secret_name(obj),
-                                                           "error": str(e)[:200]})
+def mark_publishing(host: Host, obj: dict[str, Any], key: str,
+                    session: dict[str, Any]) -> None:
+    msg = "the upload gateway is verifying and publishing the uploaded files"
+    patch: dict[str, Any] = {"phase": c.PUBLISHING, "publish": {"key": key, "jobName": None},
+                             "conditions": [
+        c.condition("SourceResolved", True, "SourceValid", "the source is valid"),
+        c.condition("Published", False, "Publishing", msg),
+        c.condition("Ready", False, "Publishing", msg)]}
+    progress = c.progress_from_event(session.get("progress") or {})
+    if progress:
+        patch["progress"] = progress
+    if ModelView.of(obj).phase != c.PUBLISHING:
+        host.recorder.record(obj, "Normal", "PublishStarted",
+                             f"publishing the upload to {jobs.target(obj, host.settings)}")
+    host.write_status(obj, patch)
