@@ -17,6 +17,7 @@ from typing import Any
 
 import requests
 
+from api import jobresult
 from modelpack.paths import walk_model_dir
 
 PIECE = 64 << 20
@@ -25,16 +26,14 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 Progress = Callable[[int, int], None]
 
 
-class UploadError(Exception):
+class UploadError(jobresult.JobError):
     """``retryable``: the same upload may succeed later (the gateway or the network was
     down, or the publish failed for a reason that may pass); else it needs a change."""
 
     def __init__(self, message: str, *, reason: str = "UploadFailed", status: int = 0,
                  retryable: bool = False) -> None:
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason, retryable=retryable)
         self.status = status
-        self.retryable = retryable
 
 
 def _noop(_done: int, _total: int) -> None:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from api import jobresult
 from ingest.publish import push as pushing
 from ingest.publish.progress import Sink, Tracker, null_sink
 from ingest.publish.stage import stage_file
@@ -52,13 +53,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class PublishError(Exception):
+class PublishError(jobresult.JobError):
     """A publish failed; ``reason`` goes to the condition, ``retryable`` to the Job."""
-
-    def __init__(self, message: str, *, reason: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.retryable = retryable
 
 
 class _Cancelled(Exception):
