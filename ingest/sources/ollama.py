@@ -19,7 +19,14 @@ from typing import Any
 
 from ingest.sources import base, httpio
 from modelpack import digest as dg
-from modelpack.errors import AuthError, FormatError, ModelPackError, NotFoundError, RegistryError
+from modelpack.errors import (
+    AuthError,
+    FormatError,
+    IntegrityError,
+    ModelPackError,
+    NotFoundError,
+    RegistryError,
+)
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
 
@@ -64,6 +71,8 @@ def _map(e: ModelPackError, what: str) -> base.SourceError:
         return base.SourceAuthError(msg)
     if isinstance(e, RegistryError) and e.retryable:
         return base.SourceUnavailable(msg)
+    if isinstance(e, IntegrityError):  # a manifest or config unlike its digest stays one
+        return base.SourceIntegrityError(msg, reason=e.reason)
     return base.SourceError(msg, reason=e.reason)
 
 
