@@ -37,10 +37,13 @@ The rules, in one place:
   immutable after creation, so a Job's UPDATE passes through too (with a
   warning when its model annotations changed).
 * Delivery mode: ``ANN_DELIVERY`` on the workload, else the model's
-  ``spec.delivery.mode``, else the controller default. SharedPVC needs the
-  digest at admission (it names the PVC): a model that is not Ready yet is
-  refused for SharedPVC. A model that is not Ready (even Failed) is admitted
-  for NodeCache: the gate holds the pods until it is Ready, with a warning.
+  ``spec.delivery.mode``, else the controller default. The digest pinned is
+  the model's servable artifact (``ModelView.servable_digest``): while a
+  newer generation publishes, and after it failed, the last artifact
+  published, with a warning that says so. SharedPVC needs the digest at
+  admission (it names the PVC): a model with no servable artifact yet is
+  refused for SharedPVC. One with none (even Failed) is admitted for
+  NodeCache: the gate holds the pods until it has one, with a warning.
 * Cache-aware scheduling: a NodeCache model with a known digest that some
   node already caches (``node_label(digest)`` in ``cached_labels``) gets a
   *preferred* node affinity term; user affinity is merged with, never
@@ -162,7 +165,10 @@ def plan(refs: list[Ref], namespace: str, lookup: Lookup, *, workload_mode: str,
                 f"{ref.kind} {ref.name} is not Ready yet (phase {m.phase}): SharedPVC delivery "
                 f"needs the model's digest at admission; apply again once it is Ready, or use "
                 f"{c.ANN_DELIVERY}: NodeCache", code=409)
-        if m.phase == "Failed":
+        if m.digest and m.phase != "Ready":
+            warnings.append(f"{ref.kind} {ref.name} is {m.phase}: pods get its last "
+                            f"published artifact {m.digest} (see its Ready condition)")
+        elif m.phase == "Failed":
             warnings.append(f"{ref.kind} {ref.name} is Failed ({m.reason or 'see its status'}): "
                             f"pods wait at the scheduling gate {c.GATE} until it is Ready")
         elif m.phase != "Ready":

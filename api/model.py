@@ -8,6 +8,16 @@ instead of walking ``obj["status"]["artifact"]["digest"]`` by hand, so a field
 is spelled in one place and a missing or malformed one reads as empty, never
 as a ``KeyError`` deep in a reconcile.
 
+The *servable artifact* (``ModelView.servable_digest``) is the one answer
+every consumer gives to "which artifact does a new pod get": the last
+artifact that was published and verified. ``status.artifact`` stays that
+artifact while a newer generation publishes and after a newer one fails (a
+failed *first* publish has none); the phase says what the controller is
+doing (Publishing, Failed…) and the Ready condition says whether the model
+serves meanwhile (``ready_condition``). The node resolver, the gate lifter,
+the webhook's digest pin and SharedPVC admission, the SharedPVC reconciler
+and the catalog read it, never the phase.
+
 A view is a snapshot: it never writes. Status documents are still written as
 merge patches (``api.conditions``).
 """
@@ -19,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from api import conditions
+
 MODEL, CLUSTER_MODEL = "Model", "ClusterModel"
 
 # ``status.resolved``: the metadata a publish (or an adoption, or an import)
@@ -28,6 +40,10 @@ RESOLVED_FIELDS = ("format", "family", "architecture", "parameterCount", "paramS
                    "precision", "quantization", "contextLength", "tensors", "files")
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+# Ready condition reasons while an earlier artifact keeps serving (``ready_condition``)
+REPUBLISHING = "Republishing"  # a newer generation (or upstream, or Secret) is publishing
+SERVING_PREVIOUS = "ServingPreviousArtifact"  # the newer one failed or cannot start
 
 
 def _dict(value: Any) -> Mapping[str, Any]:
@@ -134,10 +150,39 @@ class ModelView:
         return cond is not None and cond.get("status") == "True"
 
     @property
-    def serving(self) -> bool:
-        """The Ready condition is True and there is an artifact to serve.
+    def servable_digest(self) -> str:
+        """The digest a new pod gets: the servable artifact's, "" when there is none.
 
-        Not the phase: a model being republished keeps serving its previous
-        artifact.
+        ``status.artifact`` (the last artifact published and verified) when the
+        controller says the model serves it, and the model is not being
+        deleted: the phase is Ready (the current spec's artifact), or the
+        Ready condition is True while the phase is not (``REPUBLISHING``,
+        ``SERVING_PREVIOUS``: a newer publish runs, failed or waits). A Failed
+        or Pending model whose Ready condition is False serves nothing: a
+        failed first publish, or a status written before this rule (the
+        reconciler rewrites that one).
         """
-        return not self.deleting and self.condition_true("Ready") and self.has_artifact
+        if self.deleting or self.phase == conditions.DELETING or not self.has_artifact:
+            return ""
+        if self.phase == conditions.READY or self.condition_true("Ready"):
+            return self.digest
+        return ""
+
+    @property
+    def serving(self) -> bool:
+        """There is a servable artifact (``servable_digest``)."""
+        return bool(self.servable_digest)
+
+
+def ready_condition(view: ModelView, reason: str, message: str, *,
+                    serving_reason: str = SERVING_PREVIOUS) -> dict[str, Any]:
+    """The Ready condition while the current spec has no artifact (publishing, failed,
+    waiting for a Secret…): True with ``serving_reason`` while an earlier artifact is
+    servable, naming its digest and why the current spec is not published; else False
+    with ``reason``. Written with every phase but Ready, so the condition and
+    ``servable_digest`` never disagree."""
+    if view.has_artifact and not view.deleting and view.phase != conditions.DELETING:
+        return conditions.condition(
+            "Ready", True, serving_reason,
+            f"serving the last published artifact {view.digest}; {message}")
+    return conditions.condition("Ready", False, reason, message)

@@ -50,7 +50,7 @@ class Model:
     ref: Ref
     namespace: str  # "" for a ClusterModel
     phase: str
-    digest: str  # "" unless Ready
+    digest: str  # the servable artifact's (ModelView.servable_digest), "" when none
     family: str
     format: str
     mode: str  # spec.delivery.mode, "" if unset
@@ -63,7 +63,7 @@ class Model:
         phase = view.phase or "Pending"
         ready = view.condition("Ready") or {}
         return cls(ref=ref, namespace=view.namespace,
-                   phase=phase, digest=view.digest if phase == "Ready" else "",
+                   phase=phase, digest=view.servable_digest,
                    family=str(view.resolved.get("family") or ""),
                    format=str(view.resolved.get("format") or ""),
                    mode=str((view.spec.get("delivery") or {}).get("mode") or ""),

@@ -52,12 +52,15 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
           owners: list[Obj] | None = None, placement: Mapping[str, Any] | None = None,
           active_deadline: int | None = None, ttl_after_finished: int | None = None,
           service_account: str | None = None, read_only_root: bool = False,
-          service_links: bool = True) -> Obj:
+          service_links: bool = True, fs_group: int | None = None) -> Obj:
     """The Job body.
 
     ``placement``: a Model's ``spec.publish`` (``resources`` for the container,
     ``nodeSelector`` and ``tolerations`` for the pod). ``read_only_root`` and
     ``service_links=False`` narrow a pod that runs in a user's namespace further.
+    ``fs_group``: the group a mounted PVC is made writable for (an ``emptyDir``
+    is writable by anyone; a fresh volume's root is root's), chowned only when
+    its root does not match yet, so a retried pod does not walk 100 GB again.
     """
     placement = placement or {}
     security: Obj = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
@@ -75,6 +78,8 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
     pod: Obj = {"restartPolicy": "Never", "automountServiceAccountToken": False}
     if not service_links:
         pod["enableServiceLinks"] = False
+    if fs_group is not None:
+        pod["securityContext"] = {"fsGroup": fs_group, "fsGroupChangePolicy": "OnRootMismatch"}
     pod.update(containers=[box], volumes=volumes)
     if service_account:
         pod["serviceAccountName"] = service_account

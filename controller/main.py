@@ -151,6 +151,14 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--job-backoff-limit", type=int, default=3)
     p.add_argument("--job-ttl", type=int, default=24 * 3600,
                    help="ttlSecondsAfterFinished of publish Jobs (-1: none)")
+    p.add_argument("--publish-work-size", default=env("MODELCACHE_PUBLISH_WORK_SIZE") or "",
+                   help="give each publish Job a PVC of this size (e.g. 500Gi: the largest "
+                   "model, an archive twice) for its work directory, so a retried pod resumes "
+                   "the download where the last one stopped; '' (default): an emptyDir, and a "
+                   "retry starts from byte 0")
+    p.add_argument("--publish-work-storage-class",
+                   default=env("MODELCACHE_PUBLISH_WORK_STORAGE_CLASS") or "",
+                   help="StorageClass of those PVCs ('': the cluster's default class)")
     p.add_argument("--no-leader-elect", dest="leader_elect", action="store_false")
     p.add_argument("--lease-duration", type=float, default=15.0)
     p.add_argument("--lease-renew", type=float, default=5.0)
@@ -241,7 +249,8 @@ def cmd_manager(args: argparse.Namespace) -> int:
         registry_insecure=args.registry_insecure, registry_secret=args.registry_secret,
         hf_endpoint=args.hf_endpoint, report_url=args.report_url, report_key=key,
         backoff_limit=args.job_backoff_limit, service_account=args.job_service_account,
-        ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl)
+        ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl,
+        work_volume=_work_volume(args))
     opts = app.Options(
         settings=settings, kubeconfig=args.kubeconfig, listen=(host or "0.0.0.0", int(port)),
         workers=args.workers, leader_elect=args.leader_elect,
@@ -261,6 +270,19 @@ def cmd_manager(args: argparse.Namespace) -> int:
     finally:
         if runner is not None:
             runner.stop()
+
+
+def _work_volume(args: argparse.Namespace) -> Any:
+    from controller.models import publishjob as jobs  # on use, as in cmd_manager
+
+    if not args.publish_work_size:
+        return None
+    try:
+        size_arg(args.publish_work_size)  # a quantity the API server takes, checked here
+    except ValueError as e:
+        raise SystemExit(f"modelcache-controller: --publish-work-size: {e}") from e
+    return jobs.WorkVolume(args.publish_work_size.strip(),
+                           args.publish_work_storage_class or None)
 
 
 def _catalog_config(args: argparse.Namespace) -> Any:

@@ -44,6 +44,8 @@ def to_csi(e: BaseException) -> CsiError:
     if isinstance(e, CsiError):
         return e
     msg = str(e)[:500]
+    if isinstance(e, mp.BlobBusyError):  # another writer holds the blob: try again later
+        return CsiError(grpc.StatusCode.ABORTED, msg)
     if isinstance(e, mp.StoreError):
         if e.retryable:  # no space left (after eviction): the node may free some later
             return CsiError(grpc.StatusCode.RESOURCE_EXHAUSTED, msg)

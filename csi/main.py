@@ -2,7 +2,10 @@
 
 Parses flags, sets up JSON logs and metrics, builds the cache, the
 resolver and the registry clients, starts the gRPC server, recovers the
-cache, then runs periodic eviction and scrub until SIGTERM/SIGINT.
+cache, then runs periodic eviction and scrub until SIGTERM/SIGINT. Scrub is
+on by default: a round every ``--scrub-interval`` (24h, counted from the
+last complete round, across restarts), reading at most ``--scrub-rate``
+(50 MiB/s); with a cluster, what it finds is also an Event on this Node.
 
 Two resolvers: ``--models-file`` (standalone nodes, tests, csi-sanity) or
 the Kubernetes one (``--resolver kube``: Model/ClusterModel status, with
@@ -26,7 +29,7 @@ import time
 
 from api import names
 from csi import metrics
-from csi.cache import Cache
+from csi.cache import Cache, Finding
 from csi.identity import DRIVER_NAME
 from csi.nodelabels import NodeLabeler
 from csi.prefetch import Prefetcher
@@ -36,6 +39,7 @@ from csi.resolvers.kube import KubeResolver
 from csi.server import create_server, socket_path
 from kube import client as kubeclient
 from kube import logs
+from kube.events import Recorder
 from kube.flags import binary_size_arg
 from modelpack.oci.registry import RegistryClient
 
@@ -48,6 +52,11 @@ def duration_arg(text: str) -> float:
     if not m:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 24h)")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def rate_arg(text: str) -> int:
+    """``50Mi/s``, ``50Mi``, ``0`` (no limit) -> bytes a second."""
+    return binary_size_arg(text.strip().removesuffix("/s"))
 
 
 def fraction_arg(text: str) -> float:
@@ -138,8 +147,12 @@ def parser() -> argparse.ArgumentParser:
                         "(also bounded by the call's deadline)")
     p.add_argument("--evict-interval", type=duration_arg, default=60.0,
                    help="how often to check the high watermark (0: only before pulls)")
-    p.add_argument("--scrub-interval", type=duration_arg, default=0.0,
-                   help="rehash every cached blob this often, dropping corrupt ones (0: off)")
+    p.add_argument("--scrub-interval", type=duration_arg, default="24h",
+                   help="rehash every cached blob and model file this often, counted from "
+                        "the last complete round; corrupt models are pulled again (mounted "
+                        "ones once their pods restart) (0: off)")
+    p.add_argument("--scrub-rate", type=rate_arg, default="50Mi/s",
+                   help="most bytes a second scrub reads from the cache's disk (0: no limit)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="json", choices=["json", "text"])
     return p
@@ -234,6 +247,28 @@ async def _periodic(interval: float, fn: object, what: str) -> None:
             log.exception("periodic task failed", extra={"task": what})
 
 
+async def _scrub_rounds(cache: Cache, interval: float) -> None:
+    loop = asyncio.get_running_loop()
+    delay = cache.scrub_due_in(interval)
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await loop.run_in_executor(None, cache.scrub)
+            delay = cache.scrub_due_in(interval)
+        except Exception:  # a failed round is logged and tried again next interval
+            log.exception("periodic task failed", extra={"task": "scrub"})
+            delay = interval
+
+
+def _scrub_event(events: Recorder, node: str, f: Finding) -> None:
+    """A Warning Event on this Node for a model scrub dropped or tainted."""
+    events.record({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}},
+                  "Warning", "ModelCorrupt",
+                  f"integrity scrub: {f.kind} {f.what} of model {f.digest} {f.reason}; "
+                  f"the model was {f.action}" + (f" ({f.mounts} mounts keep the corrupt copy "
+                                                 "until their pods restart)" if f.mounts else ""))
+
+
 def settle_kube_flags(args: argparse.Namespace) -> str | None:
     """Infer --resolver, --node-labels and --prefetch; an error message if they clash."""
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
@@ -262,21 +297,27 @@ async def run(args: argparse.Namespace, api: kubeclient.Kube | None = None) -> N
     cache = Cache(args.cache_dir, clients,
                   capacity=args.cache_capacity, high_watermark=args.high_watermark,
                   low_watermark=args.low_watermark, pull_workers=args.pull_workers,
-                  blob_workers=args.blob_workers, tag_ttl=args.tag_ttl)
+                  blob_workers=args.blob_workers, tag_ttl=args.tag_ttl,
+                  scrub_rate=args.scrub_rate)
     resolver: Resolver = NoResolver()
     kube: KubeResolver | None = None
     if args.resolver == "file":
         resolver = FileResolver(args.models_file)
     elif args.resolver == "kube":
         assert api is not None  # main() made it
-        resolver = kube = KubeResolver(api, cache.client_for,
-                                         max_stale=args.kube_max_stale).start()
+        resolver = kube = KubeResolver(api, cache.client_for, max_stale=args.kube_max_stale,
+                                       verified=cache.pulled_as).start()
     labeler: NodeLabeler | None = None
     if args.node_labels:
         assert api is not None  # main() made it
         labeler = NodeLabeler(api, args.node_id, cache.digests)
     if labeler is not None:
         cache.add_listener(labeler.poke)
+    events: Recorder | None = None
+    if api is not None:
+        events = Recorder(api, component="modelcache-node")
+        events.start()
+        cache.add_scrub_listener(lambda f: _scrub_event(events, args.node_id, f))
     plugin = await create_server(args.endpoint, args.node_id, cache, resolver,
                                  max_wait=args.max_wait)
     log.info("serving", extra={"endpoint": args.endpoint, "nodeId": args.node_id,
@@ -308,7 +349,7 @@ async def run(args: argparse.Namespace, api: kubeclient.Kube | None = None) -> N
         tasks.append(asyncio.create_task(_periodic(args.evict_interval, cache.maybe_evict,
                                                    "evict")))
     if args.scrub_interval > 0:
-        tasks.append(asyncio.create_task(_periodic(args.scrub_interval, cache.scrub, "scrub")))
+        tasks.append(asyncio.create_task(_scrub_rounds(cache, args.scrub_interval)))
     await stop.wait()
     log.info("stopping")
     for t in tasks:
@@ -317,7 +358,9 @@ async def run(args: argparse.Namespace, api: kubeclient.Kube | None = None) -> N
         b.stop()
     if kube is not None:
         kube.stop()
-    await plugin.stop()
+    await plugin.stop()  # closes the cache: a scrub round still reading stops
+    if events is not None:
+        events.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,8 +34,15 @@ UNPUBLISH_SECONDS = prom.Histogram("modelcache_node_unpublish_seconds",
                                    "NodeUnpublishVolume latency", ["code"])
 EVICTIONS = prom.Counter("modelcache_node_evictions", "Model trees evicted from the cache")
 EVICTED_BYTES = prom.Counter("modelcache_node_evicted_bytes", "Blob bytes freed by eviction")
-SCRUB_CORRUPT = prom.Counter("modelcache_node_scrub_corrupt_blobs",
-                             "Blobs dropped by scrub because their content did not match")
+# the integrity scrub (csi/cache/scrub.py, taint.py)
+SCRUB_CORRUPT = prom.Counter("modelcache_node_scrub_corrupt",
+                             "Corrupt content found by scrub: kind=blob (a stored blob, deleted) "
+                             "or tree (a file pods read, its tree dropped or tainted)", ["kind"])
+SCRUB_BYTES = prom.Counter("modelcache_node_scrub_bytes", "Bytes read and hashed by scrub")
+SCRUB_COMPLETED = prom.Gauge("modelcache_node_scrub_completed_timestamp_seconds",
+                             "When the last complete scrub round ended (Unix time)")
+TAINTED_TREES = prom.Gauge("modelcache_node_tainted_trees",
+                           "Corrupt model trees kept only for the pods that still mount them")
 # the Kubernetes side (csi/resolvers/kube.py, csi/nodelabels.py, csi/prefetch.py)
 KUBE_WATCH_CONNECTED = prom.Gauge("modelcache_node_kube_watch_connected",
                                   "1 while the watch of this resource is connected",

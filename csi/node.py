@@ -315,6 +315,7 @@ class NodeService(rpc.NodeServicer):  # type: ignore[misc,name-defined]
                                f"{target} is not empty after unmount") from e
             raise
         self.records.drop(target)
+        self.cache.sweep_tainted()  # a corrupt tree scrub kept for this mount may go now
 
     # -- stats ---------------------------------------------------------------------
 

@@ -79,3 +79,12 @@ class StoreError(ModelPackError):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class BlobBusyError(StoreError):
+    """Another writer holds a blob's ``.part`` and made no progress for too long; retryable."""
+
+    reason = "BlobBusy"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)

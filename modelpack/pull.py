@@ -2,7 +2,8 @@
 
 Every layer goes through a ``BlobStore``: downloaded into a ``.part`` file
 while hashed, resumed with ``Range`` after a drop or a crash, renamed only
-when the digest matches. Then the tree is placed from the blobs (reflink,
+when the digest matches; one writer per digest at a time, so pulls of
+models that share a layer (threads or processes on one store) fetch it once. Then the tree is placed from the blobs (reflink,
 hardlink or copy) and renamed into place whole. A pod or a user therefore
 sees a complete, verified tree or nothing at all.
 
@@ -59,8 +60,13 @@ def fetch_blobs(client: RegistryClient, repository: str, layers: tuple[Layer, ..
             todo.setdefault(layer.digest, layer)
 
     def one(layer: Layer) -> None:
+        # one writer per digest, in this process or another: this may wait for a
+        # pull of another model that shares the layer, then find it stored
         part = store.open_partial(layer.digest, layer.size)
         try:
+            if part.present:
+                report(layer.size)
+                return
             client.download_blob(repository, layer.digest, layer.size, part, report)
             store.commit(part)
         except IntegrityError:

@@ -7,11 +7,14 @@ mode's Job executor (``controller/embedded/jobrunner.py``, which documents
 the Job controller's and the kubelet's parts it plays) with two changes:
 
 * it takes every Job, not only the manager's: the tests' own workloads run
-  too, and so do the Jobs the manager makes in users' namespaces;
-* ``persistentVolumeClaim`` volumes are mapped to one directory per claim
-  (``claim_dir``, shared by every pod of the namespace and kept across
-  attempts; ``subPath`` honoured, read-only not enforced): no provisioner
-  and no binding, a test fills or inspects the directory itself.
+  too, and so do the Jobs the manager makes in users' namespaces.
+
+``persistentVolumeClaim`` volumes are the runner's: one directory per claim
+(``claim_dir``, shared by every pod of the namespace and kept across
+attempts; ``subPath`` honoured, read-only not enforced): no provisioner and
+no binding, a test fills or inspects the directory itself; a deleted claim
+no pod uses has its directory removed and its pvc-protection finalizer
+dropped.
 
 Stated shortcuts, as the runner's: the image is not pulled (a command whose
 first word is ``modelcache-controller`` runs as ``python -m controller.main``
@@ -24,9 +27,7 @@ while a Job is "running"; ``runs`` lists every finished attempt.
 
 from __future__ import annotations
 
-import os
 import tempfile
-from typing import Any
 
 from controller.embedded import jobrunner
 from kube import client as kube
@@ -38,12 +39,3 @@ class FakeKubelet(jobrunner.JobRunner):
         super().__init__(client, namespace,
                          work_root=work_root or tempfile.mkdtemp(prefix="fake-kubelet-"),
                          base_env=base_env, label_selector=None)
-
-    def claim_dir(self, claim: str) -> str:
-        """The directory standing for PVC ``claim`` of this namespace (every pod shares it)."""
-        return os.path.join(self.root, "pvcs", claim)
-
-    def _volume_dir(self, volume: dict[str, Any], pod_dir: str) -> str | None:
-        if "persistentVolumeClaim" in volume:
-            return self.claim_dir(volume["persistentVolumeClaim"]["claimName"])
-        return super()._volume_dir(volume, pod_dir)

@@ -34,7 +34,7 @@ from typing import Any
 
 from api import conditions as c
 from api import names
-from api.model import ModelView
+from api.model import ModelView, ready_condition
 from ingest.sources import base as sources_base
 from ingest.sources import catalog
 from kube import client as kube
@@ -312,5 +312,5 @@ def _wait(obj: dict[str, Any], write_status: Callable[[dict[str, Any], dict[str,
     patch: dict[str, Any] = {"conditions": conds}
     if ModelView.of(obj).phase not in (c.READY, c.PUBLISHING):
         patch["phase"] = c.PENDING  # a model serving an artifact keeps serving it
-        conds.append(c.condition("Ready", False, reason, message))
+        conds.append(ready_condition(ModelView.of(obj), reason, message))
     return write_status(obj, patch)

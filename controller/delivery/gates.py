@@ -8,7 +8,9 @@ changes, when a Model or ClusterModel it mounts changes phase or digest, and
 when a SharedPVC it mounts changes. It runs in the leader only.
 
 A pod is ready to go when:
-* each NodeCache volume's Model/ClusterModel is ``Ready`` (the node plugin
+* each NodeCache volume's Model/ClusterModel has a servable artifact
+  (``ModelView.servable_digest``: Ready, or still serving its last published
+  artifact while a newer one publishes or after it failed; the node plugin
   pulls it on publish), and
 * each SharedPVC volume's claim carries ``ANN_PVC_MATERIALIZED`` equal to
   the digest the pod mounts (the SharedPVC reconciler sets it when the
@@ -18,8 +20,9 @@ Then one JSON patch, conditional on the resourceVersion, removes our gate
 (other gates stay), sets the label to ``false`` (the pod leaves the watch)
 and, for NodeCache models that some node already caches, merges a
 *preferred* node affinity term (the API server allows changing preferred
-node affinity while a pod is gated). A Failed or missing model keeps the
-gate and gets one Warning event on the pod per (model, reason).
+node affinity while a pod is gated). A missing model, or a Failed one with
+nothing to serve, keeps the gate and gets one Warning event on the pod per
+(model, reason).
 """
 
 from __future__ import annotations
@@ -166,7 +169,7 @@ class GateLifter:
         def handler(event: str, obj: Obj, old: Obj | None) -> None:
             def state(o: Obj | None) -> tuple[str, str]:
                 view = ModelView.of(o)
-                return (view.phase, view.digest)
+                return (view.phase, view.servable_digest)
             if old is not None and event == "MODIFIED" and state(old) == state(obj):
                 return  # progress writes, every second while publishing: nothing for us
             ns, name = obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
@@ -205,9 +208,9 @@ class GateLifter:
                             f"gated ({c.GATE}) until it exists and is Ready"))
                 continue
             view = ModelView.of(m)
-            phase = view.phase or "Pending"
-            if phase == "Ready":
+            if view.servable_digest:  # Ready, or serving its last artifact meanwhile
                 continue
+            phase = view.phase or "Pending"
             if phase == "Failed":
                 cond = view.condition("Ready") or {}
                 out.append((what, "ModelFailed",
@@ -268,7 +271,8 @@ class GateLifter:
         for r in pod["requires"]:
             if r["kind"] == "PVC":
                 continue
-            digest = r["digest"] or ModelView.of(self._model(r["kind"], ns, r["name"])).digest
+            digest = r["digest"] or ModelView.of(
+                self._model(r["kind"], ns, r["name"])).servable_digest
             if digest and c.node_label(digest) in self.nodes:
                 labels.append(c.node_label(digest))
         spec = {"affinity": pod["spec"].get("affinity")} if pod["spec"].get("affinity") else {}

@@ -233,8 +233,8 @@ class SharedPVC:
         self.jobs.handlers.append(on_job)
 
         def on_model(event: str, obj: Obj, old: Obj | None) -> None:
-            # a model turning Ready (or its cache arriving) may unblock a waiting claim
-            digest = ModelView.of(obj).digest
+            # a model getting an artifact (or its cache arriving) may unblock a waiting claim
+            digest = ModelView.of(obj).servable_digest
             if event == "DELETED" or not digest.startswith("sha256:"):
                 return
             claim = contract.pvc_name(digest)
@@ -308,13 +308,14 @@ class SharedPVC:
         return self.materializer.ensure(pvc, digest, str(ann.get(contract.ANN_PVC_REFERENCE)))
 
     def find_model(self, namespace: str, claim: str) -> Obj | None:
-        """The Model of the namespace (first) or ClusterModel whose artifact this claim is for."""
+        """The Model of the namespace (first) or ClusterModel whose servable artifact
+        (``ModelView.servable_digest``, the webhook's pin) this claim is for."""
         for inf, ns in ((self.models, namespace), (self.cluster_models, "")):
             for m in inf.items():
                 if (m["metadata"].get("namespace") or "") != ns:
                     continue
-                digest = ModelView.of(m).digest
-                if digest.startswith("sha256:") and contract.pvc_name(digest) == claim:
+                digest = ModelView.of(m).servable_digest
+                if digest and contract.pvc_name(digest) == claim:
                     return dict(m, kind=inf.res.kind)
         return None
 
@@ -324,7 +325,7 @@ class SharedPVC:
             log.info("shared pvc waits for its model", extra={"pvc": f"{namespace}/{claim}"})
             return None
         view = ModelView.of(model)
-        digest, reference = view.digest, view.reference
+        digest, reference = view.servable_digest, view.reference
         if not reference.endswith("@" + digest):
             reference = f"{self.settings.registry}/{repository(model)}@{digest}"
         if self.config.pull_registry:  # same repositories and digests, read-only

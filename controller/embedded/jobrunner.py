@@ -15,20 +15,29 @@ cluster would show it:
   validation requires);
 * the kubelet's: the container's command runs as a local subprocess with the
   container's env (``valueFrom.secretKeyRef`` read from the API server),
-  and its termination (exit code, and the termination message read from
+  and its termination (exit code, 128+N for a signal N as a container
+  runtime reports it, and the termination message read from
   ``terminationMessagePath``, which is where the manager reads the publish
-  result) is written to the Pod's status.
+  result) is written to the Pod's status;
+* the volume provisioner's and the pvc-protection controller's, for
+  ``persistentVolumeClaim`` volumes (a publish Job's work volume,
+  ``--publish-work-size``): a claim is one directory per namespace and
+  claim (``claim_dir``), shared by every pod that mounts it and kept across
+  attempts, which is what lets a retried publish resume; once the claim is
+  deleted and no running pod uses it, its directory is removed and the
+  ``kubernetes.io/pvc-protection`` finalizer dropped (``_reclaim``).
 
 What is not done: the image is not pulled (a command whose first word is
 ``modelcache-controller`` runs as ``python -m controller.main`` of this
 install, which is that image's entrypoint); the process runs in its pod's
 own directory under ``work_root``, where ``emptyDir`` mounts (``subPath``
-honoured; removed when the attempt ends, as the pod's would be) and the
-termination message path are mapped, and those paths in args and env values
-are rewritten to match, as a bind mount would make them appear; resources,
-nodeSelector, tolerations and the security context are not enforced. A Job
-deleted while it runs has its process killed. ``hold()`` makes new attempts
-wait until ``release()``.
+honoured; removed when the attempt ends, as the pod's would be), claims and
+the termination message path are mapped, and those paths in args and env
+values are rewritten to match, as a bind mount would make them appear; a
+claim need not exist or be bound (no scheduler holds the pod in Pending),
+and read-only is not enforced; resources, nodeSelector, tolerations and the
+security context are not enforced. A Job deleted while it runs has its
+process killed. ``hold()`` makes new attempts wait until ``release()``.
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ log = logging.getLogger(__name__)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SELECTOR = f"{names.LABEL_MANAGED}={names.MANAGER}"
 SERVICE_ACCOUNTS = kube.Resource("", "v1", "serviceaccounts", True, "ServiceAccount")
+PVC_PROTECTION = "kubernetes.io/pvc-protection"  # added by the API server's admission
+RECLAIM_INTERVAL = 1.0  # seconds between looks at deleted claims
 
 
 class JobRunner:
@@ -77,7 +88,9 @@ class JobRunner:
         self._stop = threading.Event()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # Job uid -> its running attempt
         self._deleted: set[str] = set()  # uids of Jobs whose running attempt was killed
+        self._claims: set[str] = set()  # claims of the namespace seen at the last look
         self._thread: threading.Thread | None = None
+        self._reclaimer: threading.Thread | None = None
 
     # -- control ------------------------------------------------------------
 
@@ -90,6 +103,9 @@ class JobRunner:
     def start(self) -> JobRunner:
         self._thread = threading.Thread(target=self._watch, daemon=True, name="job-runner")
         self._thread.start()
+        self._reclaimer = threading.Thread(target=self._reclaim_loop, daemon=True,
+                                           name="job-runner-claims")
+        self._reclaimer.start()
         return self
 
     def stop(self) -> None:
@@ -292,6 +308,8 @@ class JobRunner:
                 with self._lock:
                     self._procs[jmeta["uid"]] = proc
                 code = proc.wait()
+                if code < 0:  # killed by signal -N: a container runtime reports 128+N
+                    code = 128 - code
                 with self._lock:
                     self._procs.pop(jmeta["uid"], None)
         if self._stop.is_set():
@@ -337,12 +355,56 @@ class JobRunner:
     def _volume_dir(self, volume: dict[str, Any], pod_dir: str) -> str | None:
         """The host directory for a pod ``volume``, or None for a kind not mapped.
 
-        Only ``emptyDir``: the publish Jobs of the controller's namespace mount
-        nothing else. The tests' FAKE kubelet (tests/fake_kubelet.py) adds PVCs.
+        ``emptyDir`` (the pod's own) and ``persistentVolumeClaim`` (``claim_dir``):
+        the manager's Jobs mount nothing else.
         """
         if "emptyDir" in volume:
             return os.path.join(pod_dir, "volumes", volume["name"])
+        if "persistentVolumeClaim" in volume:
+            return self.claim_dir(volume["persistentVolumeClaim"]["claimName"])
         return None
+
+    # -- the provisioner's and the pvc-protection controller's part -----------
+
+    def claim_dir(self, claim: str) -> str:
+        """The directory standing for PVC ``claim`` of this namespace (every pod shares it)."""
+        return os.path.join(self.root, "pvcs", self.namespace, claim)
+
+    def _reclaim_loop(self) -> None:
+        while not self._stop.wait(RECLAIM_INTERVAL):
+            try:
+                self._reclaim()
+            except Exception as e:  # the API server restarting: look again next time
+                log.info("job runner: claim reclaim failed", extra={"error": str(e)[:200]})
+
+    def _reclaim(self) -> None:
+        """Remove the directories of deleted claims no running pod uses; let them go."""
+        claims, _ = self.client.list(kube.PVCS, self.namespace)
+        names = {c["metadata"]["name"] for c in claims}
+        for gone in self._claims - names:  # deleted outright (no finalizer)
+            shutil.rmtree(self.claim_dir(gone), ignore_errors=True)
+        self._claims = names
+        deleting = [c for c in claims if c["metadata"].get("deletionTimestamp")]
+        if not deleting:
+            return
+        pods, _ = self.client.list(kube.PODS, self.namespace)
+        in_use = {v["persistentVolumeClaim"]["claimName"] for p in pods
+                  if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                  for v in (p.get("spec") or {}).get("volumes") or []
+                  if "persistentVolumeClaim" in v}
+        for c in deleting:
+            name = c["metadata"]["name"]
+            if name in in_use:
+                continue
+            shutil.rmtree(self.claim_dir(name), ignore_errors=True)
+            fins = c["metadata"].get("finalizers") or []
+            if PVC_PROTECTION in fins:
+                try:
+                    self.client.patch(kube.PVCS, name, {"metadata": {
+                        "finalizers": [f for f in fins if f != PVC_PROTECTION] or None}},
+                        self.namespace)
+                except kube.NotFound:
+                    pass
 
     def _env(self, container: dict[str, Any], mapping: dict[str, str]) -> dict[str, str] | None:
         pythonpath = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH"))

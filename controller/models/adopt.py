@@ -83,7 +83,7 @@ def ensure(host: Host, obj: dict[str, Any]) -> float | None:
         host.write_status(obj, {"phase": c.PENDING, "conditions": [
             c.condition("SourceResolved", True, "Imported", "imported from a bundle"),
             c.condition("Published", False, "ImportedArtifactMissing", msg),
-            c.condition("Ready", False, "ImportedArtifactMissing", msg)]})
+            model.ready_condition(view, "ImportedArtifactMissing", msg)]})
         raise TemporaryError(msg, reason="ImportedArtifactMissing", delay=MISSING_RETRY) from e
     except ModelPackError as e:
         if e.retryable:

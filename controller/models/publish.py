@@ -5,7 +5,8 @@ key names; absent → it is created (a source credential copied beside it) and t
 pass stops, asking for a follow-up; active → Publishing; Complete → the result
 the worker left in its pod's termination message → Ready (``apply_result``,
 which the upload and PVC sources use too); Failed → Failed with the worker's
-reason, and an event. The copied credential goes once the Job has finished.
+reason, and an event (the previous artifact, if any, still served:
+``api.model.ready_condition``). The copied credential goes once the Job has finished.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from api.model import ModelView
 from controller.errors import Result, TemporaryError
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
+from controller.models import workvolume
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
@@ -64,9 +66,11 @@ def ensure(host: Host, obj: dict[str, Any], p: jobs.Plan, key: str) -> Result:
     if job is None:
         job = create_job(host, obj, p, key)
         if jobs.state(job) == "Active":
+            workvolume.ensure(host.client, host.settings, obj, job, key)
             return Result(follow_up=True)  # Publishing is written by the next pass
     st = jobs.state(job)
     if st == "Active":
+        workvolume.ensure(host.client, host.settings, obj, job, key)  # once per Job
         mark_publishing(host, obj, key, name)
         return Result()
     if st == "Complete":
@@ -113,11 +117,9 @@ def ensure_secret_copy(host: Host, obj: dict[str, Any], use: jobs.SecretUse, job
 
 def mark_publishing(host: Host, obj: dict[str, Any], key: str, job: str) -> None:
     view = ModelView.of(obj)
-    if view.digest:  # a republish
-        ready = c.condition("Ready", True, "Republishing",
-                            "serving the previous artifact while publishing again")
-    else:
-        ready = c.condition("Ready", False, "Publishing", f"publish Job {job} is running")
+    # a republish: the last published artifact keeps serving meanwhile
+    ready = model.ready_condition(view, "Publishing", f"publish Job {job} is running",
+                                  serving_reason=model.REPUBLISHING)
     patch: dict[str, Any] = {"phase": c.PUBLISHING, "conditions": [
         c.condition("SourceResolved", True, "SourceValid", "the source is valid"),
         c.condition("Published", False, "Publishing", f"publish Job {job} is running"),
@@ -195,7 +197,9 @@ def on_failed(host: Host, obj: dict[str, Any], job: dict[str, Any], key: str) ->
 
 
 def cleanup_secret_copy(client: kube.Kube, settings: jobs.Settings, job: str) -> None:
-    """The credential copied for ``job``, once the Job has finished (or is being deleted)."""
+    """The credential copied for ``job`` and its work volume, once the Job has finished
+    (or is being deleted)."""
+    workvolume.release(client, settings, job)
     try:
         client.delete(kube.SECRETS, jobs.copied_secret_name(job), settings.namespace,
                       propagation=None)

@@ -14,6 +14,13 @@ credential a Model names in its own namespace is copied into a per-Job
 Secret, deleted when the Job has finished. The pod gets no service-account
 token: it talks to the source, the registry and the manager's report
 endpoint only.
+
+The work directory (``WORK_DIR``: the staging store, where each source file
+is streamed while it is hashed) is an ``emptyDir`` unless the manager is
+given ``--publish-work-size``: then it is a PVC per Job (``work_claim``,
+made and removed by ``workvolume.py``), so the Job's next pod finds the
+``.part`` files of the one killed before it and resumes each with ``Range``
+instead of fetching the source again from byte 0.
 """
 
 from __future__ import annotations
@@ -32,6 +39,20 @@ from ingest.sources.catalog import build_uri
 from kube import client as kube
 
 WORK_DIR = "/var/lib/modelcache/work"
+WORKER_GID = 65532  # the worker image's user and group (Dockerfile.controller's USER)
+
+
+@dataclass(frozen=True)
+class WorkVolume:
+    """A publish Job's work directory on a PVC that outlives its pods (see the module doc).
+
+    ``size``: the claim's request, a Kubernetes quantity; it must hold the
+    largest model published (an archive twice over: it is staged, then
+    expanded). ``storage_class``: None for the cluster's default class.
+    """
+
+    size: str
+    storage_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,7 @@ class Settings:
     ttl_after_finished: int | None = 24 * 3600
     service_account: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    work_volume: WorkVolume | None = None  # None: an emptyDir, gone with each pod
 
 
 @dataclass(frozen=True)
@@ -256,6 +278,36 @@ def copied_secret(obj: dict[str, Any], job: str, settings: Settings, use: Secret
             "data": picked}
 
 
+def work_claim_name(job: str) -> str:
+    return f"{job}-work"
+
+
+def work_claim(obj: dict[str, Any], job: dict[str, Any], key: str,
+               settings: Settings) -> dict[str, Any]:
+    """The PVC that holds ``job``'s work directory across its pods (``settings.work_volume``).
+
+    Owned by the Job, so the garbage collector takes it with the Job; the
+    manager deletes it sooner, once the Job has finished (``workvolume.release``).
+    ReadWriteOnce: one pod of the Job runs at a time (``parallelism`` 1), and a
+    retry goes wherever the volume can be attached.
+    """
+    wv = settings.work_volume
+    assert wv is not None
+    name = str(job["metadata"]["name"])
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                            "resources": {"requests": {"storage": wv.size}}}
+    if wv.storage_class:
+        spec["storageClassName"] = wv.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": work_claim_name(name), "namespace": settings.namespace,
+                         "labels": {**labels(obj, key),
+                                    "app.kubernetes.io/component": "publish-work"},
+                         # not blockOwnerDeletion: that would need update on jobs/finalizers
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                                              "name": name, "uid": job["metadata"]["uid"]}]},
+            "spec": spec}
+
+
 def labels(obj: dict[str, Any], key: str | None) -> dict[str, str]:
     meta = obj["metadata"]
     out = {names.LABEL_MANAGED: names.MANAGER, "app.kubernetes.io/component": "publish",
@@ -301,15 +353,19 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
             "apiVersion": str(obj.get("apiVersion") or kube.CLUSTER_MODELS.api_version),
             "kind": "ClusterModel", "name": obj["metadata"]["name"],
             "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    work: dict[str, Any] = {"name": "work", "emptyDir": {}}
+    if settings.work_volume is not None:
+        work = {"name": "work", "persistentVolumeClaim": {"claimName": work_claim_name(name)}}
     return jobspec.build(
         name=name, namespace=settings.namespace, labels=labels(obj, key),
         annotations={names.ANN_TARGET: ref}, owners=owners, container="publish",
         image=settings.image, command=cmd, env=env,
         mounts=[{"name": "work", "mountPath": WORK_DIR}],
-        volumes=[{"name": "work", "emptyDir": {}}], backoff_limit=settings.backoff_limit,
+        volumes=[work], backoff_limit=settings.backoff_limit,
         placement=(obj.get("spec") or {}).get("publish"),
         active_deadline=settings.active_deadline,
-        ttl_after_finished=settings.ttl_after_finished, service_account=settings.service_account)
+        ttl_after_finished=settings.ttl_after_finished, service_account=settings.service_account,
+        fs_group=WORKER_GID if settings.work_volume is not None else None)
 
 
 # a Job's own state (``jobresult.ACTIVE``/``COMPLETE``/``FAILED``), for this module's readers

@@ -30,6 +30,12 @@ One pass, from the object as the cache has it:
    → Ready with artifact, resolved metadata, revision, progress 100 %;
    Failed → Failed with the worker's reason, and an event.
 
+While a newer publish runs, waits or has failed, ``status.artifact`` keeps the
+last artifact published and the Ready condition stays True
+(``api.model.ready_condition``: reason ``Republishing``, or
+``ServingPreviousArtifact`` with the digest and why the new one is not
+there): new pods keep getting it (``ModelView.servable_digest``).
+
 So a new Model costs, on the way to its Job, the finalizer patch and the
 Job create only; the Publishing status (one merge patch of the status
 subresource, with the ``PublishStarted`` Event queued beside it) comes in
@@ -126,7 +132,7 @@ class Reconciler:
         if p.kind == "unsupported":
             self.write_status(obj, {"phase": c.PENDING, "conditions": [
                 c.condition("SourceResolved", False, p.reason, p.message),
-                c.condition("Ready", False, p.reason, p.message)]})
+                model.ready_condition(ModelView.of(obj), p.reason, p.message)]})
             return Result()
         secret_hash = self.secret_hash(obj, p)
         if secret_hash is None:
@@ -134,6 +140,12 @@ class Reconciler:
         key = jobs.publish_key(obj, secret_hash + p.key_extra)
         view = ModelView.of(obj)
         if view.publish_key == key and view.phase in (c.READY, c.FAILED):
+            if view.phase == c.FAILED and view.has_artifact and not view.serving:
+                # Failed by a controller that withheld the previous artifact: serve it again
+                failed = view.condition("Published") or view.condition("Ready") or {}
+                self.write_status(obj, {"conditions": [model.ready_condition(
+                    view, "", f"the new publish failed ({failed.get('reason')}): "
+                    f"{failed.get('message')}")]})
             # Failed too: a later upstream commit may repair what a moved one broke
             return self.check_upstream(obj)
         if p.kind == "upload":
@@ -186,8 +198,11 @@ class Reconciler:
                    cond: str = "Published", key: str | None = None,
                    job: str | None = "") -> None:
         before = ModelView.of(obj)
-        wanted = [c.condition(cond, False, reason, message),
-                  c.condition("Ready", False, reason, message)]
+        # a re-publish that failed: phase Failed, the previous artifact still served
+        wanted = [c.condition(cond, False, reason, message), model.ready_condition(
+            before, reason, message if not before.has_artifact else
+            f"the new {'spec' if cond == 'SourceResolved' else 'publish'} failed "
+            f"({reason}): {message}")]
         if cond != "SourceResolved":
             wanted.insert(0, c.condition("SourceResolved", True, "SourceValid",
                                          "the source is valid"))
@@ -222,7 +237,7 @@ class Reconciler:
                 self.recorder.record(obj, "Warning", reason, message)
             self.write_status(obj, {"phase": c.PENDING, "conditions": [
                 c.condition("SourceResolved", False, reason, message),
-                c.condition("Ready", False, reason, message)]})
+                model.ready_condition(ModelView.of(obj), reason, message)]})
             return None  # the Secret watch brings the model back when it appears
         assert secret is not None
         hashes = secret.get("hashes") or {}

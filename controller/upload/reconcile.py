@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from api import conditions as c
-from api.model import ModelView
+from api.model import REPUBLISHING, ModelView, ready_condition
 from controller.errors import Result
 from controller.models import publish
 from controller.models import publishjob as jobs
@@ -114,7 +114,7 @@ def mark_publishing(host: Host, obj: dict[str, Any], key: str,
                              "conditions": [
         c.condition("SourceResolved", True, "SourceValid", "the source is valid"),
         c.condition("Published", False, "Publishing", msg),
-        c.condition("Ready", False, "Publishing", msg)]}
+        ready_condition(ModelView.of(obj), "Publishing", msg, serving_reason=REPUBLISHING)]}
     progress = c.progress_from_event(session.get("progress") or {})
     if progress:
         patch["progress"] = progress

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from csi import metrics
+from csi.cache import taint
 from csi.cache.store import ModelStore, write_json
 from modelpack.errors import StoreError
 
@@ -51,7 +52,9 @@ class Inventory:
             pulling = sorted(s.inflight)
         return {"capacityBytes": s.capacity(), "usedBytes": s.usage(),
                 "highWatermark": self.high, "lowWatermark": self.low,
-                "models": models, "pulling": pulling}
+                "models": models, "pulling": pulling,
+                # corrupt trees kept for the pods that mount them (csi.cache.taint)
+                "tainted": taint.listing(s)}
 
     def write(self) -> None:
         try:

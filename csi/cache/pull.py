@@ -2,7 +2,11 @@
 
 Sits on ``store.ModelStore`` and asks ``evict.Evictor.make_room`` before it
 fetches. ``Cache.pull`` hands out one shared future per reference; a lock
-per digest makes two references to the same model fetch once. Pulls run on
+per manifest digest makes two references to the same model fetch and place
+it once. Blobs are single-flight below that, in the store itself
+(``modelpack.store.partlock``): two models that share a layer, pulled at
+once here or by another process on the same cache, write it once; the
+second waits and finds it stored. Pulls run on
 their own thread pool, so the gRPC event loop never blocks, and a pull goes
 on after the publish that started it gives up at its deadline: the next
 publish of the same model finds it cached or joins the same future.
@@ -156,22 +160,18 @@ class Puller:
             write_json(s.state_path(hexd), state)
             fsync_dir(s.state_dir)
             with s.lock:
+                s.check_condemned(needed, hexd)  # scrub rejected a blob reused here: list nothing
                 s.index[hexd] = Entry(pack, [str(ref)], pin, method.value, time.time())
             log.info("pulled", extra={"reference": str(ref), "digest": pack.digest,
                                       "method": method.value})
         except StoreError as e:
-            if e.retryable:  # disk full: drop this pull's partial blobs, they cannot finish
-                for layer in pack.layers:
-                    part = os.path.join(s.blobs.ingest_dir, dg.hex_of(layer.digest) + ".part")
-                    try:
-                        os.unlink(part)
-                    except FileNotFoundError:
-                        pass
+            if e.retryable:  # disk full: drop this pull's partial blobs, they cannot finish;
+                # a part another pull is still writing (a shared layer) is locked and stays
+                s.blobs.drop_parts(layer.digest for layer in pack.layers)
             raise
         finally:
             with s.lock:
-                s.protected.subtract(needed)
-                s.protected = +s.protected  # drop zero counts
+                s.unprotect(needed)  # also deletes the blobs scrub condemned meanwhile
                 s.pulling[hexd] -= 1
                 if s.pulling[hexd] <= 0:
                     del s.pulling[hexd]

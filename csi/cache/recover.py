@@ -5,7 +5,8 @@ is up and before publishes are served. What a crash can leave, and what
 happens to it: a temp tree (``place_tree`` renames only finished ones) is
 removed; a tree without its manifest, config or state was never listed and
 is removed; a state file without a tree is removed; a partial blob is kept
-for resume unless older than a day. ``refs.json`` (tag -> last digest) is
+for resume unless older than a day, empty, already stored or unnamed, and
+one that a writer (another process on the same cache) holds is never touched. ``refs.json`` (tag -> last digest) is
 reloaded so tags publish offline.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 
 from csi.cache.store import Entry, ModelStore
@@ -31,15 +31,9 @@ PART_MAX_AGE = 24 * 3600.0
 
 def recover(s: ModelStore, changed: Callable[[], None]) -> None:
     """Clean up what a crash left, load the index and refs, then run ``changed``."""
-    s.blobs.recover()
-    now = time.time()
-    for name in os.listdir(s.blobs.ingest_dir):
-        full = os.path.join(s.blobs.ingest_dir, name)
-        try:
-            if now - os.stat(full).st_mtime > PART_MAX_AGE:
-                os.unlink(full)
-        except FileNotFoundError:
-            pass
+    removed = s.blobs.recover(max_age=PART_MAX_AGE)  # skips parts a live writer holds
+    if removed:
+        log.info("removed partial blobs no one can resume", extra={"files": len(removed)})
     index: dict[str, Entry] = {}
     for name in os.listdir(s.models_dir):
         full = os.path.join(s.models_dir, name)

@@ -8,6 +8,12 @@ a publish asks without the network (``local_digest``, ``lease``,
 
 The lock is re-entrant: eviction holds it while it measures usage and
 reads mountinfo, and both take it again.
+
+Scrub and pulls meet here too: a pull ``protected`` its blobs before it
+checks which are present, so scrub, deciding under the lock, never deletes
+a blob a running pull may have chosen to reuse; it ``condemn``s it instead,
+the pull refuses to list a tree built on it (``check_condemned``), and the
+last pull to let go deletes it (``unprotect``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 from csi import mounts
 from modelpack import digest as dg
-from modelpack.errors import StoreError
+from modelpack.errors import IntegrityError, StoreError
 from modelpack.oci.manifest import ModelPack
 from modelpack.oci.reference import Reference
 from modelpack.store.blobs import BlobStore
@@ -78,8 +84,9 @@ class ModelStore:
         self.blobs = BlobStore(self.root)
         self.models_dir = os.path.join(self.root, "models")
         self.state_dir = os.path.join(self.root, "state")
-        os.makedirs(self.models_dir, exist_ok=True)
-        os.makedirs(self.state_dir, exist_ok=True)
+        self.tainted_dir = os.path.join(self.root, "tainted")  # csi.cache.taint
+        for d in (self.models_dir, self.state_dir, self.tainted_dir):
+            os.makedirs(d, exist_ok=True)
         self.configured_capacity = capacity
         self.tag_ttl = tag_ttl
         self.lock = threading.RLock()
@@ -89,6 +96,9 @@ class ModelStore:
         self.pulling: Counter[str] = Counter()  # manifest hexes being pulled
         self.inflight: dict[str, cf.Future[str]] = {}  # reference -> its shared pull
         self.refs: dict[str, dict[str, Any]] = {}
+        # blob digest -> (st_dev, st_ino) of a file scrub found corrupt while a pull
+        # protected it: deleted once unprotected, unless replaced by a fresh commit
+        self.condemned: dict[str, tuple[int, int]] = {}
 
     # -- paths ---------------------------------------------------------------
 
@@ -148,6 +158,16 @@ class ModelStore:
         with self.lock:
             return ["sha256:" + h for h in self.index]
 
+    def pulled_as(self, ref: Reference) -> bool:
+        """Whether a cached tree was pulled as ``ref`` (``<repository>@<digest>``, as
+        its state file records): the node's own proof that the repository holds the
+        digest, for the resolver while the registry is away."""
+        if not ref.digest:
+            return False
+        with self.lock:
+            entry = self.index.get(dg.hex_of(ref.digest))
+            return entry is not None and str(ref) in entry.references
+
     def remember(self, ref: Reference, digest: str, pin: bool) -> None:
         """Record that ``ref`` names ``digest`` (refs.json for tags) and add it to the
         model's state (its references, and the pin once asked for)."""
@@ -199,12 +219,67 @@ class ModelStore:
 
     def mounted(self) -> Counter[str]:
         """Manifest hexes of cached trees mounted anywhere (from mountinfo), with counts."""
-        table = mounts.read_mounts()
-        dev, inner = mounts.fs_path(self.models_dir, table)
-        prefix = inner.rstrip("/") + "/"
-        out: Counter[str] = Counter()
-        for m in table:
-            root = m.root.removesuffix("//deleted")
-            if m.dev == dev and root.startswith(prefix):
-                out[root[len(prefix):].split("/", 1)[0]] += 1
-        return out
+        return mounted_under(self.models_dir)
+
+    # -- scrub meets pulls ----------------------------------------------------------
+
+    def condemn(self, digest: str, ident: tuple[int, int]) -> bool:
+        """Scrub found blob ``digest`` (the file ``ident``) corrupt: delete it now, or,
+        while a pull needs it, once that pull lets go. False if the file is no longer
+        the one scrub read (a pull committed a fresh, verified copy since)."""
+        with self.lock:
+            if file_ident(self.blobs.path(digest)) != ident:
+                return False
+            if self.protected[digest]:
+                self.condemned[digest] = ident
+            else:
+                # no pull protects it, so no writer can be replacing it: safe under the lock
+                self.blobs.delete(digest)
+            return True
+
+    def check_condemned(self, needed: list[str], hexd: str) -> None:
+        """Raise IntegrityError if a blob the pull of ``hexd`` reused was found corrupt by
+        scrub while the pull ran (the caller lists nothing then; a retry fetches the
+        blob afresh). Its state file goes, so a restart does not list its tree either."""
+        for d in needed:
+            ident = self.condemned.get(d)
+            if ident is not None and file_ident(self.blobs.path(d)) == ident:
+                try:
+                    os.unlink(self.state_path(hexd))
+                except FileNotFoundError:
+                    pass
+                raise IntegrityError(f"blob {d} failed the integrity scrub while this pull "
+                                     "reused it; pull again", reason="ScrubCorrupt")
+
+    def unprotect(self, needed: list[str]) -> None:
+        """A pull is done with ``needed``; delete the condemned blobs no pull needs now."""
+        with self.lock:
+            self.protected.subtract(needed)
+            self.protected = +self.protected  # drop zero counts
+            for d in set(needed) & set(self.condemned):
+                if not self.protected[d]:
+                    if file_ident(self.blobs.path(d)) == self.condemned.pop(d):
+                        self.blobs.delete(d)
+
+
+def file_ident(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of ``path``; None if it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def mounted_under(directory: str) -> Counter[str]:
+    """Names of the entries of ``directory`` that are mounted anywhere (a bind shows
+    the entry or a path inside it, per mountinfo), with counts."""
+    table = mounts.read_mounts()
+    dev, inner = mounts.fs_path(directory, table)
+    prefix = inner.rstrip("/") + "/"
+    out: Counter[str] = Counter()
+    for m in table:
+        root = m.root.removesuffix("//deleted")
+        if m.dev == dev and root.startswith(prefix):
+            out[root[len(prefix):].split("/", 1)[0]] += 1
+    return out

@@ -13,9 +13,12 @@ Rules (the delivery contract, ``api/names.py``):
   ``csi.storage.k8s.io/pod.namespace``; podInfoOnMount is set on the
   CSIDriver); ``clusterModel`` among ClusterModels. Absent: NOT_FOUND (a
   final answer), never a model of another namespace.
-- Present but not ``Ready`` (or without ``status.artifact``): UNAVAILABLE,
-  which kubelet retries; the watch brings the Ready status when it comes.
-- The answer is always by digest (``<repository>@<status.artifact.digest>``),
+- Present but without a servable artifact (``ModelView.servable_digest``:
+  a first publish running or failed, the model being deleted): UNAVAILABLE,
+  which kubelet retries; the watch brings the artifact when it comes. Not
+  the phase: a model whose newer generation is publishing, or failed to,
+  keeps serving its last published artifact.
+- The answer is always by digest (``<repository>@<servable digest>``),
   never a tag: the node pulls exactly what the controller verified.
 - A volume may pin ``digest`` (the webhook pins the digest a workload was
   admitted with, so its pods keep one version while the Model moves on).
@@ -24,7 +27,13 @@ Rules (the delivery contract, ``api/names.py``):
   repository (one manifest GET per repository and digest, remembered):
   the node cache is keyed by digest alone, so without the check a pod could
   name the digest of another namespace's model and be shown that tree from
-  the cache without the registry ever being asked.
+  the cache without the registry ever being asked. The registry unreachable
+  (a retryable error), the check passes only if this node's cache already
+  pulled that very ``<repository>@<digest>`` (``verified``: the cache
+  records each reference it pulled, after this same check or from the
+  model's status), so a pod of the model keeps starting from the node cache
+  while the registry is down, and a digest the repository was never seen
+  to hold is still refused.
 
 The API server down: the watch's last state keeps answering for
 ``max_stale`` seconds after the connection broke (Models rarely change, and
@@ -42,6 +51,7 @@ token nor an object's spec beyond ``delivery.nodeCache`` is ever logged.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,11 +62,12 @@ from csi import errors, metrics
 from csi.resolvers.base import Resolved, Volume, describe
 from kube import client as kube
 from kube.informer import Informer, Key, Obj
-from modelpack import digest as dg
 from modelpack.errors import ModelPackError, NotFoundError
 from modelpack.oci import reference
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
+
+log = logging.getLogger(__name__)
 
 
 def connection_gauge(resource: str) -> Callable[[bool], None]:
@@ -68,14 +79,15 @@ def connection_gauge(resource: str) -> Callable[[bool], None]:
 def trim(obj: Obj) -> Obj:
     """What a publish or a prefetch reads of a Model/ClusterModel (the informers'
     transform): names, ``spec.delivery.nodeCache``, the phase, the artifact and the
-    Ready condition. Nothing else of the spec is kept, nor ever logged."""
+    Ready condition (what ``ModelView.servable_digest`` reads). Nothing else of the spec is kept, nor ever logged."""
     view = ModelView.of(obj)
     meta = obj.get("metadata") or {}
     node_cache = (view.spec.get("delivery") or {}).get("nodeCache")
     artifact = {k: v for k, v in (("digest", view.digest), ("reference", view.reference)) if v}
     return {
         "kind": obj.get("kind") or (MODEL if meta.get("namespace") else CLUSTER_MODEL),
-        "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion") if k in meta},
+        "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion",
+                                          "deletionTimestamp") if k in meta},
         "spec": {"delivery": {"nodeCache": node_cache}} if node_cache is not None else {},
         "status": {"phase": view.phase or None, "artifact": artifact,
                    "conditions": [dict(c) for c in view.conditions
@@ -92,7 +104,7 @@ class ModelEntry:
     name: str
     phase: str
     repository: Reference | None  # the artifact's repository (no tag, no digest)
-    digest: str | None
+    digest: str | None  # the servable artifact's
     pin: bool
     prefetch: dict[str, str] | None  # spec.delivery.nodeCache.prefetch.nodeSelector
     problem: str  # why it cannot be served now; "" when it can
@@ -123,26 +135,27 @@ def model_entry(obj: Obj) -> ModelEntry:
     selector = None
     if isinstance(prefetch, dict) and isinstance(prefetch.get("nodeSelector"), dict):
         selector = {str(k): str(v) for k, v in prefetch["nodeSelector"].items()}
-    # the phase, not the Ready condition: what the node has always served by
     phase = view.phase or conditions.PENDING
+    digest = view.servable_digest  # not the phase: a re-publish keeps serving the last one
     repo: Reference | None = None
     problem = ""
-    if phase != conditions.READY:
+    if view.digest and not view.has_artifact:
+        problem = f"status.artifact is invalid: digest {view.digest[:100]!r}"
+    elif not digest:
         problem = f"phase is {phase}"
         ready = view.condition(conditions.READY)
         if ready is not None and ready.get("message"):
             problem += f" ({str(ready['message'])[:200]})"
-    elif not view.digest or not view.reference:
-        problem = "Ready but status.artifact has no reference or digest"
+    elif not view.reference:
+        problem = "status.artifact has no reference"
     else:
         try:
             parsed = reference.parse(view.reference)
             repo = Reference(parsed.host, parsed.repository)
-            dg.validate(view.digest)
         except ModelPackError as e:
             problem = f"status.artifact is invalid: {e}"
     return ModelEntry(kind=view.kind, namespace=view.namespace, name=view.name, phase=phase,
-                      repository=repo, digest=view.digest or None,
+                      repository=repo, digest=digest or None,
                       pin=bool(node_cache.get("pin", False)), prefetch=selector,
                       problem=problem)
 
@@ -151,9 +164,12 @@ class KubeResolver:
     """Resolve volumes from the informers' copy of Models and ClusterModels."""
 
     def __init__(self, client: kube.Kube, client_for: Callable[[str], RegistryClient], *,
-                 max_stale: float = 600.0, watch_timeout: int = 300) -> None:
+                 max_stale: float = 600.0, watch_timeout: int = 300,
+                 verified: Callable[[Reference], bool] | None = None) -> None:
         self.client = client
         self.client_for = client_for
+        # the node cache: has it pulled this <repository>@<digest> before? (registry down)
+        self.verified = verified
         self.max_stale = max_stale
         self._confirmed: set[str] = set()  # "<repository>@<digest>" found in the registry
         self.models = Informer(client, kube.MODELS, transform=trim, watch_timeout=watch_timeout,
@@ -207,7 +223,15 @@ class KubeResolver:
             raise errors.not_found(f"{ref.digest} is not an artifact of {entry.what} (a "
                                    "pinned digest is looked up in the model's own "
                                    "repository)") from None
-        self._confirmed.add(str(ref))  # other registry errors leave as their gRPC code
+        except ModelPackError as e:
+            # the registry away: what this node pulled from this very repository before
+            # still holds (the manifest's digest names its bytes); anything else does not
+            if not (e.retryable and self.verified is not None and self.verified(ref)):
+                raise  # leaves as its gRPC code (csi.errors)
+            log.info("registry unreachable; pinned digest confirmed by the node cache",
+                     extra={"reference": str(ref), "error": str(e)[:200]})
+            return
+        self._confirmed.add(str(ref))
 
     def _confirm(self, key: Key, what: str) -> ModelEntry:
         """A miss in the cache: one GET decides between NOT_FOUND and a lagging watch."""

@@ -5,8 +5,11 @@ file goes into ``ingest/<key>.part`` while it is hashed (sha256, plus the
 weaker digest the source states: an S3 MD5 ETag, a git blob id) in the
 same pass; it becomes a blob only when its size and digests match. The
 key is the expected digest, or a digest of (source, revision, path,
-version), so a restarted worker finds its ``.part``, rehashes the prefix
-and asks the source for the rest with ``Range``. A dropped connection is
+version), so a restarted worker (this pod's, or the next pod's when the work
+directory is a volume that outlives the pod: ``--publish-work-size``) finds
+its ``.part``, rehashes the prefix from local disk and asks the source for
+the rest with ``Range``; a source that answers from byte 0 instead (the
+stream's ``offset``) restarts the ``.part``. A dropped connection is
 retried with backoff while it makes progress; a lie about the size or a
 checksum mismatch is terminal and the bad ``.part`` is discarded.
 """
@@ -69,8 +72,12 @@ def stage_file(source: base.Source, revision: str, f: base.SourceFile, store: Bl
     if f.sha256 is not None:
         part = store.open_partial(f.sha256, f.size)
     else:
+        # an unnamed .part is resumed only when its key pins the content (a commit, an
+        # ETag, a listing digest): a plain URL that states no validator may have changed
+        # since the last pod, and a spliced file would hash to a name of its own
         part = PartialBlob(os.path.join(store.ingest_dir, part_key(source.uri, revision, f)
-                                        + ".part"), None, f.size, resume=True)
+                                        + ".part"), None, f.size,
+                           resume=bool(revision or f.version))
     try:
         check = _check_hasher(f)
         if check is not None and part.offset:

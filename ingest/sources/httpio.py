@@ -1,7 +1,10 @@
 """HTTP plumbing shared by the HTTP-based sources: sessions and ranged streams.
 
 Every request has a connect and read timeout; a file is read with
-``Range: bytes=N-`` so a dropped transfer resumes where it stopped, and it
+``Range: bytes=N-`` so a dropped transfer resumes where it stopped (in this
+pod, or the next one that finds the kept ``.part``); the answer is trusted
+only as far as it says: a 206 must start at N (``Content-Range``), a 200 is
+the whole file and the stream's ``offset`` says 0, so staging restarts. It
 is read with ``readinto`` into the caller's 4 MiB buffer (no per-chunk
 copies). Transport errors and HTTP statuses become ``SourceError``s here,
 with the retry decision, so sources never leak ``requests`` exceptions.
@@ -127,7 +130,7 @@ def open_range(session: requests.Session, url: str, offset: int, *,
     except TRANSPORT_ERRORS as e:
         raise transport_error(e, what or url) from e
     if resp.status_code == 206:
-        start = _content_range_start(resp.headers.get("Content-Range", ""))
+        start = content_range_start(resp.headers.get("Content-Range", ""))
         if start != offset:
             resp.close()
             raise base.SourceError(f"{what or url}: asked for byte {offset}, got {start}",
@@ -139,8 +142,8 @@ def open_range(session: requests.Session, url: str, offset: int, *,
     raise AssertionError("unreachable")
 
 
-def _content_range_start(value: str) -> int:
-    # "bytes 100-199/200"
+def content_range_start(value: str) -> int:
+    """The first byte a ``Content-Range`` answer holds ("bytes 100-199/200" → 100), or -1."""
     try:
         unit, rest = value.split(" ", 1)
         return int(rest.split("-", 1)[0]) if unit == "bytes" else -1

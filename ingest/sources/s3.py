@@ -6,7 +6,8 @@ a new revision. Keys become paths relative to the prefix and are checked
 like any other untrusted name. A single-part ETag is the object's MD5 and
 is checked in the same pass as the download; a stated SHA-256 checksum is
 used as the digest. Ranged GETs carry ``IfMatch`` so a resumed transfer
-never splices two versions. Credentials come from arguments or the usual
+never splices two versions, and an answer is taken from the byte its
+``Content-Range`` names (none: the whole object, from 0). Credentials come from arguments or the usual
 AWS environment; botocore's errors map to ours here. ``latest`` is the
 same listing and the same digest (``_listing``), without the per-object
 HEADs ``resolve`` adds for stated checksums.
@@ -189,8 +190,15 @@ class S3Source:
             resp = self.client.get_object(**kwargs)
         except Exception as e:
             raise _map(e, f"{self.uri}{file.path}") from e
-        start = offset if resp.get("ContentRange") else 0
-        return _Body(resp["Body"], start, f"{self.uri}{file.path}")
+        what = f"{self.uri}{file.path}"
+        if not offset or not resp.get("ContentRange"):
+            return _Body(resp["Body"], 0, what)  # the whole object: staging restarts at 0
+        start = httpio.content_range_start(str(resp["ContentRange"]))
+        if start != offset:
+            resp["Body"].close()
+            raise base.SourceError(f"{what}: asked for byte {offset}, got {start}",
+                                   reason="BadContentRange", retryable=True)
+        return _Body(resp["Body"], start, what)
 
     def close(self) -> None:
         self.client.close()

@@ -4,67 +4,43 @@ A blob becomes visible only once its bytes hash to its name: data goes to
 ``<root>/ingest/<hex>.part`` while it is hashed in the same pass, is
 fsynced, and is renamed into place only when the digest matches. A crash
 leaves at most a ``.part`` file, which the next writer of that digest
-resumes (it rehashes the prefix and continues) and ``recover`` removes.
-The same layout is the ``blobs/`` directory of an OCI image layout.
+resumes (it rehashes the prefix and continues) and ``recover`` removes
+once no one can resume it. The same layout is the ``blobs/`` directory of
+an OCI image layout.
+
+Single flight per digest, across threads and processes (``partlock``): a
+``PartialBlob`` holds an exclusive lock on its ``.part`` for its whole
+life, so one writer at a time fills it and the bytes committed are exactly
+the bytes that writer hashed. A second writer of the digest waits for the
+lock, then finds the blob stored (``present``: nothing to fetch) or resumes
+the prefix the first one left. The commit renames without replacing
+(``rename_noreplace``): a writer that finds the name taken by a file of the
+right size has lost a race it did not need to win, which is success.
+Clean-up (``drop_parts``, ``recover``) removes only files whose lock is
+free. Every failure leaves as a ``StoreError`` (retryable when space or a
+lost race may be the cause) or an ``IntegrityError``, never a raw OSError.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import hashlib
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Iterable
 
 from modelpack import digest as dg
 from modelpack.errors import IntegrityError, StoreError
+from modelpack.store import partlock
+from modelpack.store.partial import PartialBlob, store_error
+
+__all__ = ["BlobStore", "PartialBlob", "fsync_dir", "store_error"]
 
 Progress = Callable[[int], None]
 
 
 def _noop(_: int) -> None:
     pass
-
-
-# Start writeback of every finished window as the download goes, so the
-# final fsync finds little left to do and dirty pages never pile up behind
-# it (the disk works while the network does). SYNC_FILE_RANGE_WRITE only
-# starts the I/O; it does not wait for it.
-WRITEBACK_WINDOW = 16 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range: Any = None
-try:
-    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-except (OSError, AttributeError):  # not Linux/glibc: the final fsync does it all
-    _sync_file_range = None
-
-
-# Large blobs are written with O_DIRECT when the filesystem allows it: the
-# bytes go from the download buffer to the disk without a page-cache copy or
-# a writeback pass (on the project's VMs ~1 GB/s versus ~0.3-0.8 GB/s for
-# buffered writes plus fsync). Direct writes need aligned offsets, lengths and
-# buffers; anything else (a resume at an odd offset, the last piece, tmpfs)
-# takes the buffered path, so correctness never depends on it.
-DIRECT_MIN = 8 << 20
-DIRECT_ALIGN = 4096
-
-
-def _open_direct(path: str) -> int:
-    if not hasattr(os, "O_DIRECT"):
-        return -1
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:  # tmpfs and some FUSE filesystems refuse O_DIRECT
-        return -1
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(path: str) -> None:
@@ -75,133 +51,29 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _raise_store(e: OSError, what: str) -> StoreError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreError(f"no space left while writing {what}", retryable=True)
-    return StoreError(f"cannot write {what}: {e.strerror or e}")
+class BlobStore:
+    """Blobs by digest under ``root``; writes are atomic, verified, one writer per digest.
 
-
-class PartialBlob:
-    """A blob being written: hashes every byte it is given, resumable.
-
-    ``offset`` tells how many verified-prefix bytes are already there
-    (after a crash or a dropped connection); the writer continues from it.
+    ``stall``: how long a writer waits on another writer of the same digest
+    that makes no progress before it gives up (``BlobBusyError``).
     """
 
-    def __init__(self, part_path: str, expected: str | None, size: int | None,
-                 *, resume: bool = False) -> None:
-        self.path = part_path
-        self.expected = expected
-        self.size = size
-        self.hasher = hashlib.sha256()
-        flags = os.O_WRONLY | os.O_CREAT
-        self.fd = os.open(part_path, flags, 0o644)
-        self.offset = 0
-        existing = os.fstat(self.fd).st_size
-        # an unnamed blob resumes only when the caller keys its .part by a pinned source
-        if existing and (expected is not None or resume) and (size is None or existing <= size):
-            with open(part_path, "rb", buffering=0) as f:
-                buf = bytearray(dg.CHUNK)
-                view = memoryview(buf)
-                while self.offset < existing:
-                    n = f.readinto(view)
-                    if not n:
-                        break
-                    self.hasher.update(view[:n])
-                    self.offset += n
-        if self.offset != existing:
-            os.ftruncate(self.fd, self.offset)
-        self.dfd = _open_direct(part_path) if size is not None and size >= DIRECT_MIN else -1
-
-    def restart(self) -> None:
-        """Forget the prefix (the source cannot resume): start from byte 0."""
-        os.ftruncate(self.fd, 0)
-        self.hasher = hashlib.sha256()
-        self.offset = 0
-
-    def write(self, data: memoryview | bytes) -> None:
-        if self.size is not None and self.offset + len(data) > self.size:
-            raise IntegrityError(
-                f"source sent more than the declared {self.size} bytes", reason="SizeMismatch")
-        self.hasher.update(data)
-        view = memoryview(data).cast("B")
-        before = self.offset
-        try:
-            if (self.dfd >= 0 and before % DIRECT_ALIGN == 0
-                    and len(view) % DIRECT_ALIGN == 0):
-                view = self._write_direct(view, before)
-            at = before + len(data) - len(view)
-            while view:
-                n = os.pwrite(self.fd, view, at)
-                view = view[n:]
-                at += n
-        except OSError as e:
-            raise _raise_store(e, self.path) from e
-        self.offset += len(data)
-        if before // WRITEBACK_WINDOW != self.offset // WRITEBACK_WINDOW:
-            window = self.offset // WRITEBACK_WINDOW * WRITEBACK_WINDOW
-            start_writeback(self.fd, window - WRITEBACK_WINDOW, WRITEBACK_WINDOW)
-
-    def _write_direct(self, view: memoryview, at: int) -> memoryview:
-        """Write what O_DIRECT takes; return the rest for the buffered path."""
-        try:
-            while len(view) >= DIRECT_ALIGN:
-                n = os.pwrite(self.dfd, view, at)
-                if n <= 0 or n % DIRECT_ALIGN:
-                    n -= n % DIRECT_ALIGN
-                    if n <= 0:
-                        break
-                view = view[n:]
-                at += n
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # EINVAL: an unaligned buffer; go buffered
-                raise
-            os.close(self.dfd)
-            self.dfd = -1
-        return view
-
-    def finish(self) -> str:
-        """fsync, check size and digest; return the digest. The file stays at ``path``."""
-        if self.size is not None and self.offset != self.size:
-            raise IntegrityError(
-                f"got {self.offset} bytes, expected {self.size}", reason="SizeMismatch")
-        got = "sha256:" + self.hasher.hexdigest()
-        if self.expected is not None and got != self.expected:
-            raise IntegrityError(f"content hashes to {got}, expected {self.expected}")
-        try:
-            os.fsync(self.fd)
-        except OSError as e:
-            raise _raise_store(e, self.path) from e
-        return got
-
-    def close(self) -> None:
-        if self.dfd >= 0:
-            os.close(self.dfd)
-            self.dfd = -1
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def discard(self) -> None:
-        self.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-class BlobStore:
-    """Blobs by digest under ``root``; writes are atomic and verified."""
-
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, stall: float = partlock.STALL) -> None:
         self.root = root
         self.blob_dir = os.path.join(root, "blobs", "sha256")
         self.ingest_dir = os.path.join(root, "ingest")
-        os.makedirs(self.blob_dir, exist_ok=True)
-        os.makedirs(self.ingest_dir, exist_ok=True)
+        self.stall = stall
+        try:
+            os.makedirs(self.blob_dir, exist_ok=True)
+            os.makedirs(self.ingest_dir, exist_ok=True)
+        except OSError as e:
+            raise store_error(e, root) from e
 
     def path(self, digest: str) -> str:
         return os.path.join(self.blob_dir, dg.hex_of(digest))
+
+    def part_path(self, digest: str) -> str:
+        return os.path.join(self.ingest_dir, dg.hex_of(digest) + ".part")
 
     def has(self, digest: str, size: int | None = None) -> bool:
         try:
@@ -211,22 +83,42 @@ class BlobStore:
         return size is None or st.st_size == size
 
     def open_partial(self, digest: str, size: int | None) -> PartialBlob:
-        """A resumable writer for ``digest``; commit it with ``commit``."""
-        return PartialBlob(os.path.join(self.ingest_dir, dg.hex_of(digest) + ".part"),
-                           digest, size)
+        """The writer of ``digest``, once no one else is; commit it with ``commit``.
+
+        Check ``present`` first: the blob may have been stored while this waited.
+        """
+        return PartialBlob(self.part_path(digest), digest, size, committed=self.path(digest),
+                           stall=self.stall)
 
     def commit(self, part: PartialBlob) -> str:
-        """Verify a finished partial blob and rename it into place."""
+        """Verify a finished partial blob and rename it into place; return its digest.
+
+        The name is never taken from a good file: if a file of the same size
+        is already there (a writer that learnt the digest only at its end got
+        there first), that file stays and this part is dropped; a file of
+        another size under the name is not that blob and is replaced.
+        """
         try:
             got = part.finish()
         except IntegrityError:
             part.discard()
             raise
-        part.close()
+        if part.present:
+            part.close()
+            return got
         final = self.path(got)
-        os.replace(part.path, final)
-        os.chmod(final, 0o444)
-        fsync_dir(self.blob_dir)
+        try:
+            os.fchmod(part.fd, 0o444)
+            if not partlock.rename_noreplace(part.path, final):
+                if os.stat(final).st_size == part.offset:
+                    os.unlink(part.path)
+                else:
+                    os.replace(part.path, final)
+            fsync_dir(self.blob_dir)
+        except OSError as e:
+            raise store_error(e, final) from e
+        finally:
+            part.close()
         return got
 
     def ingest_stream(self, stream: dg.Readable, expected: str | None = None,
@@ -237,10 +129,13 @@ class BlobStore:
             return expected
         if expected is not None:
             part = self.open_partial(expected, size)
-        else:
-            fd, tmp = tempfile.mkstemp(dir=self.ingest_dir, suffix=".part")
-            os.close(fd)
-            part = PartialBlob(tmp, None, size)
+        else:  # a name of its own: nobody resumes it, so nobody waits for it
+            part = PartialBlob(os.path.join(self.ingest_dir, f"tmp-{secrets.token_hex(8)}.part"),
+                               None, size, stall=self.stall)
+        if part.present:
+            part.close()
+            progress(part.offset)
+            return part.finish()
         try:
             buf = bytearray(dg.CHUNK)
             view = memoryview(buf)
@@ -260,7 +155,11 @@ class BlobStore:
 
     def ingest_file(self, path: str, expected: str | None = None,
                     progress: Progress = _noop) -> str:
-        with open(path, "rb", buffering=0) as f:
+        try:
+            f = open(path, "rb", buffering=0)
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror or e}") from e
+        with f:
             return self.ingest_stream(f, expected, os.fstat(f.fileno()).st_size, progress)
 
     def delete(self, digest: str) -> None:
@@ -268,26 +167,63 @@ class BlobStore:
             os.unlink(self.path(digest))
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise store_error(e, self.path(digest)) from e
 
     def digests(self) -> list[str]:
-        return ["sha256:" + h for h in sorted(os.listdir(self.blob_dir)) if len(h) == 64]
+        return ["sha256:" + h for h in sorted(os.listdir(self.blob_dir)) if _is_hex(h)]
 
     def scrub(self) -> list[str]:
         """Rehash every blob; delete and return those whose content is not their name."""
         bad = []
         for d in self.digests():
-            got, _ = dg.of_file(self.path(d))
+            try:
+                got, _ = dg.of_file(self.path(d))
+            except FileNotFoundError:
+                continue  # deleted meanwhile (evicted): nothing to check
+            except OSError as e:
+                raise StoreError(f"cannot read {self.path(d)}: {e.strerror or e}") from e
             if got != d:
                 self.delete(d)
                 bad.append(d)
         return bad
 
-    def recover(self) -> None:
-        """Remove leftovers of interrupted writes that no one can resume."""
-        for name in os.listdir(self.ingest_dir):
+    def drop_parts(self, digests: Iterable[str]) -> int:
+        """Remove the ``.part`` files of ``digests`` that no writer holds (after a
+        disk-full failure: they cannot finish now); how many went."""
+        return sum(partlock.remove_if_idle(self.part_path(d)) for d in set(digests))
+
+    def recover(self, max_age: float | None = None) -> list[str]:
+        """Remove what is in ``ingest/`` that no one is writing and no one can resume:
+        files not named ``<hex>.part`` (writers that learnt their digest at the end
+        never resume), empty parts, parts of blobs stored since, and parts older than
+        ``max_age`` seconds. A part a live writer holds is never touched. Returns the
+        names removed."""
+        removed = []
+        now = time.time()
+        for name in sorted(os.listdir(self.ingest_dir)):
             full = os.path.join(self.ingest_dir, name)
-            if not name.endswith(".part") or len(name) != 64 + 5:
-                if os.path.isdir(full):
-                    shutil.rmtree(full, ignore_errors=True)
-                else:
-                    os.unlink(full)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)  # no writer makes directories here
+                removed.append(name)
+                continue
+            fd = partlock.try_acquire(full)
+            if fd is None:
+                continue  # a live writer's, or gone
+            try:
+                st = os.fstat(fd)
+                key = name.removesuffix(".part")
+                if (not name.endswith(".part") or not _is_hex(key) or st.st_size == 0
+                        or os.path.exists(os.path.join(self.blob_dir, key))
+                        or (max_age is not None and now - st.st_mtime > max_age)):
+                    os.unlink(full)  # ours to remove: the lock is held
+                    removed.append(name)
+            except OSError as e:
+                raise store_error(e, full) from e
+            finally:
+                os.close(fd)
+        return removed
+
+
+def _is_hex(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from modelpack.errors import StoreError
 from modelpack.paths import join_under
-from modelpack.store.blobs import fsync_dir
+from modelpack.store.blobs import fsync_dir, store_error
 
 FICLONE = 0x40049409
 
@@ -71,11 +71,13 @@ def probe(blob_dir: str, tree_parent: str) -> Method:
     if key in _probed:
         return _probed[key]
     fd, src = tempfile.mkstemp(dir=blob_dir, prefix=".probe-")
-    os.write(fd, b"probe")
-    os.close(fd)
     dst = os.path.join(tree_parent, f".probe-{os.getpid()}-{os.path.basename(src)}")
     method = Method.COPY
-    try:
+    try:  # the probe files go whatever happens (a full disk fails the write)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
         try:
             reflink(src, dst)
             method = Method.REFLINK
@@ -113,11 +115,14 @@ def place_tree(files: Iterable[tuple[str, str]], dest: str,
     Returns the method used. ``dest`` must not exist yet.
     """
     parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
     pairs = list(files)
-    if method is None:
-        method = probe(os.path.dirname(pairs[0][1]), parent) if pairs else Method.COPY
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(dest) + ".tmp-")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        if method is None:
+            method = probe(os.path.dirname(pairs[0][1]), parent) if pairs else Method.COPY
+        tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(dest) + ".tmp-")
+    except OSError as e:
+        raise store_error(e, dest) from e
     try:
         dirs = {tmp}
         for rel, blob in pairs:
@@ -135,7 +140,9 @@ def place_tree(files: Iterable[tuple[str, str]], dest: str,
         remove_tree(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreError(f"no space left placing {dest}", retryable=True) from e
-        raise StoreError(f"cannot place tree {dest}: {e}") from e
+        # a blob evicted or scrubbed away under the placement may be fetched again
+        raise StoreError(f"cannot place tree {dest}: {e}",
+                         retryable=e.errno == errno.ENOENT) from e
     except BaseException:
         remove_tree(tmp)
         raise

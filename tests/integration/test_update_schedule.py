@@ -289,8 +289,9 @@ def test_failed_after_a_move_recovers_on_a_later_commit(cluster, namespace, mana
     broken = hub.add_repo("acme/fixed", small_model, files={"README.md": b"# broken\n"})
     hub.knobs.corrupt.add("model.safetensors")
     m = wait_for(phase_is(cluster, namespace, "fixed", "Failed"), 90, what="Failed")
-    assert cond(m, "Ready")["reason"] == "ChecksumMismatch", cond(m, "Ready")
-    assert m["status"]["artifact"]["digest"] == digest  # the old artifact stays
+    assert cond(m, "Published")["reason"] == "ChecksumMismatch", cond(m, "Published")
+    assert cond(m, "Ready")["reason"] == "ServingPreviousArtifact", cond(m, "Ready")
+    assert m["status"]["artifact"]["digest"] == digest  # the old artifact stays, served
     assert m["metadata"]["annotations"][names.UPSTREAM] == broken.sha
     # the same broken commit is not asked for again
     wait_checks(hub, "acme/fixed", 2)

@@ -1,0 +1,239 @@
+"""One blob being written: ``PartialBlob``, the only writer of an ``ingest/`` file.
+
+Sits under ``blobs.BlobStore`` (which names the file, commits and cleans
+up) and is filled by the registry client, the publish staging and the upload
+gateway. It hashes every byte in the same pass as it writes it, holds the
+file's lock (``partlock``) for its whole life, resumes a prefix left by a
+crash by rehashing it, and maps every local file error to a typed
+``StoreError`` (``store_error``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+from typing import Any
+
+from modelpack import digest as dg
+from modelpack.errors import IntegrityError, StoreError
+from modelpack.store import partlock
+
+# Start writeback of every finished window as the download goes, so the
+# final fsync finds little left to do and dirty pages never pile up behind
+# it (the disk works while the network does). SYNC_FILE_RANGE_WRITE only
+# starts the I/O; it does not wait for it.
+WRITEBACK_WINDOW = 16 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any = None
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):  # not Linux/glibc: the final fsync does it all
+    _sync_file_range = None
+
+
+# Large blobs are written with O_DIRECT when the filesystem allows it: the
+# bytes go from the download buffer to the disk without a page-cache copy or
+# a writeback pass (on the project's VMs ~1 GB/s versus ~0.3-0.8 GB/s for
+# buffered writes plus fsync). Direct writes need aligned offsets, lengths and
+# buffers; anything else (a resume at an odd offset, the last piece, tmpfs)
+# takes the buffered path, so correctness never depends on it.
+DIRECT_MIN = 8 << 20
+DIRECT_ALIGN = 4096
+
+
+def _open_direct(path: str) -> int:
+    if not hasattr(os, "O_DIRECT"):
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:  # tmpfs and some FUSE filesystems refuse O_DIRECT
+        return -1
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+# what may pass if tried again: space freed, a file another writer removed or renamed
+# under us, a momentary shortage of descriptors or memory
+_RETRYABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.ESTALE, errno.EMFILE,
+                        errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY})
+
+
+def store_error(e: OSError, what: str) -> StoreError:
+    """The one mapping of a local file error to the store's typed error."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"no space left while writing {what}", retryable=True)
+    return StoreError(f"cannot write {what}: {e.strerror or e}", retryable=e.errno in _RETRYABLE)
+
+
+class PartialBlob:
+    """A blob being written: hashes every byte it is given, resumable, one writer at a time.
+
+    Construction takes the ``.part``'s lock (``partlock.acquire``; it waits
+    while another writer holds it) and keeps it until ``close``. ``offset``
+    tells how many verified-prefix bytes are already there (after a crash
+    or a dropped connection); the writer continues from it.
+
+    ``committed``: where the finished blob would go. If a file of the right
+    size is there once the lock is ours (another writer finished while we
+    waited), the part is ``present``: ``offset`` is the whole size, nothing
+    needs writing, ``path`` is the stored blob (read-only to us) and
+    ``finish`` returns ``expected``. Should the caller still ``restart`` and
+    send the bytes again, they are hashed and checked, not written.
+    """
+
+    def __init__(self, part_path: str, expected: str | None, size: int | None,
+                 *, resume: bool = False, committed: str | None = None,
+                 stall: float = partlock.STALL) -> None:
+        self.path = part_path
+        self.expected = expected
+        self.size = size
+        self.hasher = hashlib.sha256()
+        self.offset = 0
+        self.dfd = -1
+        self.present = False
+        self._trusted = False  # present, and not sent again: the stored blob answers
+        try:
+            self.fd = partlock.acquire(part_path, stall)
+        except OSError as e:
+            raise store_error(e, part_path) from e
+        try:
+            if committed is not None and self._adopt(committed):
+                return
+            self._load_prefix(resume)
+        except OSError as e:
+            self.close()
+            raise store_error(e, part_path) from e
+        except BaseException:
+            self.close()
+            raise
+        self.dfd = _open_direct(part_path) if size is not None and size >= DIRECT_MIN else -1
+
+    def _adopt(self, committed: str) -> bool:
+        """Whether the blob is already stored at ``committed``; if so, let the part go."""
+        try:
+            st = os.stat(committed)
+        except FileNotFoundError:
+            return False
+        if self.size is not None and st.st_size != self.size:
+            return False  # a wrong file under the name: ours replaces it at commit
+        os.unlink(self.path)  # ours to remove: the lock is held
+        os.close(self.fd)
+        self.fd = -1
+        self.path = committed
+        self.size = self.offset = st.st_size
+        self.present = self._trusted = True
+        return True
+
+    def _load_prefix(self, resume: bool) -> None:
+        existing = os.fstat(self.fd).st_size
+        # an unnamed blob resumes only when the caller keys its .part by a pinned source
+        if existing and (self.expected is not None or resume) and (
+                self.size is None or existing <= self.size):
+            with open(self.path, "rb", buffering=0) as f:
+                buf = bytearray(dg.CHUNK)
+                view = memoryview(buf)
+                while self.offset < existing:
+                    n = f.readinto(view)
+                    if not n:
+                        break
+                    self.hasher.update(view[:n])
+                    self.offset += n
+        if self.offset != existing:
+            os.ftruncate(self.fd, self.offset)
+
+    def restart(self) -> None:
+        """Forget the prefix (the source cannot resume): start from byte 0."""
+        self.hasher = hashlib.sha256()
+        self.offset = 0
+        if self.present:
+            self._trusted = False
+            return
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError as e:
+            raise store_error(e, self.path) from e
+
+    def write(self, data: memoryview | bytes) -> None:
+        if self.size is not None and self.offset + len(data) > self.size:
+            raise IntegrityError(
+                f"source sent more than the declared {self.size} bytes", reason="SizeMismatch")
+        self.hasher.update(data)
+        if self.present:  # stored already: the bytes are checked at finish, not written
+            self.offset += len(data)
+            return
+        view = memoryview(data).cast("B")
+        before = self.offset
+        try:
+            if (self.dfd >= 0 and before % DIRECT_ALIGN == 0
+                    and len(view) % DIRECT_ALIGN == 0):
+                view = self._write_direct(view, before)
+            at = before + len(data) - len(view)
+            while view:
+                n = os.pwrite(self.fd, view, at)
+                view = view[n:]
+                at += n
+        except OSError as e:
+            raise store_error(e, self.path) from e
+        self.offset += len(data)
+        if before // WRITEBACK_WINDOW != self.offset // WRITEBACK_WINDOW:
+            window = self.offset // WRITEBACK_WINDOW * WRITEBACK_WINDOW
+            start_writeback(self.fd, window - WRITEBACK_WINDOW, WRITEBACK_WINDOW)
+
+    def _write_direct(self, view: memoryview, at: int) -> memoryview:
+        """Write what O_DIRECT takes; return the rest for the buffered path."""
+        try:
+            while len(view) >= DIRECT_ALIGN:
+                n = os.pwrite(self.dfd, view, at)
+                if n <= 0 or n % DIRECT_ALIGN:
+                    n -= n % DIRECT_ALIGN
+                    if n <= 0:
+                        break
+                view = view[n:]
+                at += n
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: an unaligned buffer; go buffered
+                raise
+            os.close(self.dfd)
+            self.dfd = -1
+        return view
+
+    def finish(self) -> str:
+        """fsync, check size and digest; return the digest. The file stays at ``path``."""
+        if self._trusted and self.expected is not None:
+            return self.expected
+        if self.size is not None and self.offset != self.size:
+            raise IntegrityError(
+                f"got {self.offset} bytes, expected {self.size}", reason="SizeMismatch")
+        got = "sha256:" + self.hasher.hexdigest()
+        if self.expected is not None and got != self.expected:
+            raise IntegrityError(f"content hashes to {got}, expected {self.expected}")
+        if not self.present:
+            try:
+                os.fsync(self.fd)
+            except OSError as e:
+                raise store_error(e, self.path) from e
+        return got
+
+    def close(self) -> None:
+        """Let go of the file and its lock; what was written stays for a resume."""
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Remove the ``.part`` (never a stored blob) and let go of it."""
+        if not self.present and self.fd >= 0:
+            try:
+                os.unlink(self.path)  # while the lock is held: the path is still ours
+            except FileNotFoundError:
+                pass
+        self.close()
