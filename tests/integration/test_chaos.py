@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -64,6 +65,8 @@ from tests.csi_fixtures import Proxy, unmount_everything_under
 from tests.integration.test_controller import install_crds
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+REPO_ROOT = localcluster.REPO_ROOT
 
 SEED_ENV = "MODELCACHE_CHAOS_SEED"
 SYSTEM_NS = "modelcache-system"  # the node ServiceAccount's namespace (node-rbac.yaml)
@@ -144,7 +147,7 @@ class Pod:
     model: str
     name: str
     uid: str
-    start_after: float  # seconds after its Model was seen Ready
+    admit_at: float  # seconds after the start, when the API server admits it
     pinned: str = ""  # the digest the webhook pinned, if the Model was Ready at admission
     target: str = ""
     volume_id: str = ""
@@ -215,7 +218,7 @@ def _probe_ready(socket: str) -> Callable[[], bool]:
 def _stop_all(manager: chaosrig.Program, node: chaosrig.Program, jobs_root: str) -> None:
     """Nothing of the system left running: the manager, the plugin, every publish worker."""
     manager.kill()  # SIGKILL: a SIGTERM waits out the workers' grace here
-    node.kill(__import__("signal").SIGTERM)
+    node.kill(signal.SIGTERM)
     for pid in chaosrig.publish_workers(jobs_root):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
@@ -286,4 +289,232 @@ def system(seed: int, work: str, registry: Any, sources: dict[str, dict[str, byt
                      chaosrig.Kubelet(socket), jobs_root, cache, pods_root)
 
 
-REPO_ROOT = localcluster.REPO_ROOT
+
+# -- the schedule -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    applies: tuple[tuple[float, str], ...]  # (seconds, model)
+    kills: tuple[tuple[float, str], ...]  # (seconds, "node" | "manager" | "worker")
+    pods: tuple[tuple[float, str, str], ...]  # (admitted at, model, pod uid)
+
+
+def schedule(rng: random.Random) -> Schedule:
+    applies = tuple(sorted((rng.uniform(0.0, 3.0), m) for m in MODELS))
+    kinds = ["node", "manager", "worker"]
+    rng.shuffle(kinds)  # each kind at least once
+    kinds += [rng.choice(("node", "manager", "worker")) for _ in range(rng.randint(1, 5))]
+    # a worker lives while its model publishes: its kills fall early
+    kills = tuple(sorted((rng.uniform(1.5, 9.0) if kind == "worker" else
+                          rng.uniform(1.0, CHAOS_WINDOW), kind) for kind in kinds))
+    pods = tuple(sorted((rng.uniform(0.5, 12.0), m, str(uuid.UUID(int=rng.getrandbits(128))))
+                        for m in MODELS for _ in range(rng.randint(2, 3))))
+    return Schedule(applies, kills, pods)
+
+
+def kill(s: System, kind: str, rng: random.Random, worker_kills: dict[str, int]) -> str:
+    """SIGKILL one part now; the plugin and the manager are started again at once."""
+    if kind in ("node", "manager"):
+        prog = s.node if kind == "node" else s.manager
+        pid = prog.pid
+        prog.kill()
+        prog.start()
+        return f"{prog.name} pid {pid} killed, restarted as pid {prog.pid}"
+    deadline = time.monotonic() + 6.0
+    while time.monotonic() < deadline:
+        live = {pid: m for pid, m in chaosrig.publish_workers(s.jobs_root).items()
+                if worker_kills.get(m, 0) < WORKER_KILLS_PER_MODEL}
+        if live:
+            pid = rng.choice(sorted(live))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                worker_kills[live[pid]] = worker_kills.get(live[pid], 0) + 1
+                return f"publish worker of {live[pid]} pid {pid} killed"
+        time.sleep(0.1)
+    return "no publish worker alive to kill: skipped"
+
+
+def run_pod(s: System, pod: Pod, admitted_at: float, deadline: float) -> None:
+    """One pod: admitted (pinned if its Model is Ready), ungated once Ready, then its volume."""
+    try:
+        time.sleep(max(0.0, admitted_at - time.monotonic()))
+        st = status_of(s.client, s.ns, pod.model)
+        if st.get("phase") == "Ready":
+            pod.pinned = st["artifact"]["digest"]
+        else:  # the scheduling gate holds it until the Model is Ready
+            while status_of(s.client, s.ns, pod.model).get("phase") != "Ready":
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"Model {pod.model} never Ready for pod {pod.name}")
+                time.sleep(0.2)
+        s.kubelet.publish(pod.request(s.ns, s.pods_root), deadline)
+        pod.done = True
+    except Exception as e:  # reported by the test, with the seed
+        pod.error = f"{type(e).__name__}: {e}"
+
+
+# -- the checks -------------------------------------------------------------------------
+
+
+def manifest_files(s: System, ref: str, digest: str) -> dict[str, str]:
+    """path -> layer digest of the manifest ``digest``, read from the registry."""
+    r = reference.parse(ref)
+    raw, _, _ = RegistryClient(s.registry.host, insecure=True).get_manifest(
+        reference.Reference(r.host, r.repository, digest=digest))
+    return {layer.path: layer.digest for layer in mf.layers_of(mf.parse_manifest(raw, digest)[0])}
+
+
+def target_problems(s: System, pod: Pod, digest: str, ref: str) -> list[str]:
+    """What is wrong with what ``pod``'s target shows (nothing: [])."""
+    where = f"pod {pod.name} ({pod.model}) {pod.target}"
+    layers = mounts.mounts_at(pod.target)
+    if len(layers) != 1:
+        return [f"{where}: {len(layers)} mounts at the target, not 1"]
+    m = layers[0]
+    out = [] if m.read_only else [f"{where}: mounted read-write ({sorted(m.options)})"]
+    shown = "sha256:" + os.path.basename(m.root).split("-")[0]
+    if shown != digest:
+        out.append(f"{where}: shows tree {m.root}, the Model's digest is {digest}")
+    want = manifest_files(s, ref, shown)
+    seen: dict[str, str] = {}
+    for dirpath, _, files in os.walk(pod.target):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            h = hashlib.sha256()
+            with open(full, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+            seen[os.path.relpath(full, pod.target)] = "sha256:" + h.hexdigest()
+    if set(seen) != set(want):
+        out.append(f"{where}: files {sorted(seen)} != manifest {sorted(want)}")
+    out += [f"{where}: {p} hashes to {seen[p]}, its layer is {want[p]}"
+            for p in sorted(set(seen) & set(want)) if seen[p] != want[p]]
+    return out
+
+
+def cache_leftovers(s: System) -> list[str]:
+    """Temp files and trees in the node cache; a held ``.part``/``.lock`` says who holds it."""
+    temps = []
+    for dirpath, dirs, files in os.walk(s.cache):
+        rel = os.path.relpath(dirpath, s.cache)
+        if rel == "models":
+            temps += [os.path.join(dirpath, d) for d in dirs if d.startswith(".")]
+        temps += [os.path.join(dirpath, f) for f in files
+                  if f.endswith((".part", ".lock")) or ".tmp" in f]
+    held = chaosrig.holders(temps)
+    return [f"{p}" + (f" (held by pids {held[p]})" if held[p] else " (no live writer)")
+            for p in temps]
+
+
+def jobs_leftovers(s: System) -> list[str]:
+    """What the Job runner and the workers left: emptyDirs of attempts, work claims' dirs."""
+    out = []
+    if not os.path.isdir(s.jobs_root):
+        return out
+    for name in os.listdir(s.jobs_root):
+        if os.path.isdir(os.path.join(s.jobs_root, name, "volumes")):
+            out.append(os.path.join(s.jobs_root, name, "volumes"))
+    pvcs = os.path.join(s.jobs_root, "pvcs")
+    for dirpath, dirs, _ in os.walk(pvcs):
+        if os.path.dirname(dirpath) == pvcs:  # pvcs/<namespace>/<claim>
+            out += [os.path.join(dirpath, d) for d in dirs]
+    return out
+
+
+# -- the test ---------------------------------------------------------------------------
+
+
+def test_chaos_kills_converge_to_verified_mounts(registry: Any, tmp_path: Any) -> None:
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(1 << 32))
+    _say(f"seed {seed} (replay with {SEED_ENV}={seed})")
+    print(f"\nchaos seed {seed}", file=sys.stderr, flush=True)
+    rng = random.Random(seed)
+    plan = schedule(rng)
+    _say(f"schedule: applies {[(round(t, 1), m) for t, m in plan.applies]}; kills "
+         f"{[(round(t, 1), kd) for t, kd in plan.kills]}; {len(plan.pods)} pods")
+    t_start = time.monotonic()
+    sources = model_files(str(tmp_path))
+    work = str(tmp_path / "sys")
+    with system(seed, work, registry, sources) as s:
+        try:
+            _chaos_then_check(s, plan, rng)
+        except BaseException:
+            _say(f"manager log:\n{s.manager.tail(30)}")
+            _say(f"node plugin log:\n{s.node.tail(30)}")
+            raise
+    _say(f"seed {seed}: passed in {time.monotonic() - t_start:.1f} s")
+
+
+def _chaos_then_check(s: System, plan: Schedule, rng: random.Random) -> None:
+    seed = s.seed
+    t0 = time.monotonic()
+    deadline = t0 + CHAOS_WINDOW + RECOVERY
+    pods = [Pod(m, f"{m}-{uid[:6]}", uid, at) for at, m, uid in plan.pods]
+    threads = [threading.Thread(target=run_pod, args=(s, p, t0 + p.admit_at, deadline),
+                                daemon=True, name=p.name) for p in pods]
+    for t in threads:
+        t.start()
+    events = sorted([(at, "apply", m) for at, m in plan.applies]
+                    + [(at, "kill", kd) for at, kd in plan.kills])
+    worker_kills: dict[str, int] = {}
+    for at, what, arg in events:
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        if what == "apply":
+            s.client.create(k.MODELS, model_body(arg, s.ns), s.ns)
+            _say(f"{time.monotonic() - t0:5.1f} s  applied Model {arg}")
+        else:
+            phases = " ".join(f"{m}={status_of(s.client, s.ns, m).get('phase', '-')}"
+                              for m in MODELS)
+            _say(f"{time.monotonic() - t0:5.1f} s  ({phases}) {kill(s, arg, rng, worker_kills)}")
+    _say(f"{time.monotonic() - t0:5.1f} s  chaos over; recovering")
+
+    # every Model Ready, every pod's volume published
+    def all_ready() -> bool:
+        return all(status_of(s.client, s.ns, m).get("phase") == "Ready" for m in MODELS)
+    try:
+        wait_until("every Model Ready", all_ready, deadline - time.monotonic(), seed)
+    except AssertionError:
+        raise AssertionError(f"[seed {seed}] not every Model Ready: " + "; ".join(
+            f"{m}: {status_of(s.client, s.ns, m).get('phase')} "
+            f"{[c.get('message') for c in status_of(s.client, s.ns, m).get('conditions') or []]}"
+            for m in MODELS)) from None
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [f"{p.name}: {p.error or 'not published'}" for p in pods if not p.done]
+    assert not stuck, f"[seed {seed}] pods whose volume never published: {stuck}"
+    _say(f"{time.monotonic() - t0:5.1f} s  every Model Ready, {len(pods)} volumes published")
+
+    # every visible file hashes to its layer digest
+    models = {m: status_of(s.client, s.ns, m)["artifact"] for m in MODELS}
+    problems = [p for pod in pods for p in target_problems(
+        s, pod, models[pod.model]["digest"], models[pod.model]["reference"])]
+    assert not problems, f"[seed {seed}] wrong content under published targets:\n" + \
+        "\n".join(problems)
+    final = s.kubelet.final_errors()
+    assert not final, f"[seed {seed}] answers kubelet takes as final: {final}"
+
+    # nothing temporary outlives recovery
+    wait_until("no publish worker left running",
+               lambda: not chaosrig.publish_workers(s.jobs_root), 30, seed)
+    leftovers: list[str] = []
+
+    def clean() -> bool:
+        leftovers[:] = cache_leftovers(s) + jobs_leftovers(s)
+        return not leftovers
+    with contextlib.suppress(AssertionError):
+        wait_until("no temp files", clean, 15, seed)
+    assert not leftovers, f"[seed {seed}] temp files outlived recovery:\n" + "\n".join(leftovers)
+
+    # unpublish everything: no mount left, no tainted tree kept
+    for pod in pods:
+        s.kubelet.unpublish(pod.volume_id, pod.target, time.monotonic() + 30)
+    real = os.path.realpath(s.pods_root) + "/"
+    left = [m.mount_point for m in mounts.read_mounts() if m.mount_point.startswith(real)]
+    assert not left, f"[seed {seed}] mounts left after unpublish: {left}"
+    assert not [p.target for p in pods if os.path.exists(p.target)], \
+        f"[seed {seed}] targets left after unpublish"
+    tainted = os.path.join(s.cache, "tainted")
+    wait_until("no tainted tree once unmounted",
+               lambda: not os.path.isdir(tainted) or not os.listdir(tainted), 15, seed)
+    _say(f"{time.monotonic() - t0:5.1f} s  checked: {len(pods)} targets, kills "
+         f"{worker_kills or 'none of workers'}")
