@@ -63,7 +63,7 @@ def _noop(_: int) -> None:
 
 
 def ready_cluster_model(client: kube.Kube, name: str) -> dict[str, Any]:
-    """The ClusterModel ``name``; it must be Ready with an artifact."""
+    """The ClusterModel ``name``; it must serve an artifact (Ready, or republishing)."""
     try:
         obj = client.get(kube.CLUSTER_MODELS, name)
     except kube.NotFound as e:
@@ -71,7 +71,7 @@ def ready_cluster_model(client: kube.Kube, name: str) -> dict[str, Any]:
     except kube.ApiError as e:
         raise BundleError(f"reading ClusterModel {name}: {e}", reason="ApiError") from e
     view = model.ModelView.of(obj)
-    if view.phase != "Ready" or not view.digest:
+    if not view.servable_digest:
         raise BundleError(f"ClusterModel {name} is {view.phase or 'not published'}, "
                           "not Ready: only a published model can be exported",
                           reason="NotReady")
@@ -102,8 +102,9 @@ def bundle_cr(obj: dict[str, Any], digest: str) -> dict[str, Any]:
 def export_bundle(obj: dict[str, Any], client: RegistryClient, output: str,
                   progress: Progress = _noop, fetchers: int = 3) -> bundle_export.Exported:
     """Write the bundle of Ready ClusterModel ``obj`` (its artifact read from ``client``)."""
-    # the artifact is fetched by this digest and verified against it: the CR's is the same
-    digest = model.ModelView.of(obj).digest
+    # the servable artifact (the last verified one, also while a re-publish runs) is
+    # fetched by this digest and verified against it: the CR's is the same
+    digest = model.ModelView.of(obj).servable_digest
     cr = yaml.safe_dump(bundle_cr(obj, digest), sort_keys=True,
                         default_flow_style=False).encode()
     return bundle_export.export(client, model.repository(dict(obj, kind=KIND)), digest, output,
