@@ -137,6 +137,13 @@ class BlobStore:
             progress(part.offset)
             return part.finish()
         try:
+            if part.offset:  # a prefix left by an earlier writer: go on from there if we can
+                seekable = getattr(stream, "seekable", None)
+                if seekable is not None and seekable():
+                    stream.seek(part.offset, os.SEEK_CUR)  # type: ignore[attr-defined]
+                    progress(part.offset)
+                else:
+                    part.restart()
             buf = bytearray(dg.CHUNK)
             view = memoryview(buf)
             while True:
@@ -171,7 +178,7 @@ class BlobStore:
             raise store_error(e, self.path(digest)) from e
 
     def digests(self) -> list[str]:
-        return ["sha256:" + h for h in sorted(os.listdir(self.blob_dir)) if _is_hex(h)]
+        return ["sha256:" + h for h in sorted(_listdir(self.blob_dir)) if _is_hex(h)]
 
     def scrub(self) -> list[str]:
         """Rehash every blob; delete and return those whose content is not their name."""
@@ -201,7 +208,7 @@ class BlobStore:
         names removed."""
         removed = []
         now = time.time()
-        for name in sorted(os.listdir(self.ingest_dir)):
+        for name in sorted(_listdir(self.ingest_dir)):
             full = os.path.join(self.ingest_dir, name)
             if os.path.isdir(full) and not os.path.islink(full):
                 shutil.rmtree(full, ignore_errors=True)  # no writer makes directories here
@@ -227,3 +234,10 @@ class BlobStore:
 
 def _is_hex(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        raise store_error(e, path) from e

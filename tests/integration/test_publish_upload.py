@@ -89,7 +89,10 @@ def test_interrupted_upload_resumes_after_gateway_restart(gateway, registry, cli
     r = requests.put(f"{s['url']}/files/{name}", data=b"xx", timeout=10, headers={
         "Authorization": f"Bearer {s['token']}", "Content-Range": f"bytes 5-6/{size}"})
     assert r.status_code == 416 and r.headers["Upload-Offset"] == str(half)
-    # a new gateway over the same root keeps the session and the received half
+    # a new gateway over the same root keeps the session and the received half; the old
+    # one's open .part goes as its process would go (its lock with it: one writer per file)
+    for part in gateway.sessions.get(s["id"]).parts.values():
+        part.close()
     gw2 = Gateway(gateway.sessions.root, admin_token=ADMIN,
                   client_factory=lambda host: RegistryClient(host, insecure=True))
     server = create_server(("127.0.0.1", 0), gw2)

@@ -203,3 +203,13 @@ def test_no_raw_oserror_leaves_the_store(tmp_path) -> None:
     assert to_csi(StoreError("no space left", retryable=True)).code == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
     assert to_csi(IntegrityError("bad")).code == grpc.StatusCode.ABORTED  # retried, not final
+
+
+def test_a_stream_resumes_the_prefix_an_earlier_writer_left(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    cut = store.open_partial(DIGEST, len(DATA))
+    cut.write(DATA[:12345])
+    cut.close()  # a manifest or config ingest cut by a full disk
+    seen: list[int] = []
+    assert store.ingest_stream(io.BytesIO(DATA), DIGEST, len(DATA), seen.append) == DIGEST
+    assert sum(seen) == len(DATA) and _stored_ok(store, DIGEST)
