@@ -25,7 +25,7 @@ cluster would show it:
   claim (``claim_dir``), shared by every pod that mounts it and kept across
   attempts, which is what lets a retried publish resume; once the claim is
   deleted and no running pod uses it, its directory is removed and the
-  ``kubernetes.io/pvc-protection`` finalizer dropped (``_reclaim``).
+  ``kubernetes.io/pvc-protection`` finalizer dropped (``claims.py``).
 
 What is not done: the image is not pulled (a command whose first word is
 ``modelcache-controller`` runs as ``python -m controller.main`` of this
@@ -55,6 +55,7 @@ from typing import Any
 
 from api import jobresult, names
 from api.conditions import now as _now
+from controller.embedded.claims import Claims
 from kube import client as kube
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ log = logging.getLogger(__name__)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SELECTOR = f"{names.LABEL_MANAGED}={names.MANAGER}"
 SERVICE_ACCOUNTS = kube.Resource("", "v1", "serviceaccounts", True, "ServiceAccount")
-PVC_PROTECTION = "kubernetes.io/pvc-protection"  # added by the API server's admission
-RECLAIM_INTERVAL = 1.0  # seconds between looks at deleted claims
 
 
 class JobRunner:
@@ -88,9 +87,8 @@ class JobRunner:
         self._stop = threading.Event()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # Job uid -> its running attempt
         self._deleted: set[str] = set()  # uids of Jobs whose running attempt was killed
-        self._claims: set[str] = set()  # claims of the namespace seen at the last look
+        self.claims = Claims(client, namespace, os.path.join(self.root, "pvcs", namespace))
         self._thread: threading.Thread | None = None
-        self._reclaimer: threading.Thread | None = None
 
     # -- control ------------------------------------------------------------
 
@@ -103,9 +101,7 @@ class JobRunner:
     def start(self) -> JobRunner:
         self._thread = threading.Thread(target=self._watch, daemon=True, name="job-runner")
         self._thread.start()
-        self._reclaimer = threading.Thread(target=self._reclaim_loop, daemon=True,
-                                           name="job-runner-claims")
-        self._reclaimer.start()
+        self.claims.start(self._stop)
         return self
 
     def stop(self) -> None:
@@ -125,6 +121,10 @@ class JobRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def claim_dir(self, claim: str) -> str:
+        """The directory standing for PVC ``claim`` of this namespace (every pod shares it)."""
+        return self.claims.dir(claim)
 
     # -- the Job controller's part -------------------------------------------
 
@@ -361,50 +361,8 @@ class JobRunner:
         if "emptyDir" in volume:
             return os.path.join(pod_dir, "volumes", volume["name"])
         if "persistentVolumeClaim" in volume:
-            return self.claim_dir(volume["persistentVolumeClaim"]["claimName"])
+            return self.claims.dir(volume["persistentVolumeClaim"]["claimName"])
         return None
-
-    # -- the provisioner's and the pvc-protection controller's part -----------
-
-    def claim_dir(self, claim: str) -> str:
-        """The directory standing for PVC ``claim`` of this namespace (every pod shares it)."""
-        return os.path.join(self.root, "pvcs", self.namespace, claim)
-
-    def _reclaim_loop(self) -> None:
-        while not self._stop.wait(RECLAIM_INTERVAL):
-            try:
-                self._reclaim()
-            except Exception as e:  # the API server restarting: look again next time
-                log.info("job runner: claim reclaim failed", extra={"error": str(e)[:200]})
-
-    def _reclaim(self) -> None:
-        """Remove the directories of deleted claims no running pod uses; let them go."""
-        claims, _ = self.client.list(kube.PVCS, self.namespace)
-        names = {c["metadata"]["name"] for c in claims}
-        for gone in self._claims - names:  # deleted outright (no finalizer)
-            shutil.rmtree(self.claim_dir(gone), ignore_errors=True)
-        self._claims = names
-        deleting = [c for c in claims if c["metadata"].get("deletionTimestamp")]
-        if not deleting:
-            return
-        pods, _ = self.client.list(kube.PODS, self.namespace)
-        in_use = {v["persistentVolumeClaim"]["claimName"] for p in pods
-                  if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-                  for v in (p.get("spec") or {}).get("volumes") or []
-                  if "persistentVolumeClaim" in v}
-        for c in deleting:
-            name = c["metadata"]["name"]
-            if name in in_use:
-                continue
-            shutil.rmtree(self.claim_dir(name), ignore_errors=True)
-            fins = c["metadata"].get("finalizers") or []
-            if PVC_PROTECTION in fins:
-                try:
-                    self.client.patch(kube.PVCS, name, {"metadata": {
-                        "finalizers": [f for f in fins if f != PVC_PROTECTION] or None}},
-                        self.namespace)
-                except kube.NotFound:
-                    pass
 
     def _env(self, container: dict[str, Any], mapping: dict[str, str]) -> dict[str, str] | None:
         pythonpath = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH"))
