@@ -16,23 +16,33 @@ CSI calls, and what /proc says about processes and open files.
   Job runner's children, found by their working directory, so the ones a
   killed manager orphaned are found too) and the live processes holding a file
   open (psutil is not installed: /proc).
+- ``system``: the whole system brought up for the test, and taken down after
+  (nothing left running or mounted, even when the test failed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from cli.local import cluster as localcluster
 from cli.local import hub as localhub
 from csi.stubs import pb, rpc
+from kube import client as k
+from tests import loopfs
+from tests.csi_fixtures import Proxy, unmount_everything_under
+from tests.integration.test_controller import install_crds
 
 # what kubelet retries as "operation not finished" (csi_client.go isFinalError)
 RETRYABLE = {grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE,
@@ -138,18 +148,23 @@ class SlowHub(localhub.HubServer):
 
 @dataclass
 class Kubelet:
-    """kubelet's side of the node plugin's socket: calls retried until OK or ``deadline``."""
+    """kubelet's side of the node plugin's socket: calls retried until OK or ``give_up_at``
+    (a monotonic time; the test sets it once the chaos is over)."""
 
     socket: str
     call_timeout: float = 20.0
     answers: list[tuple[str, str, str]] = field(default_factory=list)  # (call, target, code: details)
+    in_flight: int = 0  # calls waiting for an answer now
+    give_up_at: float = float("inf")
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _call(self, method: str, request: Any, deadline: float) -> None:
+    def _call(self, method: str, request: Any) -> None:
         delay = 0.2
         while True:
             # kubelet dials the driver's socket for every operation
             channel = grpc.insecure_channel(f"unix://{self.socket}")
+            with self.lock:
+                self.in_flight += 1
             try:
                 getattr(rpc.NodeStub(channel), method)(request, timeout=self.call_timeout)
                 return
@@ -158,21 +173,31 @@ class Kubelet:
                 with self.lock:
                     self.answers.append((method, request.target_path,
                                          f"{code.name}: {(e.details() or '')[:300]}"))  # type: ignore[attr-defined]
-                if time.monotonic() > deadline:
+                if time.monotonic() > self.give_up_at:
                     raise AssertionError(f"{method} {request.target_path}: still {code.name} "
                                          f"at the deadline: {e.details()}") from None  # type: ignore[attr-defined]
             finally:
+                with self.lock:
+                    self.in_flight -= 1
                 channel.close()
             time.sleep(delay)
             delay = min(delay * 2, 2.0)  # kubelet's exponential back-off, shortened
 
-    def publish(self, request: Any, deadline: float) -> None:
-        self._call("NodePublishVolume", request, deadline)
+    def publish(self, request: Any) -> None:
+        self._call("NodePublishVolume", request)
 
-    def unpublish(self, volume_id: str, target: str, deadline: float) -> None:
+    def unpublish(self, volume_id: str, target: str) -> None:
         self._call("NodeUnpublishVolume",
-                   pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target),
-                   deadline)
+                   pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
+
+    def codes(self) -> dict[str, int]:
+        """How many answers of each code other than OK."""
+        out: dict[str, int] = {}
+        with self.lock:
+            for _, _, answer in self.answers:
+                code = answer.split(":", 1)[0]
+                out[code] = out.get(code, 0) + 1
+        return out
 
     def final_errors(self) -> list[tuple[str, str, str]]:
         """The answers kubelet would take as final (not in RETRYABLE)."""
@@ -230,3 +255,123 @@ def holders(paths: list[str]) -> dict[str, list[int]]:
             if target in want:
                 out[want[target]].append(int(pid))
     return out
+
+
+# -- the system -------------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    """The running system, as the chaos test drives and inspects it."""
+
+    work: str
+    ns: str
+    client: k.Kube
+    registry: Any
+    manager: Program
+    node: Program
+    kubelet: Kubelet
+    jobs_root: str
+    cache: str
+    pods_root: str
+
+
+def _http_ready(url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except OSError:
+            return False
+    return ready
+
+
+def _probe_ready(socket: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        channel = grpc.insecure_channel(f"unix://{socket}")
+        try:
+            return bool(rpc.IdentityStub(channel).Probe(pb.ProbeRequest(), timeout=1)
+                        .ready.value)
+        except grpc.RpcError:
+            return False
+        finally:
+            channel.close()
+    return ready
+
+
+def _stop_all(manager: Program, node: Program, jobs_root: str) -> None:
+    """Nothing of the system left running: the manager, the plugin, every publish worker."""
+    manager.kill()  # SIGKILL: a SIGTERM waits out the workers' grace here
+    node.kill(signal.SIGTERM)
+    for pid in publish_workers(jobs_root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def system(work: str, registry: Any, sources: dict[str, dict[str, bytes]], *, node_id: str,
+           system_ns: str, hub_rate: int, pull_rate: int) -> Iterator[System]:
+    """Bring the system up under ``work``: a cluster of its own, the CRDs, the node's RBAC
+    and Node object, the hub serving ``sources`` (name -> {path: bytes}) as ``chaos/<name>``
+    at ``hub_rate``, a proxy at ``pull_rate`` in front of ``registry``, a loop XFS for the
+    node cache, then the manager and the plugin; everything stopped and unmounted after."""
+    with contextlib.ExitStack() as stack:
+        cluster = localcluster.start(os.path.join(work, "kube"))
+        stack.callback(cluster.stop)
+        install_crds(cluster)
+        client = k.Kube.from_config(cluster.kubeconfig)
+        stack.callback(client.close)
+        ns = "chaos"
+        for n in (ns, system_ns):
+            with contextlib.suppress(k.Conflict):
+                client.create(k.Resource("", "v1", "namespaces", False),
+                              {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}})
+        manifests = os.path.join(localcluster.REPO_ROOT, "daemonset")
+        cluster.kubectl("apply", "-f", os.path.join(manifests, "node-rbac.yaml"))
+        node_kubeconfig = cluster.serviceaccount_kubeconfig("modelcache-node", system_ns)
+        client.create(k.NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": node_id, "labels": {"kubernetes.io/hostname": node_id}}})
+
+        hub = SlowHub(hub_rate).start()
+        stack.callback(hub.stop)
+        for name, files in sources.items():
+            hub.add_repo(f"chaos/{name}", files=files)
+        proxy = Proxy(registry.host)
+        proxy.rate = pull_rate
+        stack.callback(proxy.stop)
+
+        cache_fs = stack.enter_context(loopfs.loop_mount("xfs"))
+        cache = os.path.join(cache_fs, "cache")
+        pods_root = os.path.join(work, "kubelet", "pods")
+        os.makedirs(pods_root)
+        stack.callback(unmount_everything_under, work)
+        stack.callback(unmount_everything_under, cache_fs)
+
+        jobs_root = os.path.join(work, "jobs")
+        port = localcluster.free_port()
+        py = [sys.executable, "-m"]
+        manager = Program("manager", py + [
+            "controller.main", "manager", "--kubeconfig", cluster.kubeconfig,
+            "--namespace", system_ns, "--registry", registry.host, "--registry-insecure",
+            "--hf-endpoint", hub.url, "--listen", f"127.0.0.1:{port}",
+            "--report-url", f"http://127.0.0.1:{port}", "--no-leader-elect",
+            "--workers", "4", "--progress-interval", "0.5",
+            "--publish-work-size", "1Gi", "--publish-work-storage-class", "local",
+            "--embedded-jobs", jobs_root],
+            os.path.join(work, "manager.log"), localcluster.REPO_ROOT,
+            _http_ready(f"http://127.0.0.1:{port}/readyz"),
+            # kept in a Secret in a cluster: a restarted manager accepts its workers' reports
+            env={"MODELCACHE_REPORT_KEY": "chaos"})
+        socket = os.path.join(work, "node", "csi.sock")
+        os.makedirs(os.path.dirname(socket))
+        node = Program("node plugin", py + [
+            "csi.main", "--endpoint", f"unix://{socket}", "--cache-dir", cache,
+            "--node-id", node_id, "--resolver", "kube", "--kubeconfig", node_kubeconfig,
+            "--insecure-registry", registry.host, "--insecure-registry", proxy.host,
+            "--pull-via", f"{registry.host}={proxy.host}", "--log-format", "text"],
+            os.path.join(work, "node", "node.log"), localcluster.REPO_ROOT, _probe_ready(socket))
+        stack.callback(_stop_all, manager, node, jobs_root)
+        manager.start()
+        node.start()
+        yield System(work, ns, client, registry, manager, node,
+                     Kubelet(socket), jobs_root, cache, pods_root)

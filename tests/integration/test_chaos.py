@@ -30,6 +30,9 @@ kubelet takes as final was given; no ``.part``/``.lock``/temp file or hidden
 temp tree is left in the node cache, no publish worker is left running, no
 work claim directory or emptyDir is left by the Job runner; unpublishing
 everything leaves no mount and no tainted tree. Needs root (mounts, loop XFS).
+The rig (programs, hub, kubelet's calls, bringing the system up) is
+tests/chaosrig.py; this file is the one scenario and its checks, top to bottom,
+a little over 400 lines for that reason.
 """
 
 from __future__ import annotations
@@ -43,30 +46,23 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import pytest
 
 from api import names as contract
-from cli.local import cluster as localcluster
 from csi import mounts
-from csi.stubs import pb, rpc
+from csi.stubs import pb
 from kube import client as k
 from modelpack.oci import manifest as mf
 from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
-from tests import chaosrig, loopfs, modelgen
-from tests.csi_fixtures import Proxy, unmount_everything_under
-from tests.integration.test_controller import install_crds
+from tests import chaosrig, modelgen
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
-
-REPO_ROOT = localcluster.REPO_ROOT
 
 SEED_ENV = "MODELCACHE_CHAOS_SEED"
 SYSTEM_NS = "modelcache-system"  # the node ServiceAccount's namespace (node-rbac.yaml)
@@ -75,9 +71,9 @@ MODELS = ("m0", "m1", "m2", "m3")
 SHARED = 3 << 20  # the shard every model has
 OWN = 3 << 19  # each model's own shard
 HUB_RATE = 1 << 19  # bytes/s per source response: a publish lasts seconds
-PULL_RATE = 6 << 20  # bytes/s per registry response the node pulls through
-CHAOS_WINDOW = 16.0  # kills happen within this many seconds of the start
-RECOVERY = 90.0  # the longest the system may take to converge afterwards
+PULL_RATE = 1 << 20  # bytes/s per registry response the node pulls through
+CHAOS_WINDOW = 18.0  # kills are scheduled within this many seconds of the start
+RECOVERY = 60.0  # the longest the system may take to converge afterwards
 WORKER_KILLS_PER_MODEL = 2  # the publish Job's backoffLimit is 3
 
 
@@ -126,10 +122,13 @@ def model_files(tmp: str) -> dict[str, dict[str, bytes]]:
     return out
 
 
-def model_body(name: str, ns: str) -> dict[str, Any]:
+def model_body(name: str, ns: str, prefetch: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {"source": {"huggingFace": {"repo": f"chaos/{name}"}}}
+    if prefetch:  # the node pulls it once Ready, whether a pod asks or not
+        spec["delivery"] = {"nodeCache": {"prefetch": {"nodeSelector": {
+            "kubernetes.io/hostname": NODE}}}}
     return {"apiVersion": "modelcache.io/v1alpha1", "kind": "Model",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"source": {"huggingFace": {"repo": f"chaos/{name}"}}}}
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
 
 
 def status_of(client: k.Kube, ns: str, name: str) -> dict[str, Any]:
@@ -174,149 +173,48 @@ class Pod:
                                            volume_context=ctx)
 
 
-# -- the system -------------------------------------------------------------------------
-
-
-@dataclass
-class System:
-    seed: int
-    work: str
-    ns: str
-    client: k.Kube
-    registry: Any
-    manager: chaosrig.Program
-    node: chaosrig.Program
-    kubelet: chaosrig.Kubelet
-    jobs_root: str
-    cache: str
-    pods_root: str
-
-
-def _http_ready(url: str) -> Callable[[], bool]:
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return True
-        except OSError:
-            return False
-    return ready
-
-
-def _probe_ready(socket: str) -> Callable[[], bool]:
-    def ready() -> bool:
-        channel = grpc.insecure_channel(f"unix://{socket}")
-        try:
-            return bool(rpc.IdentityStub(channel).Probe(pb.ProbeRequest(), timeout=1)
-                        .ready.value)
-        except grpc.RpcError:
-            return False
-        finally:
-            channel.close()
-    return ready
-
-
-def _stop_all(manager: chaosrig.Program, node: chaosrig.Program, jobs_root: str) -> None:
-    """Nothing of the system left running: the manager, the plugin, every publish worker."""
-    manager.kill()  # SIGKILL: a SIGTERM waits out the workers' grace here
-    node.kill(signal.SIGTERM)
-    for pid in chaosrig.publish_workers(jobs_root):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
-
-
-@contextlib.contextmanager
-def system(seed: int, work: str, registry: Any, sources: dict[str, dict[str, bytes]]
-           ) -> Iterator[System]:
-    with contextlib.ExitStack() as stack:
-        cluster = localcluster.start(os.path.join(work, "kube"))
-        stack.callback(cluster.stop)
-        install_crds(cluster)
-        client = k.Kube.from_config(cluster.kubeconfig)
-        stack.callback(client.close)
-        ns = "chaos"
-        for n in (ns, SYSTEM_NS):
-            with contextlib.suppress(k.Conflict):
-                client.create(k.Resource("", "v1", "namespaces", False),
-                              {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}})
-        manifests = os.path.join(localcluster.REPO_ROOT, "daemonset")
-        cluster.kubectl("apply", "-f", os.path.join(manifests, "node-rbac.yaml"))
-        node_kubeconfig = cluster.serviceaccount_kubeconfig("modelcache-node", SYSTEM_NS)
-        client.create(k.NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {
-            "name": NODE, "labels": {"kubernetes.io/hostname": NODE}}})
-
-        hub = chaosrig.SlowHub(HUB_RATE).start()
-        stack.callback(hub.stop)
-        for name, files in sources.items():
-            hub.add_repo(f"chaos/{name}", files=files)
-        proxy = Proxy(registry.host)
-        proxy.rate = PULL_RATE
-        stack.callback(proxy.stop)
-
-        cache_fs = stack.enter_context(loopfs.loop_mount("xfs"))
-        cache = os.path.join(cache_fs, "cache")
-        pods_root = os.path.join(work, "kubelet", "pods")
-        os.makedirs(pods_root)
-        stack.callback(unmount_everything_under, work)
-        stack.callback(unmount_everything_under, cache_fs)
-
-        jobs_root = os.path.join(work, "jobs")
-        port = localcluster.free_port()
-        py = [sys.executable, "-m"]
-        manager = chaosrig.Program("manager", py + [
-            "controller.main", "manager", "--kubeconfig", cluster.kubeconfig,
-            "--namespace", SYSTEM_NS, "--registry", registry.host, "--registry-insecure",
-            "--hf-endpoint", hub.url, "--listen", f"127.0.0.1:{port}",
-            "--report-url", f"http://127.0.0.1:{port}", "--no-leader-elect",
-            "--workers", "4", "--progress-interval", "0.5",
-            "--publish-work-size", "1Gi", "--publish-work-storage-class", "local",
-            "--embedded-jobs", jobs_root],
-            os.path.join(work, "manager.log"), REPO_ROOT,
-            _http_ready(f"http://127.0.0.1:{port}/readyz"),
-            # kept in a Secret in a cluster: a restarted manager accepts its workers' reports
-            env={"MODELCACHE_REPORT_KEY": "chaos"})
-        socket = os.path.join(work, "node", "csi.sock")
-        os.makedirs(os.path.dirname(socket))
-        node = chaosrig.Program("node plugin", py + [
-            "csi.main", "--endpoint", f"unix://{socket}", "--cache-dir", cache,
-            "--node-id", NODE, "--resolver", "kube", "--kubeconfig", node_kubeconfig,
-            "--insecure-registry", registry.host, "--insecure-registry", proxy.host,
-            "--pull-via", f"{registry.host}={proxy.host}", "--log-format", "text"],
-            os.path.join(work, "node", "node.log"), REPO_ROOT, _probe_ready(socket))
-        stack.callback(_stop_all, manager, node, jobs_root)
-        manager.start()
-        node.start()
-        yield System(seed, work, ns, client, registry, manager, node,
-                     chaosrig.Kubelet(socket), jobs_root, cache, pods_root)
-
-
-
 # -- the schedule -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Schedule:
-    applies: tuple[tuple[float, str], ...]  # (seconds, model)
+    applies: tuple[tuple[float, str, bool], ...]  # (seconds, model, prefetched)
     kills: tuple[tuple[float, str], ...]  # (seconds, "node" | "manager" | "worker")
     pods: tuple[tuple[float, str, str], ...]  # (admitted at, model, pod uid)
 
 
 def schedule(rng: random.Random) -> Schedule:
-    applies = tuple(sorted((rng.uniform(0.0, 3.0), m) for m in MODELS))
+    applies = tuple(sorted((rng.uniform(0.0, 3.0), m, rng.random() < 0.5) for m in MODELS))
     kinds = ["node", "manager", "worker"]
     rng.shuffle(kinds)  # each kind at least once
     kinds += [rng.choice(("node", "manager", "worker")) for _ in range(rng.randint(1, 5))]
-    # a worker lives while its model publishes: its kills fall early
+    # a worker lives while its model publishes: its kills fall early; the node's pulls
+    # start once models are Ready
     kills = tuple(sorted((rng.uniform(1.5, 9.0) if kind == "worker" else
+                          rng.uniform(4.0, CHAOS_WINDOW) if kind == "node" else
                           rng.uniform(1.0, CHAOS_WINDOW), kind) for kind in kinds))
-    pods = tuple(sorted((rng.uniform(0.5, 12.0), m, str(uuid.UUID(int=rng.getrandbits(128))))
-                        for m in MODELS for _ in range(rng.randint(2, 3))))
+    # pods come one by one, and once in a burst, one for every model (a rollout): the
+    # node then pulls several models that share layers at once
+    burst = rng.uniform(6.0, 12.0)
+    pods = tuple(sorted([(rng.uniform(0.5, 12.0), m, str(uuid.UUID(int=rng.getrandbits(128))))
+                         for m in MODELS for _ in range(rng.randint(1, 2))]
+                        + [(burst, m, str(uuid.UUID(int=rng.getrandbits(128))))
+                           for m in MODELS]))
     return Schedule(applies, kills, pods)
 
 
-def kill(s: System, kind: str, rng: random.Random, worker_kills: dict[str, int]) -> str:
-    """SIGKILL one part now; the plugin and the manager are started again at once."""
+def kill(s: chaosrig.System, kind: str, rng: random.Random, worker_kills: dict[str, int]) -> str:
+    """SIGKILL one part now; the plugin and the manager are started again at once.
+
+    The plugin is killed while a CSI call is in flight, if one comes within 4 s.
+    """
     if kind in ("node", "manager"):
         prog = s.node if kind == "node" else s.manager
+        if kind == "node":
+            until = time.monotonic() + 4.0
+            while not s.kubelet.in_flight and time.monotonic() < until:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5))
         pid = prog.pid
         prog.kill()
         prog.start()
@@ -335,7 +233,7 @@ def kill(s: System, kind: str, rng: random.Random, worker_kills: dict[str, int])
     return "no publish worker alive to kill: skipped"
 
 
-def run_pod(s: System, pod: Pod, admitted_at: float, deadline: float) -> None:
+def run_pod(s: chaosrig.System, pod: Pod, admitted_at: float) -> None:
     """One pod: admitted (pinned if its Model is Ready), ungated once Ready, then its volume."""
     try:
         time.sleep(max(0.0, admitted_at - time.monotonic()))
@@ -344,10 +242,10 @@ def run_pod(s: System, pod: Pod, admitted_at: float, deadline: float) -> None:
             pod.pinned = st["artifact"]["digest"]
         else:  # the scheduling gate holds it until the Model is Ready
             while status_of(s.client, s.ns, pod.model).get("phase") != "Ready":
-                if time.monotonic() > deadline:
+                if time.monotonic() > s.kubelet.give_up_at:
                     raise AssertionError(f"Model {pod.model} never Ready for pod {pod.name}")
                 time.sleep(0.2)
-        s.kubelet.publish(pod.request(s.ns, s.pods_root), deadline)
+        s.kubelet.publish(pod.request(s.ns, s.pods_root))
         pod.done = True
     except Exception as e:  # reported by the test, with the seed
         pod.error = f"{type(e).__name__}: {e}"
@@ -356,7 +254,7 @@ def run_pod(s: System, pod: Pod, admitted_at: float, deadline: float) -> None:
 # -- the checks -------------------------------------------------------------------------
 
 
-def manifest_files(s: System, ref: str, digest: str) -> dict[str, str]:
+def manifest_files(s: chaosrig.System, ref: str, digest: str) -> dict[str, str]:
     """path -> layer digest of the manifest ``digest``, read from the registry."""
     r = reference.parse(ref)
     raw, _, _ = RegistryClient(s.registry.host, insecure=True).get_manifest(
@@ -364,7 +262,7 @@ def manifest_files(s: System, ref: str, digest: str) -> dict[str, str]:
     return {layer.path: layer.digest for layer in mf.layers_of(mf.parse_manifest(raw, digest)[0])}
 
 
-def target_problems(s: System, pod: Pod, digest: str, ref: str) -> list[str]:
+def target_problems(s: chaosrig.System, pod: Pod, digest: str, ref: str) -> list[str]:
     """What is wrong with what ``pod``'s target shows (nothing: [])."""
     where = f"pod {pod.name} ({pod.model}) {pod.target}"
     layers = mounts.mounts_at(pod.target)
@@ -392,7 +290,7 @@ def target_problems(s: System, pod: Pod, digest: str, ref: str) -> list[str]:
     return out
 
 
-def cache_leftovers(s: System) -> list[str]:
+def cache_leftovers(s: chaosrig.System) -> list[str]:
     """Temp files and trees in the node cache; a held ``.part``/``.lock`` says who holds it."""
     temps = []
     for dirpath, dirs, files in os.walk(s.cache):
@@ -406,7 +304,22 @@ def cache_leftovers(s: System) -> list[str]:
             for p in temps]
 
 
-def jobs_leftovers(s: System) -> list[str]:
+def jobs_and_pods(s: chaosrig.System) -> str:
+    """The publish Jobs and their pods as the API server shows them (for failures)."""
+    jobs, _ = s.client.list(k.JOBS, SYSTEM_NS)
+    pods, _ = s.client.list(k.PODS, SYSTEM_NS)
+    lines = []
+    for job in jobs:
+        st = job.get("status") or {}
+        lines.append(f"Job {job['metadata']['name']}: active {st.get('active')} failed "
+                     f"{st.get('failed')} succeeded {st.get('succeeded')}; pods " + ", ".join(
+                         f"{p['metadata']['name']}={(p.get('status') or {}).get('phase')}"
+                         for p in pods if (p['metadata'].get('labels') or {}).get('job-name')
+                         == job['metadata']['name']))
+    return "\n".join(lines)
+
+
+def jobs_leftovers(s: chaosrig.System) -> list[str]:
     """What the Job runner and the workers left: emptyDirs of attempts, work claims' dirs."""
     out = []
     if not os.path.isdir(s.jobs_root):
@@ -430,14 +343,15 @@ def test_chaos_kills_converge_to_verified_mounts(registry: Any, tmp_path: Any) -
     print(f"\nchaos seed {seed}", file=sys.stderr, flush=True)
     rng = random.Random(seed)
     plan = schedule(rng)
-    _say(f"schedule: applies {[(round(t, 1), m) for t, m in plan.applies]}; kills "
+    _say(f"schedule: applies {[(round(t, 1), m) for t, m, _ in plan.applies]}; kills "
          f"{[(round(t, 1), kd) for t, kd in plan.kills]}; {len(plan.pods)} pods")
     t_start = time.monotonic()
     sources = model_files(str(tmp_path))
     work = str(tmp_path / "sys")
-    with system(seed, work, registry, sources) as s:
+    with chaosrig.system(work, registry, sources, node_id=NODE, system_ns=SYSTEM_NS,
+                         hub_rate=HUB_RATE, pull_rate=PULL_RATE) as s:
         try:
-            _chaos_then_check(s, plan, rng)
+            _chaos_then_check(s, seed, plan, rng)
         except BaseException:
             _say(f"manager log:\n{s.manager.tail(30)}")
             _say(f"node plugin log:\n{s.node.tail(30)}")
@@ -445,28 +359,29 @@ def test_chaos_kills_converge_to_verified_mounts(registry: Any, tmp_path: Any) -
     _say(f"seed {seed}: passed in {time.monotonic() - t_start:.1f} s")
 
 
-def _chaos_then_check(s: System, plan: Schedule, rng: random.Random) -> None:
-    seed = s.seed
+def _chaos_then_check(s: chaosrig.System, seed: int, plan: Schedule, rng: random.Random) -> None:
     t0 = time.monotonic()
-    deadline = t0 + CHAOS_WINDOW + RECOVERY
     pods = [Pod(m, f"{m}-{uid[:6]}", uid, at) for at, m, uid in plan.pods]
-    threads = [threading.Thread(target=run_pod, args=(s, p, t0 + p.admit_at, deadline),
+    threads = [threading.Thread(target=run_pod, args=(s, p, t0 + p.admit_at),
                                 daemon=True, name=p.name) for p in pods]
     for t in threads:
         t.start()
-    events = sorted([(at, "apply", m) for at, m in plan.applies]
+    prefetched = {m for _, m, pf in plan.applies if pf}
+    events = sorted([(at, "apply", m) for at, m, _ in plan.applies]
                     + [(at, "kill", kd) for at, kd in plan.kills])
     worker_kills: dict[str, int] = {}
     for at, what, arg in events:
         time.sleep(max(0.0, t0 + at - time.monotonic()))
         if what == "apply":
-            s.client.create(k.MODELS, model_body(arg, s.ns), s.ns)
-            _say(f"{time.monotonic() - t0:5.1f} s  applied Model {arg}")
+            s.client.create(k.MODELS, model_body(arg, s.ns, arg in prefetched), s.ns)
+            _say(f"{time.monotonic() - t0:5.1f} s  applied Model {arg}"
+                 + (" (prefetched)" if arg in prefetched else ""))
         else:
             phases = " ".join(f"{m}={status_of(s.client, s.ns, m).get('phase', '-')}"
                               for m in MODELS)
             _say(f"{time.monotonic() - t0:5.1f} s  ({phases}) {kill(s, arg, rng, worker_kills)}")
     _say(f"{time.monotonic() - t0:5.1f} s  chaos over; recovering")
+    deadline = s.kubelet.give_up_at = time.monotonic() + RECOVERY
 
     # every Model Ready, every pod's volume published
     def all_ready() -> bool:
@@ -477,7 +392,7 @@ def _chaos_then_check(s: System, plan: Schedule, rng: random.Random) -> None:
         raise AssertionError(f"[seed {seed}] not every Model Ready: " + "; ".join(
             f"{m}: {status_of(s.client, s.ns, m).get('phase')} "
             f"{[c.get('message') for c in status_of(s.client, s.ns, m).get('conditions') or []]}"
-            for m in MODELS)) from None
+            for m in MODELS) + "\n" + jobs_and_pods(s)) from None
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     stuck = [f"{p.name}: {p.error or 'not published'}" for p in pods if not p.done]
@@ -503,11 +418,13 @@ def _chaos_then_check(s: System, plan: Schedule, rng: random.Random) -> None:
         return not leftovers
     with contextlib.suppress(AssertionError):
         wait_until("no temp files", clean, 15, seed)
-    assert not leftovers, f"[seed {seed}] temp files outlived recovery:\n" + "\n".join(leftovers)
+    assert not leftovers, f"[seed {seed}] temp files outlived recovery:\n" + "\n".join(
+        leftovers) + "\n" + jobs_and_pods(s)
 
     # unpublish everything: no mount left, no tainted tree kept
     for pod in pods:
-        s.kubelet.unpublish(pod.volume_id, pod.target, time.monotonic() + 30)
+        s.kubelet.give_up_at = time.monotonic() + 30
+        s.kubelet.unpublish(pod.volume_id, pod.target)
     real = os.path.realpath(s.pods_root) + "/"
     left = [m.mount_point for m in mounts.read_mounts() if m.mount_point.startswith(real)]
     assert not left, f"[seed {seed}] mounts left after unpublish: {left}"
@@ -516,5 +433,7 @@ def _chaos_then_check(s: System, plan: Schedule, rng: random.Random) -> None:
     tainted = os.path.join(s.cache, "tainted")
     wait_until("no tainted tree once unmounted",
                lambda: not os.path.isdir(tainted) or not os.listdir(tainted), 15, seed)
-    _say(f"{time.monotonic() - t0:5.1f} s  checked: {len(pods)} targets, kills "
-         f"{worker_kills or 'none of workers'}")
+    _say(f"{time.monotonic() - t0:5.1f} s  checked: {len(pods)} targets; worker kills "
+         f"{worker_kills or 'none'}; kubelet saw {s.kubelet.codes() or 'only OK'}")
+    for answer in sorted({a for _, _, a in s.kubelet.answers})[:12]:
+        _say(f"  answer: {answer[:200]}")
