@@ -19,16 +19,22 @@ flags, never from flags' values, so they stay out of process listings.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from api import jobresult
 from ingest.publish import Options, catalog_import, default_work_dir, json_lines, publish_uri
-from ingest.publish.worker import as_publish_error
+from ingest.publish.worker import PublishError, as_publish_error
 from jobs import report_client
 from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
+
+WORK_DIR_WAIT = 300.0  # seconds an attempt waits for the one before it to let go
 
 
 def read_secret(path: str | None) -> str | None:
@@ -80,6 +86,35 @@ def _catalog_import(args: argparse.Namespace, client: Any, ref: Any, sink: Any) 
         workers=args.workers, allow_pickle=args.allow_pickle)
 
 
+
+@contextlib.contextmanager
+def one_attempt(work_dir: str, wait: float = WORK_DIR_WAIT) -> Iterator[None]:
+    """Hold the work dir for this attempt alone.
+
+    A Job's next pod may start while the previous one still runs or
+    terminates on the same work volume (``--publish-work-size``: the claim
+    outlives pods; a replacement pod is not held back until the old one is
+    gone). Two attempts on one staging area would remove each other's files,
+    so the second waits on an exclusive ``flock`` (released by the kernel when
+    the holder dies) and, after ``wait`` seconds, fails retryably.
+    """
+    os.makedirs(work_dir, exist_ok=True)
+    fd = os.open(os.path.join(work_dir, ".attempt.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PublishError(f"another attempt holds {work_dir} after {wait:.0f} s",
+                                       reason="WorkDirBusy", retryable=True) from None
+                time.sleep(0.25)
+        yield
+    finally:
+        os.close(fd)
+
 def main(args: argparse.Namespace) -> int:
     """Publish ``--source`` to ``--to``; the result to ``--result-file``, the exit status."""
     creds: dict[str, Any] = {
@@ -105,15 +140,16 @@ def main(args: argparse.Namespace) -> int:
                                 or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
                                 password=read_secret(args.registry_password_file)
                                 or os.environ.get("MODELCACHE_REGISTRY_PASSWORD"))
-        if args.source.startswith("catalog+"):
-            res: Any = _catalog_import(args, client, ref, sink)
-        else:
-            res = publish_uri(args.source, push=args.to, client=client,
-                              progress=sink, work_dir=args.work_dir,
-                              options=Options(expected_format=args.format,
-                                              allow_pickle=args.allow_pickle,
-                                              workers=args.workers, name=args.name),
-                              **{k: v for k, v in creds.items() if v is not None})
+        with one_attempt(args.work_dir or default_work_dir()):
+            if args.source.startswith("catalog+"):
+                res: Any = _catalog_import(args, client, ref, sink)
+            else:
+                res = publish_uri(args.source, push=args.to, client=client,
+                                  progress=sink, work_dir=args.work_dir,
+                                  options=Options(expected_format=args.format,
+                                                  allow_pickle=args.allow_pickle,
+                                                  workers=args.workers, name=args.name),
+                                  **{k: v for k, v in creds.items() if v is not None})
         result = res.to_json()
     except Exception as e:  # a PublishError, or a bad URI or reference before any transfer
         result, code = jobresult.from_error(as_publish_error(e))

@@ -38,6 +38,14 @@ claim need not exist or be bound (no scheduler holds the pod in Pending),
 and read-only is not enforced; resources, nodeSelector, tolerations and the
 security context are not enforced. A Job deleted while it runs has its
 process killed. ``hold()`` makes new attempts wait until ``release()``.
+A container dies with the runner (parent-death signal), and a restarted
+runner marks the gone runner's pods Failed (``DisruptionTarget``, not
+counted against ``backoffLimit``) and keeps the Job's ``startTime`` and
+failure count.
+
+Why one file of ~440 lines: the Job controller's half and the kubelet's half
+share one process table, one stop/hold gate and one lock; split, each would
+reach into the other's state.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ log = logging.getLogger(__name__)
 # what `python -m controller.main` needs on sys.path when this is a checkout
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SELECTOR = f"{names.LABEL_MANAGED}={names.MANAGER}"
+SETPRIV = shutil.which("setpriv")  # util-linux: sets the parent-death signal, then execs
 SERVICE_ACCOUNTS = kube.Resource("", "v1", "serviceaccounts", True, "ServiceAccount")
 
 
@@ -194,7 +203,13 @@ class JobRunner:
 
     def _run_job_inner(self, job: dict[str, Any]) -> None:
         spec = job["spec"]
-        started = _now()
+        # a Job a previous runner (a killed manager) started: its startTime is
+        # immutable and its failures count; its pods died with that runner
+        # (their processes had PR_SET_PDEATHSIG), so they are marked Failed here
+        # as the node-lifecycle controller would mark a lost node's pods
+        st = job.get("status") or {}
+        started = str(st.get("startTime") or _now())
+        self._fail_orphans(job)
         self._job_status(job, {"startTime": started, "active": 1})
         limit = int(spec.get("backoffLimit", 6))
         fail_codes: set[int] = set()
@@ -202,7 +217,7 @@ class JobRunner:
             codes = rule.get("onExitCodes") or {}
             if rule.get("action") == "FailJob" and codes.get("operator") == "In":
                 fail_codes.update(int(v) for v in codes.get("values") or [])
-        failed = 0
+        failed = int(st.get("failed") or 0)
         while not self._stop.is_set():
             self._gate.wait()
             if self._stop.is_set() or not self._exists(job):
@@ -231,6 +246,25 @@ class JobRunner:
             self._job_status(job, {"startTime": started, "active": 1, "failed": failed})
             # the Job controller's back-off between attempts, shortened
             self._stop.wait(min(0.2 * 2 ** failed, 2.0))
+
+    def _fail_orphans(self, job: dict[str, Any]) -> None:
+        """Mark Failed the pods of ``job`` still shown running by a runner that is gone.
+
+        Not counted as the Job's failures: like pods of a lost node, they
+        failed for no fault of their own (a DisruptionTarget).
+        """
+        uid = job["metadata"]["uid"]
+        pods, _ = self.client.list(kube.PODS, self.namespace,
+                                   label_selector=f"batch.kubernetes.io/controller-uid={uid}")
+        for pod in pods:
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            now = _now()
+            self._pod_status(pod["metadata"]["name"], {
+                "phase": "Failed", "reason": "NodeLost",
+                "message": "the embedded job runner that ran this pod is gone",
+                "conditions": [{"type": "DisruptionTarget", "status": "True",
+                                "reason": "DeletionByPodGC", "lastTransitionTime": now}]})
 
     def _exists(self, job: dict[str, Any]) -> bool:
         try:
@@ -296,6 +330,12 @@ class JobRunner:
                 + (container.get("args") or [])]
         if argv and argv[0] == "modelcache-controller":
             argv = [sys.executable, "-m", "controller.main", *argv[1:]]
+        if argv and SETPRIV and shutil.which(argv[0]):
+            # the container dies with this runner, as a pod's processes die with
+            # their node: no orphan keeps writing to a work volume the next
+            # attempt uses (the death signal follows the spawning thread, which
+            # waits for the process)
+            argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
         stderr_path = os.path.join(pod_dir, "stderr")
         with open(stderr_path, "wb") as err, open(os.path.join(pod_dir, "stdout"), "wb") as out:
             try:
