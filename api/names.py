@@ -39,6 +39,9 @@ LABEL_NAMESPACE = "modelcache.io/namespace"
 LABEL_UID = "modelcache.io/uid"
 LABEL_KEY = "modelcache.io/publish-key"
 ANN_TARGET = "modelcache.io/target"
+# on a Secret in the controller's namespace: an admin lends it to ClusterModels and
+# ModelCatalogSources (value "true"); any other Secret there is refused
+LABEL_SECRET_USABLE = "modelcache.io/usable-by-cluster-models"
 
 
 # -- what a workload writes ---------------------------------------------------

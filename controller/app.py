@@ -191,8 +191,9 @@ class Manager:
             self.pvc_readers.handlers.append(on_job)
 
         def on_secret(event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-            if old is not None and old.get("hashes") == obj.get("hashes") and event != "DELETED":
-                return
+            if old is not None and old.get("hashes") == obj.get("hashes") and event != "DELETED" \
+                    and old["metadata"].get("labels") == obj["metadata"].get("labels"):
+                return  # a label change may lend the Secret to ClusterModels (secretrefs)
             meta = obj["metadata"]
             ns, name = meta.get("namespace"), meta.get("name")
             for kind, inf in (("Model", self.models), ("ClusterModel", self.cluster_models)):

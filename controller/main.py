@@ -141,6 +141,14 @@ def _manager_parser(sub: Any) -> None:
                    "default; no token is mounted either way)")
     p.add_argument("--hf-endpoint", default=env("HF_ENDPOINT"),
                    help="HF_ENDPOINT given to publish Jobs")
+    p.add_argument("--deny-source-cidr", action="append", default=[], metavar="CIDR",
+                   help="a network publish Jobs may not fetch sources from (repeatable; e.g. "
+                   "the cluster's service network), besides link-local and loopback, always "
+                   "denied (ingest/sources/netpolicy.py)")
+    p.add_argument("--allow-private-sources", action="store_true",
+                   default=env("MODELCACHE_ALLOW_PRIVATE_SOURCES", "") in ("1", "true"),
+                   help="no source address deny list in publish Jobs (development, tests; "
+                   "--embedded-jobs implies it: the Jobs run on the user's own machine)")
     p.add_argument("--listen", default="0.0.0.0:8080",
                    help="HOST:PORT of /healthz /readyz /metrics and /report")
     p.add_argument("--report-url", default=env("MODELCACHE_REPORT_URL"),
@@ -250,7 +258,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
         hf_endpoint=args.hf_endpoint, report_url=args.report_url, report_key=key,
         backoff_limit=args.job_backoff_limit, service_account=args.job_service_account,
         ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl,
-        work_volume=_work_volume(args))
+        work_volume=_work_volume(args), extra_env=_source_policy_env(args))
     opts = app.Options(
         settings=settings, kubeconfig=args.kubeconfig, listen=(host or "0.0.0.0", int(port)),
         workers=args.workers, leader_elect=args.leader_elect,
@@ -270,6 +278,19 @@ def cmd_manager(args: argparse.Namespace) -> int:
     finally:
         if runner is not None:
             runner.stop()
+
+
+def _source_policy_env(args: argparse.Namespace) -> dict[str, str]:
+    """The source address policy, as the publish Jobs' env (``jobs/publish.py`` reads it)."""
+    from ingest.sources import netpolicy  # on use, as above
+
+    if args.allow_private_sources or args.embedded_jobs:
+        return {netpolicy.ENV_ALLOW_PRIVATE: "1"}
+    try:
+        netpolicy.Policy(args.deny_source_cidr)
+    except ValueError as e:
+        raise SystemExit(f"modelcache-controller: --deny-source-cidr: {e}") from e
+    return {netpolicy.ENV_DENY: ",".join(args.deny_source_cidr)} if args.deny_source_cidr else {}
 
 
 def _work_volume(args: argparse.Namespace) -> Any:

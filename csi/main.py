@@ -302,7 +302,7 @@ async def run(args: argparse.Namespace, api: kubeclient.Kube | None = None) -> N
     resolver: Resolver = NoResolver()
     kube: KubeResolver | None = None
     if args.resolver == "file":
-        resolver = FileResolver(args.models_file)
+        resolver = FileResolver(args.models_file, cache.client_for)
     elif args.resolver == "kube":
         assert api is not None  # main() made it
         resolver = kube = KubeResolver(api, cache.client_for, max_stale=args.kube_max_stale,

@@ -1,12 +1,13 @@
 """Prometheus metrics of the node plugin, and the HTTP endpoint serving them.
 
 The same small HTTP server answers ``/metrics`` (Prometheus text format),
-``/inventory`` (the cache inventory as JSON, for the controller) and
+``/inventory`` (the cache inventory as JSON, to loopback peers only: 403 to others) and
 ``/healthz``. Metrics are module singletons: one process, one plugin.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
@@ -55,14 +56,30 @@ PREFETCH_PENDING = prom.Gauge("modelcache_node_prefetch_pending",
                               "Models selected for prefetch on this node and not cached yet")
 
 
+IDLE_TIMEOUT = 30.0  # seconds a connection may stay silent
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(address: str, inventory: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
     """Start the metrics/inventory HTTP server on ``host:port`` in a daemon thread."""
     host, _, port = address.rpartition(":")
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = IDLE_TIMEOUT  # a client that sends nothing loses its connection and thread
+
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 body, ctype = prom.generate_latest(), prom.CONTENT_TYPE_LATEST
+            elif self.path == "/inventory" and not _loopback(self.client_address[0]):
+                # what every namespace caches is nobody's business off this node
+                self.send_error(403)
+                return
             elif self.path == "/inventory":
                 body, ctype = json.dumps(inventory(), indent=1).encode(), "application/json"
             elif self.path == "/healthz":

@@ -34,7 +34,7 @@ import grpc
 from csi import errors, metrics, mounts, volumes
 from csi.cache import Cache, Tree
 from csi.errors import CsiError
-from csi.resolvers.base import Resolved, Resolver, Volume
+from csi.resolvers.base import Resolved, Resolver, Volume, require_inline
 from csi.stubs import pb, rpc
 from kube import logs
 
@@ -169,6 +169,7 @@ class NodeService(rpc.NodeServicer):  # type: ignore[misc,name-defined]
         if not os.path.isabs(request.target_path):
             raise errors.invalid("target_path must be absolute")
         ctx = dict(request.volume_context)
+        require_inline(ctx)
         volume = Volume.from_context(ctx)
         target = os.path.normpath(request.target_path)
         await self._wait_ready(context)

@@ -30,6 +30,7 @@ from typing import Any
 from api import jobresult
 from ingest.publish import Options, catalog_import, default_work_dir, json_lines, publish_uri
 from ingest.publish.worker import PublishError, as_publish_error
+from ingest.sources import netpolicy
 from jobs import report_client
 from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
@@ -68,6 +69,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--region", help="S3 region")
     p.add_argument("--insecure-source", action="store_true",
                    help="plain HTTP to an Ollama registry that is not on loopback")
+    p.add_argument("--deny-source-cidr", action="append", default=[], metavar="CIDR",
+                   help="a network sources may not reach (repeatable), besides link-local and "
+                   "loopback (always denied) and $MODELCACHE_DENY_SOURCE_CIDRS (comma-separated)")
+    p.add_argument("--allow-private-sources", action="store_true",
+                   help="no source address deny list (development and tests; also "
+                   "$MODELCACHE_ALLOW_PRIVATE_SOURCES=1)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--name", help="descriptor.name in the ModelPack config")
     p.add_argument("--catalog-wait", type=float, default=1800.0,
@@ -134,6 +141,8 @@ def main(args: argparse.Namespace) -> int:
     result: dict[str, Any]
     code = jobresult.OK
     try:
+        netpolicy.install(netpolicy.from_settings(args.deny_source_cidr,
+                                                  args.allow_private_sources, dict(os.environ)))
         ref = reference.parse(args.to)
         client = RegistryClient(ref.host, insecure=args.insecure_registry,
                                 username=args.registry_username

@@ -23,6 +23,10 @@ temp dirs/files, rewritten in args and env values; no resources,
 nodeSelector or tolerations are enforced. A deleted Job's process is killed.
 ``hold()`` makes new attempts wait until ``release()``, so a test can act
 while a Job is "running"; ``runs`` lists every finished attempt.
+
+The tests' sources are loopback servers, so every pod gets
+``MODELCACHE_ALLOW_PRIVATE_SOURCES=1`` (the publish Job's deny list off)
+unless ``deny_private_sources=True``: the attack tests keep it on.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from kube import client as kube
 
 class FakeKubelet(jobrunner.JobRunner):
     def __init__(self, client: kube.Kube, namespace: str, *, work_root: str | None = None,
-                 base_env: dict[str, str] | None = None) -> None:
+                 base_env: dict[str, str] | None = None,
+                 deny_private_sources: bool = False) -> None:
+        env = {} if deny_private_sources else {"MODELCACHE_ALLOW_PRIVATE_SOURCES": "1"}
         super().__init__(client, namespace,
                          work_root=work_root or tempfile.mkdtemp(prefix="fake-kubelet-"),
-                         base_env=base_env, label_selector=None)
+                         base_env={**env, **(base_env or {})}, label_selector=None)

@@ -17,8 +17,12 @@ TokenRequest API, typically). The API server decides twice:
 Both answers are cached for ``ttl`` seconds (keyed by a hash of the token,
 never the token itself), so an import's thousands of blob requests cost a
 handful of reviews, and a revoked token or binding stops working within
-``ttl``. A failed review call (the API server is down) is a 503 and is not
-cached. Tokens never reach a log line.
+``ttl``. Fail closed: a review that cannot be had (the API server is down,
+slow past ``timeout``, answers an error, or answers something that is not a
+well-formed review: a non-JSON body, ``"allowed": "false"`` as a string, an
+authenticated token without a username) is a 503, serves nothing, and is
+not cached, so the next request asks again. Only a JSON ``true`` allows.
+Tokens never reach a log line.
 """
 
 from __future__ import annotations
@@ -64,9 +68,11 @@ class Authorizer:
     """TokenReview + SubjectAccessReview against one API server, with a TTL cache."""
 
     def __init__(self, client: kube.Kube, *, ttl: float = 10.0,
-                 audiences: tuple[str, ...] = (), max_entries: int = 10000) -> None:
+                 audiences: tuple[str, ...] = (), max_entries: int = 10000,
+                 timeout: float = 5.0) -> None:
         self.client = client
         self.ttl = ttl
+        self.timeout = timeout  # seconds one review may take; past it, 503
         self.audiences = audiences
         self.max_entries = max_entries
         self._tokens: dict[str, tuple[float, Identity | None]] = {}
@@ -127,26 +133,51 @@ class Authorizer:
                     table.clear()  # a flood of distinct tokens: start over, never grow
             table[key] = value
 
+    def _ask(self, res: kube.Resource, body: dict[str, Any], what: str) -> dict[str, Any]:
+        """POST one review and return its ``status``; any failure is ``Denied(503)``."""
+        try:
+            answer: Any = self.client.request("POST", res.path(None), body=body,
+                                              timeout=self.timeout)
+        except kube.ApiError as e:
+            # the message names the call, never the body (the token is in the body)
+            log.warning("review failed", extra={"review": res.kind, "status": e.status})
+            raise Denied(f"{what} could not be reviewed", 503) from e
+        except ValueError as e:  # not JSON: whatever answered is not an API server
+            log.warning("review answered no JSON", extra={"review": res.kind})
+            raise Denied(f"{what} could not be reviewed", 503) from e
+        finally:
+            self.reviews += 1
+        status = answer.get("status") if isinstance(answer, dict) else None
+        if not isinstance(status, dict):
+            log.warning("review answered no status", extra={"review": res.kind})
+            raise Denied(f"{what} could not be reviewed", 503)
+        return status
+
     def _review_token(self, token: str) -> Identity | None:
         spec: dict[str, Any] = {"token": token}
         if self.audiences:
             spec["audiences"] = list(self.audiences)
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
-        try:
-            answer = self.client.create(kube.TOKEN_REVIEWS, body)
-        except kube.ApiError as e:
-            # the message names the call, never the body (the token is in the body)
-            log.warning("token review failed", extra={"status": e.status})
-            raise Denied("the token could not be reviewed", 503) from e
-        finally:
-            self.reviews += 1
-        status = answer.get("status") or {}
-        if not status.get("authenticated"):
+        status = self._ask(kube.TOKEN_REVIEWS, body, "the token")
+        authenticated = status.get("authenticated", False)  # omitted when false
+        if not isinstance(authenticated, bool):
+            log.warning("token review answered no boolean")
+            raise Denied("the token could not be reviewed", 503)
+        if not authenticated:
             return None
-        user = status.get("user") or {}
-        return Identity(str(user.get("username") or ""), str(user.get("uid") or ""),
-                        tuple(str(g) for g in user.get("groups") or ()),
-                        {str(k): [str(x) for x in v] for k, v in (user.get("extra") or {}).items()})
+        user = status.get("user")
+        name = user.get("username") if isinstance(user, dict) else None
+        if not isinstance(user, dict) or not isinstance(name, str) or not name:
+            log.warning("token review answered no usable user")
+            raise Denied("the token could not be reviewed", 503)
+        try:
+            return Identity(name, str(user.get("uid") or ""),
+                            tuple(str(g) for g in user.get("groups") or ()),
+                            {str(k): [str(x) for x in v]
+                             for k, v in (user.get("extra") or {}).items()})
+        except (AttributeError, TypeError) as e:  # groups or extra of the wrong shape
+            log.warning("token review answered no usable user")
+            raise Denied("the token could not be reviewed", 503) from e
 
     def _review_access(self, ident: Identity, verb: str, name: str) -> bool:
         attrs: dict[str, Any] = {"group": GROUP, "resource": RESOURCE,
@@ -161,11 +192,9 @@ class Authorizer:
             spec["extra"] = ident.extra
         body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
                 "spec": spec}
-        try:
-            answer = self.client.create(kube.SUBJECT_ACCESS_REVIEWS, body)
-        except kube.ApiError as e:
-            log.warning("access review failed", extra={"status": e.status, "user": ident.user})
-            raise Denied("access could not be reviewed", 503) from e
-        finally:
-            self.reviews += 1
-        return bool((answer.get("status") or {}).get("allowed"))
+        status = self._ask(kube.SUBJECT_ACCESS_REVIEWS, body, "access")
+        allowed = status.get("allowed")
+        if not isinstance(allowed, bool):
+            log.warning("access review answered no boolean", extra={"user": ident.user})
+            raise Denied("access could not be reviewed", 503)
+        return allowed

@@ -177,6 +177,8 @@ class Handler(oci.OCIHandler):
         except Denied as e:
             headers = {"WWW-Authenticate": 'Bearer realm="modelcache-catalog"'} \
                 if e.status == 401 else {}
+            if e.status == 503:  # the API server could not decide: nothing is served
+                headers["Retry-After"] = "1"
             code = {401: "UNAUTHORIZED", 403: "DENIED"}.get(e.status, "UNAVAILABLE")
             self._error(e.status, code, str(e), headers)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):

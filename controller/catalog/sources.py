@@ -18,7 +18,10 @@ Two jobs, both on the importing side of the catalog (the serving side is
   never re-resolved, whatever the remote does; the publish Job imports
   exactly that digest and waits out source-side failures.
 
-Token values never reach status, events or logs: only Secret names do.
+Token values never reach status, events or logs: only Secret names do. The
+token Secret must carry the admin's opt-in label and not be one of the
+controller's own (``controller.secretrefs``): else the source is not listed
+(Ready False, ``SecretNotAllowed``) and no token leaves the cluster.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 from api import conditions as c
 from api import names
 from api.model import ModelView, ready_condition
+from controller import secretrefs
 from ingest.sources import base as sources_base
 from ingest.sources import catalog
 from kube import client as kube
@@ -115,8 +119,9 @@ class Controller:
         meta = obj["metadata"]
         if meta.get("namespace") != self.namespace:
             return
-        if old is not None and old.get("hashes") == obj.get("hashes") and event != "DELETED":
-            return
+        if old is not None and old.get("hashes") == obj.get("hashes") and event != "DELETED" \
+                and old["metadata"].get("labels") == meta.get("labels"):
+            return  # a label change may lend the Secret to sources (controller.secretrefs)
         for src in self.sources.items():
             ref = token_ref(src.get("spec") or {})
             if ref is not None and ref[0] == meta.get("name"):
@@ -148,10 +153,17 @@ class Controller:
     # -- the reconcile ---------------------------------------------------------
 
     def _token(self, ref: tuple[str, str]) -> str:
+        why = secretrefs.refusal(self.namespace, ref[0], None)  # the controller's own: not read
+        if why is not None:
+            raise PermissionError(why)
         try:
             secret = self.client.get(kube.SECRETS, ref[0], self.namespace)
         except kube.NotFound as e:
             raise LookupError(f"token Secret {self.namespace}/{ref[0]} not found") from e
+        why = secretrefs.refusal(self.namespace, ref[0],
+                                 (secret.get("metadata") or {}).get("labels") or {})
+        if why is not None:
+            raise PermissionError(why)
         raw = (secret.get("data") or {}).get(ref[1])
         if not raw:
             raise LookupError(f"token Secret {self.namespace}/{ref[0]} has no key {ref[1]!r}")
@@ -174,6 +186,9 @@ class Controller:
         if ref is not None:
             try:
                 token = self._token(ref)
+            except PermissionError as e:  # before the token is read: nothing is sent
+                self._write(obj, reachable=None, ready=(secretrefs.REASON, str(e)))
+                return 0.0  # only a change of the source or the Secret's labels helps
             except LookupError as e:
                 self._write(obj, reachable=None, ready=("TokenSecretNotFound", str(e)))
                 return None  # the Secret watch brings it back sooner

@@ -42,7 +42,10 @@ from kube.informer import Informer
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
-MAX_BODY = 16 << 20  # an AdmissionReview carries the object twice; etcd caps one at 1.5 MiB
+# the API server itself refuses admission requests over 3 MiB (its request limit); an
+# AdmissionReview carries the object twice and etcd caps one at 1.5 MiB
+MAX_BODY = 4 << 20
+MAX_CONCURRENT = 32  # requests in flight; beyond it a fast 429 instead of another thread
 LOOKUP_TIMEOUT = 2.0  # a live GET on a cache miss; the API server gives us TIMEOUT_SECONDS
 _REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
             500: "InternalError", 503: "ServiceUnavailable"}
@@ -177,23 +180,35 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or "0")
         except ValueError:
             length = -1
-        if length <= 0 or length > MAX_BODY:
+        if length > MAX_BODY:  # refused unread
+            self.close_connection = True
+            self._send(413, b'{"error":"an AdmissionReview over 4 MiB"}')
+            return
+        if length <= 0:
             self.close_connection = True
             self._send(400, b'{"error":"a JSON AdmissionReview with a Content-Length"}')
             return
-        try:
-            body = json.loads(self.rfile.read(length))
-            if not isinstance(body, dict) or not isinstance(body.get("request"), dict):
-                raise ValueError("no request")
-        except ValueError:
-            self._send(400, b'{"error":"not an AdmissionReview"}')
+        if not self.server.slots.acquire(blocking=False):
+            self.close_connection = True
+            self._send(429, b'{"error":"too many requests in flight"}')
             return
-        self._send(200, json.dumps(self.server.admission.review(body)).encode())
+        try:
+            try:
+                body = json.loads(self.rfile.read(length))
+                if not isinstance(body, dict) or not isinstance(body.get("request"), dict):
+                    raise ValueError("no request")
+            except ValueError:
+                self._send(400, b'{"error":"not an AdmissionReview"}')
+                return
+            self._send(200, json.dumps(self.server.admission.review(body)).encode())
+        finally:
+            self.server.slots.release()
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     admission: Admission
+    slots: threading.BoundedSemaphore
 
 
 def create_server(address: tuple[str, int], admission: Admission,
@@ -203,6 +218,7 @@ def create_server(address: tuple[str, int], admission: Admission,
     ctx = certs.server_context(bundle.cert, bundle.key)
     server = _Server(address, _Handler)
     server.admission = admission
+    server.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
     # the handshake happens on the first read, in the request's thread, so a slow
     # client cannot hold up accept() for everyone else
     server.socket = ctx.wrap_socket(server.socket, server_side=True,

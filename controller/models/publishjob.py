@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api import jobresult, model, names
-from controller import jobspec
+from controller import jobspec, secretrefs
 from controller.errors import PermanentError
 from ingest.sources.catalog import build_uri
 from kube import client as kube
@@ -144,6 +144,29 @@ def _auth(ref: Any, namespace: str, keys: dict[str, str | None], default_key: st
     mapping = {env: str(ref.get("key") or default_key if key is None else key)
                for env, key in keys.items()}
     return SecretUse(namespace, str(ref["name"]), mapping)
+
+
+def check_secret(obj: dict[str, Any], use: SecretUse, cached: dict[str, Any] | None,
+                 settings: Settings) -> None:
+    """Refuse (``PermanentError``, ``SecretNotAllowed``) a Secret ``obj`` may not lend its source.
+
+    A Model's Secret must be in the Model's own namespace; one in the
+    controller's namespace (every ClusterModel's, a catalog import's) must be
+    opted in by an admin and not be one of the controller's own
+    (``controller.secretrefs``). ``cached``: the Secret as the cache holds it
+    (``reconciler.secret_transform``), None when absent.
+    """
+    ns = obj["metadata"].get("namespace")
+    if model.model_kind(obj) != "ClusterModel" and use.namespace != ns:
+        raise PermanentError(f"Secret {use.namespace}/{use.name} is outside the Model's "
+                             f"namespace {ns}", reason=secretrefs.REASON)
+    if use.namespace != settings.namespace:
+        return
+    labels = None if cached is None else (cached.get("metadata") or {}).get("labels") or {}
+    reserved = frozenset({settings.registry_secret} if settings.registry_secret else ())
+    why = secretrefs.refusal(use.namespace, use.name, labels, reserved=reserved)
+    if why is not None:
+        raise PermanentError(why, reason=secretrefs.REASON)
 
 
 def plan(obj: dict[str, Any], settings: Settings,

@@ -73,10 +73,15 @@ log = logging.getLogger(__name__)
 
 
 def secret_transform(obj: dict[str, Any]) -> dict[str, Any]:
-    """Cache a Secret as its identity and a hash per key: values never stay in memory."""
+    """Cache a Secret as its identity and a hash per key: values never stay in memory.
+
+    Of its labels only the two that say whether a ClusterModel may use it
+    (``controller.secretrefs``) are kept."""
     meta = obj.get("metadata") or {}
+    labels = {k: v for k, v in (meta.get("labels") or {}).items()
+              if k in (names.LABEL_SECRET_USABLE, names.LABEL_MANAGED)}
     return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
-                         "resourceVersion": meta.get("resourceVersion")},
+                         "resourceVersion": meta.get("resourceVersion"), "labels": labels},
             "hashes": {k: hashlib.sha256(str(v).encode()).hexdigest()[:16]
                        for k, v in (obj.get("data") or {}).items()}}
 
@@ -125,6 +130,9 @@ class Reconciler:
                 if wait is not None:
                     return Result(requeue_after=wait or None)
             p = jobs.plan(obj, self.settings, catalog_source)
+            if p.secret is not None:  # before the Secret is read, hashed or copied
+                jobs.check_secret(obj, p.secret, self.secrets.get(
+                    (p.secret.namespace, p.secret.name)), self.settings)
         except PermanentError as e:
             # the one place a terminal reconcile error becomes status: Failed, with its reason
             self.set_failed(obj, e.reason, str(e), cond=e.condition)

@@ -98,12 +98,17 @@ class Progress:
                     del self._last[k]
 
 
+IDLE_TIMEOUT = 30.0  # seconds a connection may stay silent
+
+
 def create_server(address: tuple[str, int], *, metrics: Metrics, healthy: Callable[[], bool],
                   ready: Callable[[], bool], job_lookup: Callable[[str], dict[str, Any] | None],
                   progress: Progress | None, report_key: bytes) -> ThreadingHTTPServer:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = IDLE_TIMEOUT  # a client that sends nothing loses its connection and thread
+
         def log_message(self, format: str, *args: object) -> None:
             pass
 

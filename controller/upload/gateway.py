@@ -262,6 +262,9 @@ def _path_of(raw: str) -> str:
         raise SessionError(str(e), status=400, reason="UnsafePath") from e
 
 
+IDLE_TIMEOUT = 60.0  # seconds a connection may send nothing (per read, so big uploads go on)
+
+
 class _Handler(BaseHTTPRequestHandler):
     gateway: Gateway
     protocol_version = "HTTP/1.1"
@@ -364,6 +367,7 @@ def create_server(address: tuple[str, int], gateway: Gateway) -> ThreadingHTTPSe
         pass
 
     Handler.gateway = gateway
+    Handler.timeout = IDLE_TIMEOUT  # a client silent this long (no bytes) loses its connection
     server = ThreadingHTTPServer(address, Handler)
     server.daemon_threads = True
     if not gateway.public_url:

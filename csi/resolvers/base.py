@@ -26,6 +26,20 @@ from modelpack.errors import ModelPackError
 from modelpack.oci.reference import Reference
 
 NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"  # kubelet's, with podInfoOnMount
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"  # kubelet's, for an inline (pod) volume
+POD_UID_KEY = "csi.storage.k8s.io/pod.uid"  # kubelet's, with podInfoOnMount
+
+
+def require_inline(ctx: dict[str, str]) -> None:
+    """Only a pod's own inline volume gets a model: kubelet sets ``ephemeral=true`` and
+    the pod's uid. A PersistentVolume naming this driver (its volumeAttributes written by
+    whoever made the PV, not checked by the webhook) is refused, INVALID_ARGUMENT."""
+    if ctx.get(EPHEMERAL_KEY, "").strip().lower() != "true":
+        raise errors.invalid(f"only inline ephemeral volumes are served ({EPHEMERAL_KEY}="
+                             "\"true\" from kubelet); a PersistentVolume gets no model")
+    if not ctx.get(POD_UID_KEY, "").strip():
+        raise errors.invalid(f"{POD_UID_KEY} is required; is podInfoOnMount set on the "
+                             "CSIDriver?")
 
 
 def describe(cluster: bool, name: str | None, namespace: str | None) -> str:

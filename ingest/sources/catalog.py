@@ -29,7 +29,7 @@ from ingest.sources import base, httpio
 from modelpack import digest as dg
 from modelpack.errors import RegistryError
 from modelpack.oci.reference import Reference
-from modelpack.oci.registry import RegistryClient
+from modelpack.oci.registry import MAX_BODY, RegistryClient, error_text, preload, read_capped
 from modelpack.pull import resolve as resolve_pack
 
 SCHEME = "catalog+"
@@ -135,7 +135,8 @@ class CatalogClient(RegistryClient):
             h["Authorization"] = f"Bearer {token}"
         what = what or path_or_url
         try:
-            resp = self.session.request(method, url, data=data, headers=h, stream=stream,
+            # always streamed: bodies are read bounded (read_capped, error_text)
+            resp = self.session.request(method, url, data=data, headers=h, stream=True,
                                         allow_redirects=False)
         except requests.exceptions.SSLError as e:
             raise CatalogUnavailable(f"{method} {what}: TLS: {e}", retryable=True,
@@ -144,15 +145,19 @@ class CatalogClient(RegistryClient):
             raise CatalogUnavailable(f"{method} {what}: {type(e).__name__}: {e}",
                                      retryable=True, reason="CatalogUnreachable") from e
         if resp.status_code in ok:
+            if not stream and method != "HEAD":
+                try:
+                    preload(resp, MAX_BODY, f"catalog {method} {what}")
+                except RegistryError as e:
+                    raise CatalogUnavailable(str(e), retryable=e.retryable,
+                                             reason="CatalogBadResponse") from e
             return resp
         code = resp.status_code
         try:
-            doc = resp.json()
+            doc = json.loads(error_text(resp))
             text = str(((doc.get("errors") or [{}])[0]).get("message") or "")[:300]
         except (ValueError, AttributeError, IndexError):
             text = ""
-        finally:
-            resp.close()
         msg = f"catalog {method} {what}: HTTP {code} {text}".strip()
         if code in (401, 403):
             raise CatalogAuthError(msg, status=code,
@@ -166,11 +171,12 @@ class CatalogClient(RegistryClient):
     def models(self) -> list[dict[str, Any]]:
         """The catalog's listing (``GET /catalog/v1/models``), checked for shape."""
         resp = self.request("GET", LIST_PATH, headers={"Accept": "application/json"},
-                            what="the model listing")
-        raw = resp.content
-        if len(raw) > MAX_LISTING:
-            raise CatalogUnavailable("the model listing is over 16 MiB", retryable=False,
-                                     reason="CatalogBadResponse")
+                            stream=True, what="the model listing")
+        try:
+            raw = read_capped(resp, MAX_LISTING, "the model listing")
+        except RegistryError as e:
+            raise CatalogUnavailable(str(e), retryable=e.retryable and e.reason != "TooLarge",
+                                     reason="CatalogBadResponse") from e
         try:
             doc = json.loads(raw)
             items = doc["models"]

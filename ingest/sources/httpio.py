@@ -8,6 +8,12 @@ the whole file and the stream's ``offset`` says 0, so staging restarts. It
 is read with ``readinto`` into the caller's 4 MiB buffer (no per-chunk
 copies). Transport errors and HTTP statuses become ``SourceError``s here,
 with the retry decision, so sources never leak ``requests`` exceptions.
+
+Every request, each redirect hop included, is first checked against the
+process's source address policy (``ingest.sources.netpolicy``). A failed
+answer becomes a message of its HTTP status and a fixed reason only: the
+body a source sends is never put into a message, a log or a status (a
+source pointed at an internal service would otherwise echo its answer).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 import requests
 import urllib3
 
-from ingest.sources import base
+from ingest.sources import base, netpolicy
 
 TIMEOUT = (10.0, 60.0)
 PROBE_CONNECT = 5.0  # seconds to connect for an upstream check (``Tracked.latest``)
@@ -38,6 +44,11 @@ class TimeoutSession(requests.Session):
         kwargs.setdefault("timeout", self.timeout)
         return super().request(*args, **kwargs)
 
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        # requests sends the first request and every redirect hop through here
+        netpolicy.check(str(request.url))
+        return super().send(request, **kwargs)
+
 
 def cut(text: str, n: int = 200) -> str:
     """Untrusted bodies are cut before they reach a message or a log."""
@@ -48,13 +59,8 @@ def cut(text: str, n: int = 200) -> str:
 def raise_for(resp: requests.Response, what: str) -> None:
     """Map a non-success status to the SourceError hierarchy."""
     code = resp.status_code
-    try:
-        body = cut(resp.text) if not resp.raw or not resp.raw.closed else ""
-    except Exception:  # the body only decorates the message
-        body = ""
-    finally:
-        resp.close()
-    msg = f"{what}: HTTP {code} {body}".strip()
+    resp.close()  # the body is never read: a source's text stays out of messages
+    msg = f"{what}: HTTP {code} {http.client.responses.get(code, 'error')}".strip()
     typed = resp.headers.get("X-Error-Code")  # the Hub types its errors in this header
     if typed in ("RepoNotFound", "RevisionNotFound", "EntryNotFound"):
         raise base.SourceNotFound(msg, reason=typed)

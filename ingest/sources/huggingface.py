@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, RepoFile, hf_hub_url
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-from ingest.sources import base, httpio
+from ingest.sources import base, httpio, netpolicy
 from modelpack.errors import UnsafePathError
 from modelpack.paths import safe_relpath
 
@@ -37,7 +37,12 @@ def endpoint_from_env() -> str:
 
 
 def _map_error(e: Exception, what: str) -> base.SourceError:
-    msg = f"{what}: {httpio.cut(str(e), 300)}"
+    if isinstance(e, hf_errors.HfHubHTTPError):
+        # the status and the error's class only: the server's text stays out of status
+        status = e.response.status_code if e.response is not None else 0
+        msg = f"{what}: HTTP {status} {type(e).__name__}"
+    else:
+        msg = f"{what}: {type(e).__name__}"
     if isinstance(e, hf_errors.GatedRepoError):
         return base.SourceAuthError(msg, reason="GatedRepo")
     if isinstance(e, hf_errors.RepositoryNotFoundError):
@@ -70,6 +75,7 @@ class HuggingFaceSource:
         self.revision = revision or "main"
         self.token = token if token is not None else os.environ.get("HF_TOKEN")
         self.endpoint = (endpoint or endpoint_from_env()).rstrip("/")
+        netpolicy.check(self.endpoint)  # before any connection (the hub client's own too)
         self.include = tuple(include)
         self.exclude = tuple(exclude)
         self.uri = f"hf://{repo}@{self.revision}"

@@ -26,7 +26,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from ingest.sources import base, httpio
+from ingest.sources import base, httpio, netpolicy
 from modelpack.errors import UnsafePathError
 from modelpack.paths import MAX_FILES, safe_relpath
 
@@ -34,10 +34,13 @@ _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 
 
 def _map(e: Exception, what: str) -> base.SourceError:
-    msg = f"{what}: {httpio.cut(str(e), 300)}"
+    msg = f"{what}: {type(e).__name__}"
     if isinstance(e, botocore.exceptions.ClientError):
         code = str(e.response.get("Error", {}).get("Code", ""))
+        code = code if re.fullmatch(r"[A-Za-z0-9.]{1,64}", code) else ""
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        # the status and S3's error code only: the server's message stays out of status
+        msg = f"{what}: HTTP {status} {code or 'S3Error'}"
         if code in ("NoSuchBucket", "NoSuchKey", "NotFound") or status == 404:
             return base.SourceNotFound(msg, reason=code or "NotFound")
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -90,10 +93,13 @@ class S3Source:
         self.bucket = bucket
         self.prefix = prefix
         self.uri = f"s3://{bucket}/{prefix}"
+        endpoint = (endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        if endpoint:
+            netpolicy.check(endpoint)  # before any connection
         self.client = boto3.session.Session().client(
             "s3",
-            endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL"),
+            endpoint_url=endpoint,
             region_name=region or os.environ.get("AWS_REGION")
             or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             aws_access_key_id=access_key, aws_secret_access_key=secret_key,

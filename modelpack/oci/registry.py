@@ -59,6 +59,53 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 MANIFEST_ACCEPT = ", ".join([mt.OCI_MANIFEST, mt.DOCKER_MANIFEST, mt.OCI_INDEX])
 READ = 4 << 20
+MAX_MANIFEST = 4 << 20  # a manifest or index this large is not one
+MAX_BODY = 16 << 20  # any other answer read whole (tag lists, push replies)
+MAX_ERROR_BODY = 4 << 10  # an error answer: only for the message
+_CHUNK = 64 << 10
+
+
+def read_capped(resp: requests.Response, limit: int, what: str) -> bytes:
+    """The body of a streamed response, read at most ``limit`` + one chunk into memory.
+
+    An announced or actual length over ``limit`` raises RegistryError(reason
+    ``TooLarge``) as soon as it is seen, and the connection is closed unread, so
+    a hostile server cannot make us buffer more than ``limit`` + 64 KiB.
+    """
+    try:
+        announced = resp.headers.get("Content-Length", "")
+        if announced.isdigit() and int(announced) > limit:
+            raise RegistryError(f"{what} is over {limit} bytes", reason="TooLarge")
+        buf = bytearray()
+        try:
+            for chunk in resp.iter_content(_CHUNK):
+                buf += chunk
+                if len(buf) > limit:
+                    raise RegistryError(f"{what} is over {limit} bytes", reason="TooLarge")
+        except requests.RequestException as e:
+            raise RegistryError(f"{what}: {type(e).__name__}: {e}", retryable=True,
+                                reason="RegistryUnavailable") from e
+        return bytes(buf)
+    finally:
+        resp.close()
+
+
+def preload(resp: requests.Response, limit: int, what: str) -> None:
+    """Read a streamed response's body now, bounded, so ``.content``/``.json()`` work."""
+    raw = read_capped(resp, limit, what)
+    resp._content = raw
+    resp._content_consumed = True  # type: ignore[attr-defined]
+
+
+def error_text(resp: requests.Response) -> str:
+    """At most ``MAX_ERROR_BODY`` bytes of an error answer, decoded; closes ``resp``."""
+    try:
+        raw = resp.raw.read(MAX_ERROR_BODY, decode_content=True) if resp.raw else b""
+        return bytes(raw or b"").decode("utf-8", "replace")
+    except Exception:  # the body is only for the message
+        return ""
+    finally:
+        resp.close()
 
 
 def _noop(_: int) -> None:
@@ -196,7 +243,8 @@ class RegistryClient:
             # a Basic realm (htpasswd) is answered up front, so a streamed body is sent once
             h["Authorization"] = f"Basic {self._basic}"
         try:
-            resp = self.session.request(method, url, data=data, headers=h, stream=stream)
+            # always streamed: a body is read only through read_capped/error_text (bounded)
+            resp = self.session.request(method, url, data=data, headers=h, stream=True)
             challenge = resp.headers.get("Www-Authenticate", "")
             if resp.status_code == 401 and challenge.lower().startswith("bearer"):
                 # token realms: oras-py runs the token dance and retries the request
@@ -212,26 +260,22 @@ class RegistryClient:
                 # oras-py wraps do_request in a retry loop that sleeps ~130 s on a
                 # refused login; the retry decision is ours, so call it unwrapped
                 do_request = type(registry).do_request.__wrapped__
-                resp = do_request(registry, url, method, data=data, headers=h, stream=stream)
+                resp = do_request(registry, url, method, data=data, headers=h, stream=True)
         except requests.RequestException as e:
             raise RegistryError(f"{method} {what or url}: {type(e).__name__}: {e}",
                                 retryable=True, reason="RegistryUnavailable") from e
         except ValueError as e:  # oras: "Cannot respond to request for authentication."
             raise AuthError(f"{method} {what or url}: {e}", status=401) from e
         if resp.status_code in ok:
+            if not stream and method != "HEAD":
+                preload(resp, MAX_BODY, f"{method} {what or url}")
             return resp
         self._raise_for(resp, method, what or url)
         raise AssertionError("unreachable")
 
     def _raise_for(self, resp: requests.Response, method: str, what: str) -> None:
         code = resp.status_code
-        body = ""
-        try:
-            body = resp.text[:300]
-        except Exception:  # the body is only for the message
-            pass
-        finally:
-            resp.close()
+        body = error_text(resp)[:300]
         msg = f"{method} {what}: HTTP {code} {body}".strip()
         if code in (401, 403):
             raise AuthError(msg, status=code)
@@ -263,10 +307,8 @@ class RegistryClient:
 
         def get() -> tuple[bytes, str, str]:
             resp = self.request("GET", path, headers={"Accept": MANIFEST_ACCEPT},
-                                what=str(ref))
-            raw = resp.content
-            if len(raw) > (4 << 20):
-                raise RegistryError(f"manifest of {ref} is over 4 MiB", reason="InvalidManifest")
+                                stream=True, what=str(ref))
+            raw = read_capped(resp, MAX_MANIFEST, f"manifest of {ref}")
             got = dg.of_bytes(raw)
             if ref.digest and got != ref.digest:
                 raise IntegrityError(f"manifest of {ref} hashes to {got}")
@@ -312,11 +354,9 @@ class RegistryClient:
 
     def get_blob_bytes(self, repository: str, digest: str, limit: int = 16 << 20) -> bytes:
         """A small blob (a config) in memory, verified."""
-        resp = self._with_retries(digest, lambda: self.request(
-            "GET", f"/v2/{repository}/blobs/{digest}", what=digest))
-        raw = resp.content
-        if len(raw) > limit:
-            raise RegistryError(f"blob {digest} is over {limit} bytes", reason="TooLarge")
+        raw = self._with_retries(digest, lambda: read_capped(self.request(
+            "GET", f"/v2/{repository}/blobs/{digest}", stream=True, what=digest),
+            limit, f"blob {digest}"))
         if dg.of_bytes(raw) != digest:
             raise IntegrityError(f"blob {digest} from {repository} does not match its digest")
         return bytes(raw)

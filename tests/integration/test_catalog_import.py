@@ -133,8 +133,9 @@ def manager_b(env_b: kubeenv.KubeEnv, cluster_b: k.Kube, registry_b: localregist
 
 
 def put_secret(client: k.Kube, name: str, token: str) -> None:
-    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name,
-                                                              "namespace": SYSTEM_NS},
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {
+        "name": name, "namespace": SYSTEM_NS,
+        "labels": {"modelcache.io/usable-by-cluster-models": "true"}},  # the admin's opt-in
             "data": {"token": base64.b64encode(token.encode()).decode()}}
     try:
         client.create(k.SECRETS, body, SYSTEM_NS)

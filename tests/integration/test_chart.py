@@ -83,6 +83,8 @@ def test_rendered_kinds(helm: str) -> None:
         ("CSIDriver", "nodecache.modelcache.io"),
         ("ClusterRole", "modelcache-controller"), ("ClusterRole", "modelcache-node"),
         ("ClusterRole", "modelcache:catalog:reader"),
+        ("ClusterRole", "modelcache-edit"), ("ClusterRole", "modelcache-view"),
+        ("ClusterRole", "modelcache-clustermodels-view"),
         ("ClusterRoleBinding", "modelcache-controller"),
         ("ClusterRoleBinding", "modelcache-node"),
         ("Role", "modelcache-controller"), ("RoleBinding", "modelcache-controller"),

@@ -102,8 +102,10 @@ class ManagerProcess:
     """``modelcache-controller manager`` as a subprocess; ``kill`` is SIGKILL (a crash)."""
 
     def __init__(self, env: kubeenv.KubeEnv, registry: str, hf_endpoint: str, log_path: str,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, allow_private_sources: bool = True) -> None:
         self.port = kubeenv.free_port()
+        # the tests' sources are loopback servers: the publish Jobs' deny list is opted out
+        private = ["--allow-private-sources"] if allow_private_sources else []
         self.log_path = log_path
         self.args = [sys.executable, "-m", "controller.main", "manager",
                      "--kubeconfig", env.kubeconfig, "--namespace", SYSTEM_NS,
@@ -111,7 +113,7 @@ class ManagerProcess:
                      "--hf-endpoint", hf_endpoint, "--listen", f"127.0.0.1:{self.port}",
                      "--report-url", f"http://127.0.0.1:{self.port}",
                      "--lease-duration", "2", "--lease-renew", "0.5", "--workers", "4",
-                     *(extra or [])]
+                     *private, *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ManagerProcess:

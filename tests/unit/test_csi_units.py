@@ -107,8 +107,11 @@ def test_file_resolver_namespaces_and_reload(tmp_path):
     with pytest.raises(errors.CsiError) as e:
         r.resolve(Volume("team-b", model="qwen"))
     assert e.value.code == grpc.StatusCode.NOT_FOUND
-    pinned = r.resolve(Volume("team-a", model="qwen", digest="sha256:" + "a" * 64))
-    assert pinned.reference.digest == "sha256:" + "a" * 64
+    # a pinned digest nothing can confirm in the model's own repository is refused
+    # (tests/integration/test_csi_volume_attacks.py: the attack, with a registry)
+    with pytest.raises(errors.CsiError) as e:
+        r.resolve(Volume("team-a", model="qwen", digest="sha256:" + "a" * 64))
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
     time.sleep(0.01)
     _write(path, json.dumps({"models": {"team-b/qwen": "127.0.0.1:5000/m/qwen:v3"}}))
     assert str(r.resolve(Volume("team-b", model="qwen")).reference).endswith(":v3")
