@@ -76,7 +76,9 @@ class ApiProxy:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")  # stop() leaves no live connection
                 self.end_headers()
+                self.close_connection = True
                 self.wfile.write(body)
 
             def do_POST(self) -> None:
