@@ -165,7 +165,7 @@ def authorizer(catalog: api.CatalogA, reviews_client: k.Kube, proxy: ApiProxy) -
     proxy.mode, proxy.only = "ok", ""
     if proxy.server is None:
         proxy.start()
-    auth = Authorizer(reviews_client, ttl=TTL, timeout=1.0)
+    auth = Authorizer(reviews_client, ttl=TTL)
     catalog.catalog.authorizer = auth
     return auth
 
