@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ingest.sources import base, httpio
+from ingest.sources import base, httpio, netpolicy
 from modelpack import digest as dg
 from modelpack.errors import (
     AuthError,
@@ -84,6 +84,7 @@ class OllamaSource:
             insecure = host.split(":")[0] in LOOPBACK or host.startswith("[::1]")
         self.ref = Reference(host, repository, tag)
         self.uri = f"ollama://{host}/{repository}:{tag}"
+        netpolicy.check(f"http://{host}")  # before any connection (ingest.sources.netpolicy)
         try:
             self.client = RegistryClient(host, insecure=insecure, username=username,
                                          password=password, token=token, retries=2)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import ssl
 import threading
 import time
@@ -54,7 +53,7 @@ class ApiProxy:
         self.ctx = ssl.create_default_context(cafile=ca_file)
         self.mode = "ok"
         self.only = ""
-        self.hang = 3.0
+        self.hang = 1.5
         self.port = 0
         self.server: ThreadingHTTPServer | None = None
         self.start()
@@ -165,7 +164,7 @@ def authorizer(catalog: api.CatalogA, reviews_client: k.Kube, proxy: ApiProxy) -
     proxy.mode, proxy.only = "ok", ""
     if proxy.server is None:
         proxy.start()
-    auth = Authorizer(reviews_client, ttl=TTL)
+    auth = Authorizer(reviews_client, ttl=TTL, timeout=0.5)
     catalog.catalog.authorizer = auth
     return auth
 

@@ -126,3 +126,23 @@ def test_no_policy_installed_denies_nothing(server):
     assert netpolicy.current() is None
     UrlSource(f"{server.url}/model.safetensors").resolve()
     assert server.requests == 1
+
+
+def test_s3_hf_and_ollama_endpoints_are_checked_before_any_connection(server):
+    """A Model's S3 endpoint, HF endpoint or Ollama registry on loopback: refused when made."""
+    from ingest.sources.huggingface import HuggingFaceSource
+    from ingest.sources.ollama import OllamaSource
+    from ingest.sources.s3 import S3Source
+
+    netpolicy.install(netpolicy.Policy())
+    try:
+        host = server.url.removeprefix("http://")
+        for make in (lambda: S3Source("bucket", endpoint=server.url),
+                     lambda: HuggingFaceSource("acme/m", endpoint=server.url),
+                     lambda: OllamaSource(host, "library/m")):
+            with pytest.raises(base.SourceError) as e:
+                make()
+            assert e.value.reason == "SourceAddressDenied"
+        assert server.requests == 0
+    finally:
+        netpolicy.install(None)
