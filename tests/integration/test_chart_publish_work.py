@@ -25,3 +25,10 @@ def test_publish_work_volume_values(helm: str) -> None:
     default_class = _manager_args(render(helm, "ai", "controller.publishWorkVolume.size=1Ti"))
     assert "--publish-work-size=1Ti" in default_class
     assert not [a for a in default_class if a.startswith("--publish-work-storage-class")]
+
+
+def test_denied_source_networks_values(helm: str) -> None:
+    off = _manager_args(render(helm, "ai"))
+    assert not [a for a in off if a.startswith("--deny-source-cidr")]
+    on = _manager_args(render(helm, "ai", "controller.denySourceCIDRs={10.96.0.0/12,fd00::/108}"))
+    assert "--deny-source-cidr=10.96.0.0/12" in on and "--deny-source-cidr=fd00::/108" in on
