@@ -278,9 +278,16 @@ class NodeService(rpc.NodeServicer):  # type: ignore[misc,name-defined]
                            f"the parent of {target} does not exist") from None
         try:
             mounts.bind_read_only(tree.path, target)
-        except BaseException:
+        except BaseException as e:
             if created:
                 os.rmdir(target)
+            if isinstance(e, mounts.MountError) and e.errno == errno.ENOENT \
+                    and not os.path.isdir(tree.path):
+                # scrub tainted the tree (moved it away) between the lease and the
+                # bind: not final; kubelet's retry gets the fresh, verified copy
+                raise CsiError(grpc.StatusCode.ABORTED,
+                               f"model tree {tree.digest} was withdrawn before the mount "
+                               "(tainted by scrub); retry") from e
             raise
 
     # -- unpublish -----------------------------------------------------------------
