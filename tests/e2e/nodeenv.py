@@ -64,8 +64,10 @@ import contextlib
 import glob
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -93,6 +95,32 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PARENT = "k8s.io"  # containerd's parent for pod cgroups without cgroupsPerQOS
 START_TIMEOUT = 180.0  # a shared 2-core machine: components take their time
 
+
+
+_taken: set[int] = set()
+
+
+def listen_port() -> int:
+    """A free port below the ephemeral range, never the same one twice.
+
+    ``bind(0)`` hands out ephemeral ports, and while kubelet, containerd and the
+    control plane start they open many outgoing connections from that same
+    range: a port picked that way may be some connection's source port by the
+    time the server binds it (EADDRINUSE, seen once in CI). Ports below 32768
+    are never used as source ports.
+    """
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
 
 class NodeEnvError(RuntimeError):
     """A component of the test node could not be found or started."""
@@ -380,7 +408,7 @@ def _start(env: NodeEnv, kube: Any, *, sandbox_image: str, registries: Sequence[
     _spawn(env, "kube-controller-manager", [
         bins.kube_controller_manager, f"--kubeconfig={admin}",
         f"--authentication-kubeconfig={admin}", f"--authorization-kubeconfig={admin}",
-        "--bind-address=127.0.0.1", f"--secure-port={kubeenv.free_port()}",
+        "--bind-address=127.0.0.1", f"--secure-port={listen_port()}",
         "--leader-elect=false", "--controllers=*",
         f"--root-ca-file={kube.pki.ca}",
         f"--service-account-private-key-file={kube.pki.path('sa.key')}",
@@ -392,7 +420,7 @@ def _start(env: NodeEnv, kube: Any, *, sandbox_image: str, registries: Sequence[
     _spawn(env, "kube-scheduler", [
         bins.kube_scheduler, f"--kubeconfig={admin}",
         f"--authentication-kubeconfig={admin}", f"--authorization-kubeconfig={admin}",
-        "--bind-address=127.0.0.1", f"--secure-port={kubeenv.free_port()}",
+        "--bind-address=127.0.0.1", f"--secure-port={listen_port()}",
         "--leader-elect=false", "--v=1",
     ])
 
@@ -400,8 +428,8 @@ def _start(env: NodeEnv, kube: Any, *, sandbox_image: str, registries: Sequence[
     # Leader election stays on (one replica takes the Lease at once). No
     # SharedPVC here (no RWX storage on this node); models are adopted, so
     # no publish Job is made and --worker-image is never used.
-    env.manager_port = kubeenv.free_port()
-    webhook_port = kubeenv.free_port()
+    env.manager_port = listen_port()
+    webhook_port = listen_port()
     _spawn(env, "modelcache-manager", [
         sys.executable, "-m", "controller.main", "manager", "--kubeconfig", controller_kc,
         "--namespace", SYSTEM_NS, "--registry", model_registry, "--registry-insecure",
@@ -440,7 +468,7 @@ def _start(env: NodeEnv, kube: Any, *, sandbox_image: str, registries: Sequence[
         timeout=10).returncode == 0, timeout=60)
 
     # kubelet
-    port, healthz = kubeenv.free_port(), kubeenv.free_port()
+    port, healthz = listen_port(), listen_port()
     kconf = os.path.join(env.dir, "kubelet-config.yaml")
     with open(kconf, "w") as f:
         yaml.safe_dump(kubelet_config(env, port, healthz), f)
