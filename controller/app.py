@@ -29,8 +29,9 @@ from controller.errors import PermanentError, TemporaryError
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
 from controller.models import pvcsource
-from controller.models.reconciler import Reconciler, job_transform, secret_transform
+from controller.models.reconciler import Reconciler, job_transform
 from controller.models.report import Progress, create_server
+from controller.models.secretreader import SecretReader, secret_transform
 from controller.upload import client as uploads
 from kube import client as kube
 from kube.events import Recorder
@@ -63,6 +64,9 @@ class Options:
     catalog: catalog_server.Config | None = None
     # the admission webhook and the gate lifter (controller/delivery); None: not run
     delivery: delivery_webhook.Config | None = None
+    # how often a namespaced Model's Secret (outside --namespace: no watch there, only a
+    # get) is read again to re-publish on a change (controller/models/secretreader.py)
+    secret_recheck_interval: float = 60.0
 
 
 class Manager:
@@ -79,7 +83,11 @@ class Manager:
         self.jobs = Informer(self.client, kube.JOBS, namespace=s.namespace,
                              label_selector=f"{delivery_contract.LABEL_MANAGED}={delivery_contract.MANAGER}",
                              transform=job_transform)
-        self.secrets = Informer(self.client, kube.SECRETS, transform=secret_transform)
+        # Secrets: a watch of the own namespace only; elsewhere a get per Secret a Model
+        # names, re-checked every secret_recheck_interval (no cluster-wide list/watch)
+        self.secrets = Informer(self.client, kube.SECRETS, namespace=s.namespace,
+                                transform=secret_transform)
+        self.secret_reader = SecretReader(self.client, s.namespace, self.secrets)
         self.informers = [self.models, self.cluster_models, self.jobs, self.secrets]
         # source.pvc reader Jobs, in the Models' namespaces (pvcsource.py); they use the gateway
         self.pvc_readers = Informer(self.client, kube.JOBS, label_selector=pvcsource.SELECTOR,
@@ -114,7 +122,7 @@ class Manager:
             on_listed=self._on_catalog_source)
         self.reconciler = Reconciler(self.client, s, models=self.models,
                                      cluster_models=self.cluster_models, job_cache=self.jobs,
-                                     secrets=self.secrets, recorder=self.recorder,
+                                     secrets=self.secret_reader, recorder=self.recorder,
                                      metrics=self.metrics, registry=self._registry,
                                      upload_gateway=uploads.Gateway(opts.upload)
                                      if opts.upload else None,
@@ -205,6 +213,24 @@ class Manager:
                                         m["metadata"]["name"]))
 
         self.secrets.handlers.append(on_secret)
+
+    def _recheck_secrets(self) -> None:
+        """Namespaced Models' Secrets outside the own namespace: no watch, so read
+        each again every ``secret_recheck_interval`` and queue the Models whose
+        Secret changed (``SecretReader.recheck``)."""
+        while not self.stopping.wait(self.opts.secret_recheck_interval):
+            try:
+                users: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+                for m in self.models.items():
+                    name, ns = _secret_ref(m), m["metadata"].get("namespace") or ""
+                    if name and ns != self.settings.namespace:
+                        users.setdefault((ns, name), []).append(
+                            ("Model", ns, m["metadata"]["name"]))
+                for key in self.secret_reader.recheck(users):
+                    for item in users[key]:
+                        self.queue.add(item)
+            except Exception as e:  # the next round tries again
+                log.warning("secret re-check failed", extra={"error": str(e)[:300]})
 
     # -- health ---------------------------------------------------------------
 
@@ -314,6 +340,7 @@ class Manager:
         if self.delivery is not None:
             self.delivery.lead()
         self.catalog_controller.start()
+        threading.Thread(target=self._recheck_secrets, daemon=True, name="secret-recheck").start()
 
     def stop(self) -> None:
         if self.stopping.is_set():

@@ -15,14 +15,21 @@ module gives them the same frame. Every Job it makes:
   capabilities: the pods talk to a registry, a gateway and the manager's
   report endpoint, never to the API server;
 * carries the same labels on the Job and on its pod template, so the
-  manager's informers and the report endpoint find both.
+  manager's informers and the report endpoint find both;
+* gets its secrets (credentials, the report token, a source URL that may
+  carry a presigned query) as files of one Secret mounted read-only at
+  ``SECRETS_DIR`` (``secret_files``), each named to the worker by a
+  ``VAR_FILE`` env var holding its path (read by ``jobs/secretfiles.py``):
+  nothing secret in ``command``, ``args`` or ``env[].value``, where
+  ``kubectl get job -o yaml``, the audit log and process listings show it.
 
 Pure: a function of its arguments, returning the body to create.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from api import jobresult
@@ -33,17 +40,38 @@ Obj = dict[str, Any]
 REGISTRY_LOGIN = (("MODELCACHE_REGISTRY_USERNAME", "username"),
                   ("MODELCACHE_REGISTRY_PASSWORD", "password"))
 
+SECRETS_DIR = "/var/run/modelcache/secrets"  # where a Job's one Secret is mounted
+SECRET_VOLUME = "secrets"
+# owner root, group the pod's fsGroup: readable by the worker's group, by nobody else
+SECRET_MODE = 0o440
+WORKER_GID = 65532  # the worker image's user and group (Dockerfile.controller's USER)
 
-def secret_env(secret: str, keys: Iterable[tuple[str, str]],
-               optional: Collection[str] = ()) -> list[Obj]:
-    """Env vars from ``secret``'s keys, as (var, key) pairs; vars in ``optional`` may be absent."""
-    out = []
-    for var, key in keys:
-        ref: Obj = {"name": secret, "key": key}
-        if var in optional:
-            ref["optional"] = True
-        out.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
-    return out
+
+@dataclass(frozen=True)
+class SecretFiles:
+    """A Job's secret material: ``secret``'s keys as files, each path in a ``VAR_FILE`` env var.
+
+    ``keys``: (var, key) pairs. The whole Secret is mounted (no ``items``), so a
+    key it lacks is a file that is absent, which the worker takes as unset.
+    """
+
+    secret: str
+    keys: tuple[tuple[str, str], ...]
+
+    def env(self) -> list[Obj]:
+        return [{"name": f"{var}_FILE", "value": path(key)} for var, key in self.keys]
+
+    def volume(self) -> Obj:
+        return {"name": SECRET_VOLUME,
+                "secret": {"secretName": self.secret, "defaultMode": SECRET_MODE}}
+
+    def mount(self) -> Obj:
+        return {"name": SECRET_VOLUME, "mountPath": SECRETS_DIR, "readOnly": True}
+
+
+def path(key: str) -> str:
+    """Where a key of the Job's Secret is seen inside the container."""
+    return f"{SECRETS_DIR}/{key}"
 
 
 def build(*, name: str, namespace: str, labels: Mapping[str, str],
@@ -52,7 +80,8 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
           owners: list[Obj] | None = None, placement: Mapping[str, Any] | None = None,
           active_deadline: int | None = None, ttl_after_finished: int | None = None,
           service_account: str | None = None, read_only_root: bool = False,
-          service_links: bool = True, fs_group: int | None = None) -> Obj:
+          service_links: bool = True, fs_group: int | None = None,
+          secret: SecretFiles | None = None) -> Obj:
     """The Job body.
 
     ``placement``: a Model's ``spec.publish`` (``resources`` for the container,
@@ -61,8 +90,15 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
     ``fs_group``: the group a mounted PVC is made writable for (an ``emptyDir``
     is writable by anyone; a fresh volume's root is root's), chowned only when
     its root does not match yet, so a retried pod does not walk 100 GB again.
+    ``secret``: the Job's secret material as mounted files (see the module doc);
+    the pod's fsGroup becomes the worker's group, so the worker may read them.
     """
     placement = placement or {}
+    if secret is not None:
+        env = [*env, *secret.env()]
+        mounts = [*mounts, secret.mount()]
+        volumes = [*volumes, secret.volume()]
+        fs_group = WORKER_GID if fs_group is None else fs_group
     security: Obj = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     if read_only_root:
         security["readOnlyRootFilesystem"] = True
@@ -103,4 +139,5 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
-__all__ = ["REGISTRY_LOGIN", "build", "secret_env"]
+__all__ = ["REGISTRY_LOGIN", "SECRETS_DIR", "SECRET_MODE", "WORKER_GID", "SecretFiles",
+           "build", "path"]

@@ -167,11 +167,25 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--publish-work-storage-class",
                    default=env("MODELCACHE_PUBLISH_WORK_STORAGE_CLASS") or "",
                    help="StorageClass of those PVCs ('': the cluster's default class)")
+    # what a namespaced Model's spec.publish may ask of its Job (controller/models/policy.py)
+    p.add_argument("--publish-allow-node-selector", action="append", default=[],
+                   metavar="KEY[=VALUE]", help="a nodeSelector a Model's publish Job may use "
+                   "(repeat); none by default")
+    p.add_argument("--publish-allow-toleration", action="append", default=[],
+                   metavar="KEY[:EFFECT]", help="a toleration key (and effect) a Model's "
+                   "publish Job may use (repeat); none by default")
+    p.add_argument("--publish-max-resource", action="append", default=[],
+                   metavar="NAME=QUANTITY", help="the most a Model's publish Job may request "
+                   "or limit of NAME (repeat); defaults cpu=4, memory=16Gi, "
+                   "ephemeral-storage=100Gi, nvidia.com/gpu=0; other resources are refused")
     p.add_argument("--no-leader-elect", dest="leader_elect", action="store_false")
     p.add_argument("--lease-duration", type=float, default=15.0)
     p.add_argument("--lease-renew", type=float, default=5.0)
     p.add_argument("--progress-interval", type=float, default=1.0,
                    help="at most one status.progress write per model per this many seconds")
+    p.add_argument("--secret-recheck-interval", type=float, default=60.0,
+                   help="seconds between re-reads of namespaced Models' Secrets (no watch "
+                        "outside --namespace): a changed one re-publishes")
     p.add_argument("--upload-gateway-url", default=env("MODELCACHE_UPLOAD_GATEWAY_URL"),
                    help="the upload gateway's URL as the manager reaches it (source.upload)")
     p.add_argument("--upload-admin-token-file",
@@ -258,13 +272,16 @@ def cmd_manager(args: argparse.Namespace) -> int:
         hf_endpoint=args.hf_endpoint, report_url=args.report_url, report_key=key,
         backoff_limit=args.job_backoff_limit, service_account=args.job_service_account,
         ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl,
-        work_volume=_work_volume(args), extra_env=_source_policy_env(args))
+        work_volume=_work_volume(args), extra_env=_source_policy_env(args),
+        publish_policy=_publish_policy(args))
+    _install_source_policy(args)
     opts = app.Options(
         settings=settings, kubeconfig=args.kubeconfig, listen=(host or "0.0.0.0", int(port)),
         workers=args.workers, leader_elect=args.leader_elect,
         lease_duration=args.lease_duration, lease_renew=args.lease_renew,
         registry_username=username, registry_password=password,
         progress_interval=args.progress_interval, upload=_upload_config(args),
+        secret_recheck_interval=args.secret_recheck_interval,
         shared_pvc=_shared_pvc_config(args), catalog=_catalog_config(args),
         delivery=_delivery_config(args))
     manager = app.Manager(opts)
@@ -291,6 +308,26 @@ def _source_policy_env(args: argparse.Namespace) -> dict[str, str]:
     except ValueError as e:
         raise SystemExit(f"modelcache-controller: --deny-source-cidr: {e}") from e
     return {netpolicy.ENV_DENY: ",".join(args.deny_source_cidr)} if args.deny_source_cidr else {}
+
+
+def _publish_policy(args: argparse.Namespace) -> Any:
+    from controller.models import policy  # on use, as in cmd_manager
+
+    try:
+        return policy.from_flags(args.publish_allow_node_selector,
+                                 args.publish_allow_toleration, args.publish_max_resource)
+    except ValueError as e:
+        raise SystemExit(f"modelcache-controller: {e}") from e
+
+
+def _install_source_policy(args: argparse.Namespace) -> None:
+    """The same policy for the manager's own source calls (upstream probes, catalog
+    listings): URL checks, and the connect guard inside ``netpolicy.guarded()`` only."""
+    from ingest.sources import netpolicy  # on use, as above
+
+    netpolicy.install(netpolicy.from_settings(
+        args.deny_source_cidr, args.allow_private_sources or bool(args.embedded_jobs), {}),
+        whole_process=False)
 
 
 def _work_volume(args: argparse.Namespace) -> Any:

@@ -40,6 +40,7 @@ from typing import Any
 
 from api import jobresult
 from api import names as contract
+from jobs import secretfiles
 from modelpack import digest as dg
 from modelpack import pull
 from modelpack.errors import ModelPackError
@@ -275,6 +276,7 @@ def main(args: Any) -> int:
             ref = reference.parse(args.reference)
         except ModelPackError as e:
             raise MaterializeError(str(e), reason="InvalidReference", retryable=False) from e
+        secretfiles.load()  # the pull credential: files of the Job's Secret
         client = RegistryClient(ref.host, insecure=args.insecure,
                                 username=os.environ.get("MODELCACHE_REGISTRY_USERNAME") or None,
                                 password=os.environ.get("MODELCACHE_REGISTRY_PASSWORD") or None)

@@ -12,8 +12,12 @@ result protocol (``api/jobresult.py``): 0, 75 (retryable) or 1 (terminal).
 
 Credentials come from the environment (``HF_TOKEN``, ``HF_ENDPOINT``,
 ``AWS_*``, ``MODELCACHE_HTTP_TOKEN``, ``MODELCACHE_REGISTRY_USERNAME``/
-``_PASSWORD``, ``MODELCACHE_CATALOG_TOKEN``/``_CA``) or files named by
-flags, never from flags' values, so they stay out of process listings.
+``_PASSWORD``, ``MODELCACHE_CATALOG_TOKEN``/``_CA``), from files their
+``VAR_FILE`` vars name (``jobs/secretfiles.py``: how the manager's Job
+passes them) or files named by flags, never from flags' values, so they
+stay out of process listings. The same for the source: the manager's Job
+names it with ``--source-file`` (a URL may carry a presigned query or a
+user:password).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from api import jobresult
 from ingest.publish import Options, catalog_import, default_work_dir, json_lines, publish_uri
 from ingest.publish.worker import PublishError, as_publish_error
 from ingest.sources import netpolicy
-from jobs import report_client
+from jobs import report_client, secretfiles
 from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
 
@@ -46,11 +50,22 @@ def read_secret(path: str | None) -> str | None:
         return f.read().strip()
 
 
+def source_of(args: argparse.Namespace) -> str:
+    """``--source``, or the one in ``--source-file`` (the manager's Jobs: kept off argv)."""
+    if args.source_file:
+        return read_secret(args.source_file) or ""
+    return str(args.source)
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("publish", help="publish one source to a registry reference")
-    p.add_argument("--source", required=True,
-                   help="hf://ORG/REPO[@REV], ollama://[HOST/]NS/MODEL[:TAG], http(s)://…, "
-                        "s3://BUCKET/PREFIX or a directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source",
+                     help="hf://ORG/REPO[@REV], ollama://[HOST/]NS/MODEL[:TAG], http(s)://…, "
+                          "s3://BUCKET/PREFIX or a directory")
+    src.add_argument("--source-file",
+                     help="a file holding --source (a URL with a presigned query stays "
+                          "out of process listings)")
     p.add_argument("--to", required=True, help="registry reference HOST/REPO:TAG")
     p.add_argument("--insecure-registry", action="store_true", help="plain HTTP to the registry")
     p.add_argument("--registry-username")
@@ -124,6 +139,7 @@ def one_attempt(work_dir: str, wait: float = WORK_DIR_WAIT) -> Iterator[None]:
 
 def main(args: argparse.Namespace) -> int:
     """Publish ``--source`` to ``--to``; the result to ``--result-file``, the exit status."""
+    secretfiles.load()
     creds: dict[str, Any] = {
         "include": args.include or None, "exclude": args.exclude or None,
         "sha256": args.sha256, "archive": args.archive, "endpoint": args.endpoint,
@@ -141,9 +157,13 @@ def main(args: argparse.Namespace) -> int:
     result: dict[str, Any]
     code = jobresult.OK
     try:
-        netpolicy.install(netpolicy.from_settings(args.deny_source_cidr,
-                                                  args.allow_private_sources, dict(os.environ)))
+        args.source = source_of(args)  # an unreadable file: a terminal error, as a bad URI
         ref = reference.parse(args.to)
+        # the guard covers the whole Job process; only its own endpoints are exempt
+        netpolicy.install(netpolicy.from_settings(args.deny_source_cidr,
+                                                  args.allow_private_sources, dict(os.environ)),
+                          trusted=(f"{'http' if args.insecure_registry else 'https'}://{ref.host}",
+                                   os.environ.get("MODELCACHE_REPORT_URL", "")))
         client = RegistryClient(ref.host, insecure=args.insecure_registry,
                                 username=args.registry_username
                                 or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),

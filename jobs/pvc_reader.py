@@ -4,7 +4,8 @@ Where it sits: for a Model with ``source.pvc`` the manager
 (``controller/models/pvcsource.py``) opens an upload session on the upload
 gateway and runs this as a Job *in the Model's namespace* (a PVC can only be
 mounted there), with the claim mounted read-only at ``--mount`` and the
-session token in ``$MODELCACHE_UPLOAD_TOKEN``. It sends the files under
+session token in ``$MODELCACHE_UPLOAD_TOKEN`` (the manager's Job: a file
+named by ``$MODELCACHE_UPLOAD_TOKEN_FILE``, ``jobs/secretfiles.py``). It sends the files under
 ``--path`` to the session exactly as ``modelcache upload`` does
 (``jobs/upload_client.py``: resumable pieces, then "complete") and
 waits while the gateway verifies and publishes them from the controller's
@@ -30,7 +31,7 @@ from typing import Any
 
 from api import jobresult
 from ingest.publish.progress import Sink, Tracker, null_sink
-from jobs import report_client, upload_client
+from jobs import report_client, secretfiles, upload_client
 from modelpack.errors import ModelPackError, UnsafePathError
 from modelpack.paths import join_under, safe_relpath, walk_model_dir
 
@@ -99,6 +100,7 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """The ``pvc-upload`` subcommand: the result JSON to ``--result-file``, the exit status."""
+    secretfiles.load()
     token = os.environ.get(TOKEN_ENV, "")
     reporter = report_client.sink_from_env()
     code = jobresult.OK

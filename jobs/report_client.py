@@ -1,7 +1,8 @@
 """The publish worker's side of progress reporting: JSON events to the manager.
 
 ``sink_from_env`` returns a progress sink when ``MODELCACHE_REPORT_URL`` and
-``MODELCACHE_REPORT_TOKEN`` are set (the publish Job's env), else ``None``.
+``MODELCACHE_REPORT_TOKEN`` are set, else ``None``; the manager's Jobs give the
+token as a file, ``MODELCACHE_REPORT_TOKEN_FILE`` (``jobs/secretfiles.py``).
 Posting happens on a background thread that only ever sends the latest
 event, at most once a second; a manager that does not answer costs the
 worker nothing (progress is best effort; the result travels in the pod's
@@ -18,6 +19,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
+
+from jobs import secretfiles
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,9 @@ class Reporter:
 
 
 def sink_from_env() -> Reporter | None:
-    url, token = os.environ.get("MODELCACHE_REPORT_URL"), os.environ.get("MODELCACHE_REPORT_TOKEN")
+    url = os.environ.get("MODELCACHE_REPORT_URL")
+    token = (secretfiles.read(os.environ.get("MODELCACHE_REPORT_TOKEN_FILE"))
+             or os.environ.get("MODELCACHE_REPORT_TOKEN"))
     if not url or not token:
         return None
     return Reporter(url, token)

@@ -40,7 +40,7 @@ from api import names
 from api.model import ModelView, ready_condition
 from controller import secretrefs
 from ingest.sources import base as sources_base
-from ingest.sources import catalog
+from ingest.sources import catalog, netpolicy
 from kube import client as kube
 from kube.informer import Informer
 from kube.workqueue import WorkerPool, WorkQueue
@@ -194,12 +194,16 @@ class Controller:
                 return None  # the Secret watch brings it back sooner
         t0 = time.monotonic()
         try:
-            client = catalog.CatalogClient(str(spec.get("url") or ""), token, ca_pem=pem,
-                                           timeout=self.list_timeout, retries=0)
-            try:
-                models = client.models()
-            finally:
-                client.session.close()
+            with netpolicy.guarded():  # the source address policy, for this listing only
+                client = catalog.CatalogClient(str(spec.get("url") or ""), token, ca_pem=pem,
+                                               timeout=self.list_timeout, retries=0)
+                try:
+                    models = client.models()
+                finally:
+                    client.session.close()
+        except netpolicy.SourceAddressDenied as e:
+            self._write(obj, reachable=(False, e.reason, str(e)), ready=(e.reason, str(e)))
+            return 0.0  # only a change of the URL (or of the admin's policy) helps
         except catalog.CatalogAuthError as e:
             self._write(obj, reachable=(True, "Answered", "the catalog answered over TLS"),
                         ready=(e.reason, str(e)))

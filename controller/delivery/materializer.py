@@ -88,12 +88,13 @@ def build_job(pvc: Obj, digest: str, reference: str, settings: jobs.Settings,
            "--digest", digest, "--result-file", jobresult.TERMINATION_LOG]
     if settings.registry_insecure:
         cmd.append("--insecure")
-    env = jobspec.secret_env(pull_secret_name(claim), jobspec.REGISTRY_LOGIN) \
-        if with_pull_secret else []
+    # the pull credential as files of its Secret, never an env value (jobspec.SecretFiles)
+    secret = jobspec.SecretFiles(pull_secret_name(claim), jobspec.REGISTRY_LOGIN) \
+        if with_pull_secret else None
     return jobspec.build(
         name=contract.materializer_job_name(ns, digest), namespace=ns, labels=labels(claim),
         annotations={contract.ANN_PVC_DIGEST: digest}, owners=owned_by(pvc),
-        container=CONTAINER, image=settings.image, command=cmd, env=env,
+        container=CONTAINER, image=settings.image, command=cmd, env=[], secret=secret,
         mounts=[{"name": "pvc", "mountPath": MOUNT}],
         volumes=[{"name": "pvc", "persistentVolumeClaim": {"claimName": claim}}],
         backoff_limit=settings.backoff_limit)

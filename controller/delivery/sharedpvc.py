@@ -27,6 +27,13 @@ Everything is found by name or label, so a restarted controller takes up
 the PVC and Job it made before; creates that race answer 409 and are taken
 as found.
 
+Trust: what fills a claim (digest and registry reference) comes only from a
+Model of the claim's namespace or a ClusterModel whose servable digest the
+claim is named for (``backing``), never from the PVC: a tenant may create a
+PVC with our name, labels and annotations in its own namespace. A claim no
+such model backs gets no Job and no credential; a PVC present whose
+annotations disagree with those models is left alone (a warning, no Job).
+
 Registry credential: the materializer runs in the workload's namespace (the
 PVC's) and needs only PULL access. The publish Jobs' push credential never
 leaves the controller's namespace. If ``--registry-pull-secret`` names a
@@ -152,6 +159,11 @@ def build_pvc(namespace: str, digest: str, reference: str, size_bytes: int,
                          "annotations": {contract.ANN_PVC_DIGEST: digest,
                                          contract.ANN_PVC_REFERENCE: reference}},
             "spec": spec}
+
+
+def path(reference: str) -> str:
+    """``repository@digest`` of a reference, without its registry host."""
+    return reference.partition("/")[2]
 
 
 # -- the reconciler ------------------------------------------------------------------------
@@ -290,46 +302,61 @@ class SharedPVC:
             return self.collect(namespace, claim, pvc)
         if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
             return 2.0  # collected just before a new user came: make it again once it is gone
+        # what to fill the claim with comes only from a model of this namespace (or a
+        # ClusterModel), never from the PVC: its author may be the tenant itself
+        backing = self.backing(namespace, claim)
+        if not backing:
+            log.info("shared pvc waits for its model", extra={"pvc": f"{namespace}/{claim}"})
+            return 30.0  # no model has this digest (yet): the model watch brings us back
+        model, digest, reference = backing[0]
         if pvc is None:
-            pvc = self.create_pvc(namespace, claim)
-            if pvc is None:
-                return 30.0  # no model has this digest (yet): the model watch brings us back
+            pvc = self.create_pvc(namespace, model, digest, reference)
         ann = pvc["metadata"].get("annotations") or {}
+        # the PVC's repository must be one of those models' (the registry host may have
+        # changed with the flags: the pull goes to the models' reference, never the PVC's)
+        named = {path(ref): ref for _, _, ref in backing}
+        reference = named.get(path(str(ann.get(contract.ANN_PVC_REFERENCE) or ""))) or ""
+        if ann.get(contract.ANN_PVC_DIGEST) != digest or not reference:
+            log.warning("shared pvc not trusted: its annotations disagree with its model",
+                        extra={"pvc": f"{namespace}/{claim}", "digest": digest})
+            return None  # not ours to fix: a human (or a tenant) made or edited it
         if ann.get(contract.ANN_UNUSED_SINCE):
             pvc = self.annotate(pvc, {contract.ANN_UNUSED_SINCE: None})
             ann = pvc["metadata"].get("annotations") or {}
-        digest = str(ann.get(contract.ANN_PVC_DIGEST) or "")
-        if contract.pvc_name(digest) != claim:
-            log.warning("shared pvc without a matching digest annotation",
-                        extra={"pvc": f"{namespace}/{claim}", "digest": digest[:80]})
-            return None  # not ours to fix: a human edited it
         if ann.get(contract.ANN_PVC_MATERIALIZED) == digest:
             return None
-        return self.materializer.ensure(pvc, digest, str(ann.get(contract.ANN_PVC_REFERENCE)))
+        return self.materializer.ensure(pvc, digest, reference)
 
     def find_model(self, namespace: str, claim: str) -> Obj | None:
         """The Model of the namespace (first) or ClusterModel whose servable artifact
         (``ModelView.servable_digest``, the webhook's pin) this claim is for."""
+        backing = self.backing(namespace, claim)
+        return backing[0][0] if backing else None
+
+    def backing(self, namespace: str, claim: str) -> list[tuple[Obj, str, str]]:
+        """``(model, digest, reference)`` of every Model of ``namespace`` (first, by name),
+        then every ClusterModel, whose servable artifact this claim is for; the reference
+        is where the materializer pulls from (the read-only registry when one is set)."""
+        out = []
         for inf, ns in ((self.models, namespace), (self.cluster_models, "")):
-            for m in inf.items():
-                if (m["metadata"].get("namespace") or "") != ns:
-                    continue
+            found = [m for m in inf.items() if (m["metadata"].get("namespace") or "") == ns]
+            for m in sorted(found, key=lambda m: str(m["metadata"].get("name"))):
                 digest = ModelView.of(m).servable_digest
                 if digest and contract.pvc_name(digest) == claim:
-                    return dict(m, kind=inf.res.kind)
-        return None
+                    model = dict(m, kind=inf.res.kind)
+                    out.append((model, digest, self.reference(model, digest)))
+        return out
 
-    def create_pvc(self, namespace: str, claim: str) -> Obj | None:
-        model = self.find_model(namespace, claim)
-        if model is None:
-            log.info("shared pvc waits for its model", extra={"pvc": f"{namespace}/{claim}"})
-            return None
-        view = ModelView.of(model)
-        digest, reference = view.servable_digest, view.reference
+    def reference(self, model: Obj, digest: str) -> str:
+        reference = ModelView.of(model).reference
         if not reference.endswith("@" + digest):
             reference = f"{self.settings.registry}/{repository(model)}@{digest}"
         if self.config.pull_registry:  # same repositories and digests, read-only
             reference = f"{self.config.pull_registry}/{reference.split('/', 1)[1]}"
+        return reference
+
+    def create_pvc(self, namespace: str, model: Obj, digest: str, reference: str) -> Obj:
+        view, claim = ModelView.of(model), contract.pvc_name(digest)
         storage_class = (((model.get("spec") or {}).get("delivery") or {}).get("sharedPVC")
                          or {}).get("storageClassName") or self.config.storage_class
         body = build_pvc(namespace, digest, reference, view.size, storage_class)
@@ -340,8 +367,8 @@ class SharedPVC:
                 "pvc": f"{namespace}/{claim}", "digest": digest,
                 "size": body["spec"]["resources"]["requests"]["storage"],
                 "storageClass": storage_class or "(cluster default)"})
-        except kube.Conflict:
-            answer = self.client.get(kube.PVCS, claim, namespace)  # ours from before a restart
+        except kube.Conflict:  # ours from before a restart, or someone else's: reconcile checks
+            answer = self.client.get(kube.PVCS, body["metadata"]["name"], namespace)
         pvc = pvc_transform(answer)
         self.pvcs.observe(pvc)
         return pvc

@@ -8,7 +8,11 @@ model lookup to the request's namespace and calls ``inject.mutate``; models
 come from the manager's informer caches, so an admission is CPU only. A
 cache miss is checked with one live GET (2 s timeout): a Model created a
 moment before its workload (``kubectl apply -f dir/``) may not be in the
-cache yet, and refusing it would be wrong.
+cache yet, and refusing it would be wrong. That GET fails closed: an API
+server that does not answer, answers an error, or answers anything but the
+object asked for is a 503 denial (retry later), never an admission, and
+nothing of it is kept. A webhook that cannot be reached at all is the API
+server's ``failurePolicy: Fail`` (webhookconfig.py): the object is refused.
 
 Errors: ``InjectError`` is a denial with its code (400 bad annotation,
 404 unknown model, 409 not usable now); anything else is a 500 denial
@@ -95,14 +99,18 @@ class Admission:
             if obj is not None:
                 return obj
             try:
-                found: Obj = self.client.request("GET", res.path(ns or None, ref.name),
-                                           timeout=LOOKUP_TIMEOUT)
-                return found
+                found: Any = self.client.request("GET", res.path(ns or None, ref.name),
+                                                 timeout=LOOKUP_TIMEOUT)
             except kube.NotFound:
                 return None
-            except kube.ApiError as e:
-                raise inject.InjectError(f"cannot look up {ref.kind} {ref.name} now: {e}",
-                                         code=503) from e
+            except (kube.ApiError, ValueError) as e:  # ValueError: an answer that is not JSON
+                # fail closed: a refusal the user can retry, never an admission on a guess
+                raise inject.InjectError(f"cannot look up {ref.kind} {ref.name} now "
+                                         f"({_cause(e)}); retry", code=503) from e
+            if not _is_the_object(found, ref.kind, ns, ref.name):
+                raise inject.InjectError(f"cannot look up {ref.kind} {ref.name} now (the API "
+                                         "server answered something else); retry", code=503)
+            return dict(found)
         return look
 
     def review(self, body: Obj) -> Obj:
@@ -140,6 +148,22 @@ class Admission:
                                       .get("name"), "result": result,
                                       "ms": round(seconds * 1000, 2)})
         return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": resp}
+
+
+def _is_the_object(found: Any, kind: str, namespace: str, name: str) -> bool:
+    """Whether a live GET answered the object asked for (not a Status, a page, or another
+    object): only then may its spec and status shape the admission."""
+    if not isinstance(found, dict) or found.get("kind") != kind:
+        return False
+    meta = found.get("metadata")
+    return (isinstance(meta, dict) and meta.get("name") == name
+            and (meta.get("namespace") or "") == namespace)
+
+
+def _cause(e: Exception) -> str:
+    """The kind of failure, for the user's message: a status code, never a body."""
+    status = getattr(e, "status", 0)
+    return f"API server answered {status}" if status else "API server unreachable or garbled"
 
 
 def _deny(uid: str, code: int, message: str) -> Obj:

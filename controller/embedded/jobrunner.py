@@ -19,6 +19,11 @@ cluster would show it:
   runtime reports it, and the termination message read from
   ``terminationMessagePath``, which is where the manager reads the publish
   result) is written to the Pod's status;
+* the kubelet's for ``secret`` volumes (how the manager's Jobs get every
+  credential and a source URL: ``controller/jobspec.py``): the Secret's keys
+  (or its ``items``) written as files 0600 into a directory 0700 of the
+  pod's own, removed when the attempt ends; a missing Secret (not
+  ``optional``) is ``CreateContainerConfigError``, as for ``secretKeyRef``;
 * the volume provisioner's and the pvc-protection controller's, for
   ``persistentVolumeClaim`` volumes (a publish Job's work volume,
   ``--publish-work-size``): a claim is one directory per namespace and
@@ -315,17 +320,21 @@ class JobRunner:
 
     def _run_container(self, jmeta: dict[str, Any], name: str, pod_spec: dict[str, Any],
                        container: dict[str, Any], pod_dir: str, start: str) -> int | None:
-        mapping = self._mounts(pod_spec, container, pod_dir)
-        term_path = container.get("terminationMessagePath") or jobresult.TERMINATION_LOG
-        host_term = os.path.join(pod_dir, "termination-log")
-        open(host_term, "w").close()
-        mapping[term_path] = host_term
-        env = self._env(container, mapping)
-        if env is None:  # a missing Secret: the kubelet would report CreateContainerConfigError
+        try:
+            mapping: dict[str, str] | None = self._mounts(pod_spec, container, pod_dir)
+        except _SecretMissing:
+            mapping = None
+        env = None if mapping is None else self._env(container, mapping)
+        if mapping is None or env is None:
+            # a missing Secret: the kubelet would report CreateContainerConfigError
             self._pod_status(name, {"phase": "Failed", "containerStatuses": [_cstatus(
                 container, {"terminated": {"exitCode": 1, "reason": "CreateContainerConfigError",
                                            "startedAt": start, "finishedAt": _now()}})]})
             return 1
+        term_path = container.get("terminationMessagePath") or jobresult.TERMINATION_LOG
+        host_term = os.path.join(pod_dir, "termination-log")
+        open(host_term, "w").close()
+        mapping[term_path] = host_term
         argv = [_rewrite(a, mapping) for a in (container.get("command") or [])
                 + (container.get("args") or [])]
         if argv and argv[0] == "modelcache-controller":
@@ -395,14 +404,42 @@ class JobRunner:
     def _volume_dir(self, volume: dict[str, Any], pod_dir: str) -> str | None:
         """The host directory for a pod ``volume``, or None for a kind not mapped.
 
-        ``emptyDir`` (the pod's own) and ``persistentVolumeClaim`` (``claim_dir``):
-        the manager's Jobs mount nothing else.
+        ``emptyDir`` (the pod's own), ``secret`` (``_secret_dir``) and
+        ``persistentVolumeClaim`` (``claim_dir``): the manager's Jobs mount nothing else.
         """
         if "emptyDir" in volume:
             return os.path.join(pod_dir, "volumes", volume["name"])
+        if "secret" in volume:
+            return self._secret_dir(volume, pod_dir)
         if "persistentVolumeClaim" in volume:
             return self.claims.dir(volume["persistentVolumeClaim"]["claimName"])
         return None
+
+    def _secret_dir(self, volume: dict[str, Any], pod_dir: str) -> str:
+        """The Secret's keys as files 0600 in a directory 0700 of this pod's (gone with it)."""
+        src = volume["secret"]
+        host = os.path.join(pod_dir, "volumes", volume["name"])
+        os.makedirs(host, mode=0o700)
+        os.chmod(host, 0o700)  # whatever the umask
+        try:
+            secret = self.client.get(kube.SECRETS, src["secretName"], self.namespace)
+        except kube.NotFound:
+            if src.get("optional"):
+                return host
+            raise _SecretMissing(src["secretName"]) from None
+        data = secret.get("data") or {}
+        items = src.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            raw = data.get(item["key"])
+            if raw is None:
+                if src.get("optional"):
+                    continue
+                raise _SecretMissing(src["secretName"])
+            fd = os.open(os.path.join(host, item["path"]),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(base64.b64decode(raw))
+        return host
 
     def _env(self, container: dict[str, Any], mapping: dict[str, str]) -> dict[str, str] | None:
         pythonpath = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH"))
@@ -429,6 +466,10 @@ class JobRunner:
                 return None
             env[e["name"]] = base64.b64decode(raw).decode()
         return env
+
+
+class _SecretMissing(Exception):
+    """A Secret volume's Secret or key is absent: the container cannot be configured."""
 
 
 def _rewrite(value: str, mapping: dict[str, str]) -> str:

@@ -6,7 +6,8 @@ pass stops, asking for a follow-up; active → Publishing; Complete → the resu
 the worker left in its pod's termination message → Ready (``apply_result``,
 which the upload and PVC sources use too); Failed → Failed with the worker's
 reason, and an event (the previous artifact, if any, still served:
-``api.model.ready_condition``). The copied credential goes once the Job has finished.
+``api.model.ready_condition``). The Job's Secret (its source URI and credentials, ``jobs.job_secret``) goes once
+the Job has finished.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from api import jobresult, model
 from api.model import ModelView
 from controller.errors import Result, TemporaryError
 from controller.metrics import Metrics
+from controller.models import policy, workvolume
 from controller.models import publishjob as jobs
-from controller.models import workvolume
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
@@ -64,6 +65,10 @@ def ensure(host: Host, obj: dict[str, Any], p: jobs.Plan, key: str) -> Result:
     name = jobs.job_name(obj, key)
     job = host.jobs.get((host.settings.namespace, name))
     if job is None:
+        why = policy.refusal(host.settings.publish_policy, obj)
+        if why is not None:  # terminal: the next pass finds this key Failed, until the spec moves
+            host.set_failed(obj, policy.REASON, why, key=key, job=None)
+            return Result()
         job = create_job(host, obj, p, key)
         if jobs.state(job) == "Active":
             workvolume.ensure(host.client, host.settings, obj, job, key)
@@ -86,8 +91,7 @@ def ensure(host: Host, obj: dict[str, Any], p: jobs.Plan, key: str) -> Result:
 def create_job(host: Host, obj: dict[str, Any], p: jobs.Plan, key: str) -> dict[str, Any]:
     body = jobs.build(obj, p, key, host.settings)
     name = body["metadata"]["name"]
-    if p.secret is not None:
-        ensure_secret_copy(host, obj, p.secret, name)
+    ensure_job_secret(host, obj, p, name)
     try:
         answer = host.client.create(kube.JOBS, body, host.settings.namespace)
         host.metrics.jobs_created.labels(model.model_kind(obj)).inc()
@@ -102,13 +106,23 @@ def create_job(host: Host, obj: dict[str, Any], p: jobs.Plan, key: str) -> dict[
     return job
 
 
-def ensure_secret_copy(host: Host, obj: dict[str, Any], use: jobs.SecretUse, job: str) -> None:
+def _secret_data(host: Host, name: str, namespace: str) -> dict[str, str]:
     try:
-        secret = host.client.get(kube.SECRETS, use.name, use.namespace)
+        secret = host.client.get(kube.SECRETS, name, namespace)
     except kube.NotFound as e:
-        raise TemporaryError(f"Secret {use.namespace}/{use.name} vanished",
+        raise TemporaryError(f"Secret {namespace}/{name} vanished",
                              reason="SecretNotFound") from e
-    body = jobs.copied_secret(obj, job, host.settings, use, secret.get("data") or {})
+    return dict(secret.get("data") or {})
+
+
+def ensure_job_secret(host: Host, obj: dict[str, Any], p: jobs.Plan, job: str) -> None:
+    """The Job's one Secret (``jobs.job_secret``): its source URI and every credential it
+    reads, mounted as files; made before the Job, deleted once it has finished."""
+    use, settings = p.secret, host.settings
+    source = _secret_data(host, use.name, use.namespace) if use is not None else None
+    registry = _secret_data(host, settings.registry_secret, settings.namespace) \
+        if settings.registry_secret else None
+    body = jobs.job_secret(obj, job, p, settings, source, registry)
     try:
         host.client.create(kube.SECRETS, body, host.settings.namespace)
     except kube.Conflict:

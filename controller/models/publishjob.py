@@ -11,9 +11,13 @@ All publish Jobs run in the controller's namespace. The registry push
 credential stays there (a Job in a user namespace would need a copy of it,
 and with it the power to overwrite other namespaces' artifacts); the source
 credential a Model names in its own namespace is copied into a per-Job
-Secret, deleted when the Job has finished. The pod gets no service-account
-token: it talks to the source, the registry and the manager's report
-endpoint only.
+Secret, deleted when the Job has finished. That per-Job Secret
+(``job_secret``) holds all of the Job's secret material: the source URI
+(it may carry a presigned query or a user:password), the source
+credential, the registry login and the report token. It is mounted
+read-only as files (``jobspec.SecretFiles``), so none of them is in the
+Job's command line or env values. The pod gets no service-account token:
+it talks to the source, the registry and the manager's report endpoint only.
 
 The work directory (``WORK_DIR``: the staging store, where each source file
 is streamed while it is hashed) is an ``emptyDir`` unless the manager is
@@ -35,11 +39,14 @@ from typing import Any
 from api import jobresult, model, names
 from controller import jobspec, secretrefs
 from controller.errors import PermanentError
+from controller.models import policy
 from ingest.sources.catalog import build_uri
 from kube import client as kube
 
 WORK_DIR = "/var/lib/modelcache/work"
-WORKER_GID = 65532  # the worker image's user and group (Dockerfile.controller's USER)
+WORKER_GID = jobspec.WORKER_GID
+SOURCE_KEY = "source"  # the per-Job Secret's key for the source URI (``--source-file``)
+REPORT_TOKEN = "MODELCACHE_REPORT_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class Settings:
     service_account: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     work_volume: WorkVolume | None = None  # None: an emptyDir, gone with each pod
+    publish_policy: policy.Policy = policy.DEFAULT  # what a Model's spec.publish may ask
 
 
 @dataclass(frozen=True)
@@ -285,20 +293,47 @@ def copied_secret_name(job: str) -> str:
     return f"{job}-src"
 
 
-def copied_secret(obj: dict[str, Any], job: str, settings: Settings, use: SecretUse,
-                  data: dict[str, str]) -> dict[str, Any]:
-    """The per-Job copy of a source Secret (only the keys the worker reads)."""
-    picked = {}
-    for env, key in use.keys.items():
-        if key in data:
-            picked[key] = data[key]
-        elif env not in use.optional:
-            raise PermanentError(f"Secret {use.namespace}/{use.name} has no key {key!r}",
-                                 reason="SecretKeyNotFound")
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def job_secret(obj: dict[str, Any], job: str, p: Plan, settings: Settings,
+               source: dict[str, str] | None = None,
+               registry: dict[str, str] | None = None) -> dict[str, Any]:
+    """The per-Job Secret: every secret the publish Job reads, one key per file.
+
+    ``source``: the data of ``p.secret``'s Secret (only the keys the worker
+    reads are taken, each under its env var's name); ``registry``: the data
+    of ``settings.registry_secret`` (``username``/``password``).
+    """
+    picked = {SOURCE_KEY: _b64(p.uri)}
+    if settings.report_url:
+        picked[REPORT_TOKEN] = _b64(report_token(settings, job))
+    for var, key in jobspec.REGISTRY_LOGIN:
+        if registry and key in registry:
+            picked[var] = registry[key]
+    if p.secret is not None:
+        use, data = p.secret, source or {}
+        for env, key in use.keys.items():
+            if key in data:
+                picked[env] = data[key]
+            elif env not in use.optional:
+                raise PermanentError(f"Secret {use.namespace}/{use.name} has no key {key!r}",
+                                     reason="SecretKeyNotFound")
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": copied_secret_name(job), "namespace": settings.namespace,
                          "labels": labels(obj, None)},
             "data": picked}
+
+
+def secret_files(job: str, p: Plan, settings: Settings) -> jobspec.SecretFiles:
+    """Which of ``job_secret``'s keys the worker is pointed at (``VAR_FILE``)."""
+    keys = [REPORT_TOKEN] if settings.report_url else []
+    if settings.registry_secret:
+        keys += [var for var, _ in jobspec.REGISTRY_LOGIN]
+    if p.secret is not None:
+        keys += sorted(p.secret.keys)
+    return jobspec.SecretFiles(copied_secret_name(job), tuple((k, k) for k in keys))
 
 
 def work_claim_name(job: str) -> str:
@@ -344,19 +379,20 @@ def labels(obj: dict[str, Any], key: str | None) -> dict[str, str]:
 
 
 def report_env(settings: Settings, name: str) -> list[dict[str, Any]]:
-    """Where Job ``name`` sends its progress, and its bearer; none without ``--report-url``."""
+    """Where Job ``name`` sends its progress; none without ``--report-url``. Its bearer
+    (``report_token``) travels in the Job's Secret, as ``MODELCACHE_REPORT_TOKEN_FILE``."""
     if not settings.report_url:
         return []
     return [{"name": "MODELCACHE_REPORT_URL",
-             "value": f"{settings.report_url.rstrip('/')}/report/{name}"},
-            {"name": "MODELCACHE_REPORT_TOKEN", "value": report_token(settings, name)}]
+             "value": f"{settings.report_url.rstrip('/')}/report/{name}"}]
 
 
 def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[str, Any]:
     """The publish Job for ``obj`` under publish key ``key``."""
     name = job_name(obj, key)
     ref = target(obj, settings)
-    cmd = ["modelcache-controller", "publish", "--source", p.uri, "--to", ref,
+    cmd = ["modelcache-controller", "publish", "--source-file", jobspec.path(SOURCE_KEY),
+           "--to", ref,
            "--work-dir", WORK_DIR, "--result-file", jobresult.TERMINATION_LOG,
            "--name", str(obj["metadata"]["name"]), *p.args]
     if settings.registry_insecure:
@@ -364,11 +400,6 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in p.env]
     env += [{"name": k, "value": v} for k, v in sorted(settings.extra_env.items())]
     env += report_env(settings, name)
-    if settings.registry_secret:
-        env += jobspec.secret_env(settings.registry_secret, jobspec.REGISTRY_LOGIN)
-    if p.secret is not None:
-        env += jobspec.secret_env(copied_secret_name(name), sorted(p.secret.keys.items()),
-                                  p.secret.optional)
     owners = None
     if model.model_kind(obj) == "ClusterModel":
         # a namespaced dependent may have a cluster-scoped owner, not one in another namespace
@@ -388,7 +419,8 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
         placement=(obj.get("spec") or {}).get("publish"),
         active_deadline=settings.active_deadline,
         ttl_after_finished=settings.ttl_after_finished, service_account=settings.service_account,
-        fs_group=WORKER_GID if settings.work_volume is not None else None)
+        fs_group=WORKER_GID if settings.work_volume is not None else None,
+        secret=secret_files(name, p, settings))
 
 
 # a Job's own state (``jobresult.ACTIVE``/``COMPLETE``/``FAILED``), for this module's readers

@@ -7,7 +7,8 @@ credential lives, and a pod can mount only a claim of its own namespace. So
 the bytes travel the way ``source.upload``'s do (uploads.py): the manager
 opens a gateway session for the model's usual registry target, keeps the
 session token in a Secret beside the Model (``uploads.token_secret``, key
-``token``, owned by the Model, labelled with the publish key), and runs
+``token``, and the reader's report token; owned by the Model, labelled with
+the publish key; mounted into the reader as files), and runs
 ``modelcache-controller pvc-upload`` (jobs/pvc_reader.py) as a Job in
 the Model's namespace with the claim mounted read-only. The reader sends
 the files; the gateway verifies and publishes them from the controller's
@@ -35,6 +36,7 @@ finds the Secret, its session and the Job again):
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from typing import Any, Protocol
@@ -114,7 +116,10 @@ def build_job(obj: dict[str, Any], key: str, url: str, settings: jobs.Settings
     meta = obj["metadata"]
     name = reader_job_name(obj, key)
     claim, path = source_of(obj)
-    env = jobspec.secret_env(uploads.secret_name(obj), [(TOKEN_ENV, uploads.TOKEN_KEY)])
+    # the token Secret holds the report token too (``ensure``): the Job's one Secret
+    keys = [(TOKEN_ENV, uploads.TOKEN_KEY)]
+    if settings.report_url:
+        keys.append((jobs.REPORT_TOKEN, jobs.REPORT_TOKEN))
     owner = {"apiVersion": str(obj.get("apiVersion") or kube.MODELS.api_version),
              "kind": "Model", "name": meta["name"], "uid": meta["uid"], "controller": True}
     return jobspec.build(
@@ -124,7 +129,8 @@ def build_job(obj: dict[str, Any], key: str, url: str, settings: jobs.Settings
         container=CONTAINER, image=settings.image,
         command=["modelcache-controller", "pvc-upload", "--mount", MOUNT, "--path", path,
                  "--url", url, "--result-file", jobresult.TERMINATION_LOG],
-        env=env + jobs.report_env(settings, name),
+        env=jobs.report_env(settings, name),
+        secret=jobspec.SecretFiles(uploads.secret_name(obj), tuple(keys)),
         mounts=[{"name": "source", "mountPath": MOUNT, "readOnly": True}],
         volumes=[{"name": "source", "persistentVolumeClaim": {
             "claimName": claim, "readOnly": True}}],
@@ -160,6 +166,9 @@ def ensure(host: Host, obj: dict[str, Any], key: str) -> float | None:
         body["metadata"]["labels"].update({names.LABEL_KEY: key,
                                            "app.kubernetes.io/component": COMPONENT})
         body["metadata"]["annotations"][names.ANN_URL] = str(created["url"])  # for the reader
+        if host.settings.report_url:  # the reader's bearer, a file beside the session token
+            body["data"][jobs.REPORT_TOKEN] = base64.b64encode(
+                jobs.report_token(host.settings, jname).encode()).decode()
         uploads.ensure_secret(host.client, body)
         sid, url = str(created["id"]), str(created["url"])
         log.info("pvc upload session created", extra={"model": uploads.model_name(obj),

@@ -62,6 +62,7 @@ from controller.metrics import Metrics
 from controller.models import adopt, finalize, publish, pvcsource, schedule, upstream
 from controller.models import publishjob as jobs
 from controller.models.publish import job_transform
+from controller.models.secretreader import SecretSource, secret_transform
 from controller.upload import client as uploads
 from controller.upload import reconcile as uploadsource
 from kube import client as kube
@@ -72,23 +73,9 @@ from modelpack.oci.registry import RegistryClient
 log = logging.getLogger(__name__)
 
 
-def secret_transform(obj: dict[str, Any]) -> dict[str, Any]:
-    """Cache a Secret as its identity and a hash per key: values never stay in memory.
-
-    Of its labels only the two that say whether a ClusterModel may use it
-    (``controller.secretrefs``) are kept."""
-    meta = obj.get("metadata") or {}
-    labels = {k: v for k, v in (meta.get("labels") or {}).items()
-              if k in (names.LABEL_SECRET_USABLE, names.LABEL_MANAGED)}
-    return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
-                         "resourceVersion": meta.get("resourceVersion"), "labels": labels},
-            "hashes": {k: hashlib.sha256(str(v).encode()).hexdigest()[:16]
-                       for k, v in (obj.get("data") or {}).items()}}
-
-
 class Reconciler:
     def __init__(self, client: kube.Kube, settings: jobs.Settings, *, models: Informer,
-                 cluster_models: Informer, job_cache: Informer, secrets: Informer,
+                 cluster_models: Informer, job_cache: Informer, secrets: SecretSource,
                  recorder: Recorder, metrics: Metrics,
                  registry: Callable[[], RegistryClient],
                  upload_gateway: uploads.Gateway | None = None,
@@ -246,7 +233,7 @@ class Reconciler:
             self.write_status(obj, {"phase": c.PENDING, "conditions": [
                 c.condition("SourceResolved", False, reason, message),
                 model.ready_condition(ModelView.of(obj), reason, message)]})
-            return None  # the Secret watch brings the model back when it appears
+            return None  # the Secret watch or re-check (secretreader) brings it back
         assert secret is not None
         hashes = secret.get("hashes") or {}
         return hashlib.sha256(json.dumps(

@@ -38,7 +38,7 @@ from api import model, names
 from api.model import ModelView
 from controller.models import publishjob as jobs
 from controller.models import schedule
-from ingest.sources import base, httpio, open_source
+from ingest.sources import base, httpio, netpolicy, open_source
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
@@ -128,16 +128,21 @@ def probe(obj: dict[str, Any], settings: jobs.Settings, creds: dict[str, str],
     if kind == "catalog":
         return _catalog(s, catalog_sources)
     try:
-        src = open_source(jobs.plan(obj, settings).uri, **_options(kind, s, settings, creds))
-        try:
-            if not isinstance(src, base.Tracked):  # every PROBED kind is
-                raise TypeError(f"{src.uri} cannot say its latest revision")
-            return src.latest(timeout)
-        finally:
-            src.close()
+        # the source address policy's connect guard, for this thread's connections only:
+        # the manager itself must still reach the API server (ingest.sources.netpolicy)
+        with netpolicy.guarded():
+            src = open_source(jobs.plan(obj, settings).uri, **_options(kind, s, settings, creds))
+            try:
+                if not isinstance(src, base.Tracked):  # every PROBED kind is
+                    raise TypeError(f"{src.uri} cannot say its latest revision")
+                return src.latest(timeout)
+            finally:
+                src.close()
     except base.SourceError:
         raise
     except Exception as e:  # a client library's surprise: retry at the next check
+        if (denied := netpolicy.denial(e)) is not None:
+            raise denied from e
         raise base.SourceError(f"{type(e).__name__}: {httpio.cut(str(e))}",
                                reason="UpstreamCheckFailed", retryable=True) from e
 

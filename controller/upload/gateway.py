@@ -20,8 +20,10 @@ Bodies stream into the session's store, hashed in the same pass; a
 request whose declared size would pass the session's limit is refused
 (413) before its body is read, and one that would pass the gateway's
 staging limit (``max_staging_bytes``: the size of the volume under
-``root``) with 507. An expired or wrong token is 401 with a reason,
-compared in constant time.
+``root``) with 507; a staging volume that cannot take the file is 503
+with ``Retry-After``, and what arrived of it is dropped. An expired or
+wrong token is 401 with a reason, compared in constant time; a session
+whose state file is garbled refuses every token (fail closed).
 
 Probes: ``GET /healthz`` (the process answers) and ``GET /readyz`` (the
 staging root takes writes and has room; else 503 with a reason).
@@ -46,7 +48,7 @@ from controller.upload.sessions import ARCHIVE, Session, SessionError, SessionSt
 from ingest.publish import Options, PublishError, publish
 from ingest.sources import base
 from kube.httpreply import reply
-from modelpack.errors import IntegrityError, ModelPackError, UnsafePathError
+from modelpack.errors import IntegrityError, ModelPackError, StoreError, UnsafePathError
 from modelpack.oci import reference as oci_reference
 from modelpack.oci.registry import RegistryClient
 from modelpack.paths import safe_relpath
@@ -181,7 +183,13 @@ class Gateway:
                     raise SessionError("file is already complete", status=416,
                                        reason="AlreadyComplete",
                                        headers={"Upload-Offset": str(session.offset(path))})
-            part = session.open_part(path, total, start)
+            try:
+                part = session.open_part(path, total, start)
+            except (OSError, StoreError) as e:  # fail closed: take nothing we cannot keep
+                log.warning("upload staging unavailable", extra={"error": str(e)[:200]})
+                raise SessionError("the gateway's staging volume is unavailable; retry",
+                                   status=503, reason="StagingUnavailable",
+                                   headers={"Retry-After": "5"}) from e
             if part.offset != start:
                 raise SessionError(f"expected a piece starting at {part.offset}", status=416,
                                    reason="OffsetMismatch",
@@ -199,6 +207,10 @@ class Gateway:
             except IntegrityError as e:
                 session.drop_part(path)
                 raise SessionError(str(e), status=400, reason="SizeMismatch") from e
+            except StoreError as e:  # the volume failed under the write: keep none of it
+                session.drop_part(path)
+                raise SessionError("the gateway's staging volume failed; retry", status=503, reason="StagingUnavailable",
+                                   headers={"Retry-After": "5"}) from e
             except OSError as e:  # the client went away: keep what arrived
                 raise SessionError(f"upload interrupted: {e}", status=400,
                                    reason="Interrupted") from e
@@ -289,7 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._route(path)
         except SessionError as e:
-            if self.command == "PUT" and e.status in (401, 411, 413, 409, 507):
+            if self.command == "PUT" and e.status in (401, 404, 411, 413, 409, 503, 507):
                 self.close_connection = True  # the body was not read
             # the reason also rides in a header, since a HEAD answer has no body
             self._json(e.status, {"reason": e.reason, "message": str(e)},

@@ -71,9 +71,13 @@ class Session:
 
     def authorize(self, token: str | None, now: float | None = None) -> None:
         given = _hash_token(token or "")
-        if not token or not hmac.compare_digest(given, self.state.token_sha256):
+        want = self.state.token_sha256
+        if not token or not isinstance(want, str) or \
+                not hmac.compare_digest(given.encode(), want.encode()):
             raise SessionError("invalid upload token", status=401, reason="InvalidToken")
-        if (now or time.time()) >= self.state.expires_at:
+        expires = self.state.expires_at
+        # a state file garbled on disk (not a number) is an expired session, never an open one
+        if not isinstance(expires, (int, float)) or (now or time.time()) >= expires:
             raise SessionError("the upload token has expired", status=401, reason="TokenExpired")
 
     # -- bookkeeping ------------------------------------------------------

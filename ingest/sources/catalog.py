@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ingest.sources import base, httpio
+from ingest.sources import base, httpio, netpolicy
 from modelpack import digest as dg
 from modelpack.errors import RegistryError
 from modelpack.oci.reference import Reference
@@ -120,6 +120,7 @@ class CatalogClient(RegistryClient):
 
     def __init__(self, base_url: str, token: str | None, *, ca_pem: bytes | str | None = None,
                  timeout: tuple[float, float] = (10.0, 120.0), retries: int = 3) -> None:
+        netpolicy.check(base_url)  # before any connection; the connect guard does the rest
         parts = urlsplit(base_url)
         super().__init__(parts.netloc, insecure=parts.scheme == "http", token=token or "",
                          ca_bundle=ca_file(ca_pem), timeout=timeout, retries=retries)

@@ -78,6 +78,8 @@ def raise_for(resp: requests.Response, what: str) -> None:
 
 
 def transport_error(e: Exception, what: str) -> base.SourceError:
+    if (denied := netpolicy.denial(e)) is not None:  # the connect guard, if wrapped
+        return denied
     return base.SourceUnavailable(f"{what}: {type(e).__name__}: {cut(str(e))}")
 
 

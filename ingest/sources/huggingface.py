@@ -37,6 +37,8 @@ def endpoint_from_env() -> str:
 
 
 def _map_error(e: Exception, what: str) -> base.SourceError:
+    if (denied := netpolicy.denial(e)) is not None:  # the connect guard, through the client
+        return denied
     if isinstance(e, hf_errors.HfHubHTTPError):
         # the status and the error's class only: the server's text stays out of status
         status = e.response.status_code if e.response is not None else 0

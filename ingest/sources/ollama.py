@@ -64,6 +64,8 @@ def parse_uri(rest: str) -> tuple[str, str, str]:
 
 
 def _map(e: ModelPackError, what: str) -> base.SourceError:
+    if (denied := netpolicy.denial(e)) is not None:  # the connect guard: terminal as it is
+        return denied
     msg = f"{what}: {httpio.cut(str(e), 300)}"
     if isinstance(e, NotFoundError):
         return base.SourceNotFound(msg)

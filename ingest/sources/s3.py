@@ -34,6 +34,8 @@ _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 
 
 def _map(e: Exception, what: str) -> base.SourceError:
+    if (denied := netpolicy.denial(e)) is not None:  # botocore wraps the connect guard's
+        return denied
     msg = f"{what}: {type(e).__name__}"
     if isinstance(e, botocore.exceptions.ClientError):
         code = str(e.response.get("Error", {}).get("Code", ""))

@@ -100,6 +100,8 @@ def test_rendered_kinds(helm: str) -> None:
         ("ServiceAccount", "modelcache-upload-gateway"),
         ("Deployment", "modelcache-upload-gateway"), ("Service", "modelcache-upload-gateway"),
         ("Secret", "modelcache-upload-admin-token"),
+        ("NetworkPolicy", "modelcache-controller"), ("NetworkPolicy", "dmcr"),
+        ("NetworkPolicy", "modelcache-upload-gateway"),
     }
     # the same objects as the plain manifests, but for the generated Secrets
     # and the Namespace (Helm installs into the release namespace)

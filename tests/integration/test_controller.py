@@ -113,7 +113,7 @@ class ManagerProcess:
                      "--hf-endpoint", hf_endpoint, "--listen", f"127.0.0.1:{self.port}",
                      "--report-url", f"http://127.0.0.1:{self.port}",
                      "--lease-duration", "2", "--lease-renew", "0.5", "--workers", "4",
-                     *private, *(extra or [])]
+                     "--secret-recheck-interval", "1", *private, *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ManagerProcess:

@@ -10,6 +10,7 @@ the termination message, ``podFailurePolicy`` and ``backoffLimit``.
 from __future__ import annotations
 
 import base64
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -135,3 +136,40 @@ def test_jobs_of_others_are_left_alone(runner: JobRunner, cluster: tuple[k.Kube,
     _wait(lambda: _finished(client, ns, mine["metadata"]["name"]))
     assert _pods(client, ns, job["metadata"]["name"]) == []
     assert jobs.state(client.get(k.JOBS, job["metadata"]["name"], ns)) == "Active"
+
+
+def test_secret_volume_is_private_files_gone_after(
+        runner: JobRunner, cluster: tuple[k.Kube, str]) -> None:
+    # the manager's Jobs take credentials as files of a mounted Secret (jobspec.SecretFiles)
+    client, ns = cluster
+    body = _job(ns, 'printf \'{"token":"%s","mode":"%s","dir":"%s"}\' "$(cat "$TOKEN_FILE")" '
+                    '"$(stat -c %a "$TOKEN_FILE")" "$(stat -c %a "$(dirname "$TOKEN_FILE")")" '
+                    '> "$1"')
+    pod = body["spec"]["template"]["spec"]
+    box = pod["containers"][0]
+    box["env"] = [{"name": "TOKEN_FILE", "value": "/var/run/s/token"}]
+    box["volumeMounts"].append({"name": "s", "mountPath": "/var/run/s", "readOnly": True})
+    pod["volumes"].append({"name": "s", "secret": {"secretName": "creds", "defaultMode": 0o440}})
+    job = client.create(k.JOBS, body, ns)
+    done = _wait(lambda: _finished(client, ns, job["metadata"]["name"]))
+    assert jobs.state(done) == "Complete"
+    term = _pods(client, ns, job["metadata"]["name"])[0]["status"]["containerStatuses"][0]
+    message = term["state"]["terminated"]["message"]
+    assert '"token":"s3cret","mode":"600","dir":"700"' in message
+    leftovers = [f for _, _, files in os.walk(runner.root) for f in files if f == "token"]
+    assert leftovers == []  # removed with the attempt
+
+
+def test_missing_secret_volume_is_a_config_error(
+        runner: JobRunner, cluster: tuple[k.Kube, str]) -> None:
+    client, ns = cluster
+    body = _job(ns, "exit 0")
+    body["spec"]["template"]["spec"]["volumes"].append(
+        {"name": "s", "secret": {"secretName": "absent"}})
+    body["spec"]["template"]["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "s", "mountPath": "/var/run/s"})
+    job = client.create(k.JOBS, body, ns)
+    done = _wait(lambda: _finished(client, ns, job["metadata"]["name"]))
+    assert jobs.state(done) == "Failed"
+    term = _pods(client, ns, job["metadata"]["name"])[0]["status"]["containerStatuses"][0]
+    assert term["state"]["terminated"]["reason"] == "CreateContainerConfigError"

@@ -188,7 +188,9 @@ def test_unlabelled_secret_is_refused_and_a_labelled_one_is_lent(rig: Rig) -> No
         rig.rec.reconcile("ClusterModel", "", name)
         made, copies = rig.jobs_and_copies(uid)
         assert len(made) == 1 and len(copies) == 1, (made, copies)
-        assert sorted(copies[0]["data"]) == ["token"]
+        # the Job's one Secret: the lent token (under the var the worker reads) and the URL
+        assert "MODELCACHE_HTTP_TOKEN" in copies[0]["data"] and "source" in copies[0]["data"]
+        assert "token" not in copies[0]["data"]
     finally:
         made, copies = rig.jobs_and_copies(uid)
         for j in made:

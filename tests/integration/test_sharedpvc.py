@@ -265,7 +265,9 @@ def test_two_workloads_share_one_pvc_until_both_are_gone(
     # the pull-only credential reached it through a per-PVC copy, gone once materialized
     job = cluster.get(k.JOBS, mjobs[0]["metadata"]["name"], ns)
     env = job["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {f"{claim}-pull"}
+    assert not [e for e in env if "valueFrom" in e]  # files of the Secret, not env values
+    assert [v["secret"]["secretName"] for v in job["spec"]["template"]["spec"]["volumes"]
+            if "secret" in v] == [f"{claim}-pull"]
     assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     wait_for(lambda: get_secret(cluster, ns, f"{claim}-pull") is None, 10, what="copy deleted")
     check_tree(user_kubelet, client, model, small_model)

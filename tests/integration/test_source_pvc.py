@@ -162,16 +162,17 @@ def test_pvc_model_becomes_ready_and_pulls_back_identical(cluster, ns, kubelet, 
         assert pod["automountServiceAccountToken"] is False
         assert "serviceAccountName" not in pod or pod["serviceAccountName"] == "default"
         assert pod["volumes"] == [{"name": "source", "persistentVolumeClaim": {
-            "claimName": "weights", "readOnly": True}}]
+            "claimName": "weights", "readOnly": True}}, {"name": "secrets", "secret": {
+                "secretName": "local-upload-token", "defaultMode": 0o440}}]
         (container,) = pod["containers"]
         assert all(vm.get("readOnly") for vm in container["volumeMounts"])
         env = {e["name"]: e for e in container["env"]}
         assert not [n for n in env if "REGISTRY" in n or n.startswith("AWS_") or n == "HF_TOKEN"]
-        refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "valueFrom" in e]
-        assert refs == ["local-upload-token"], refs  # the session token, nothing else
+        assert not [e for e in env.values() if "valueFrom" in e]  # files, not env values
+        assert env["MODELCACHE_UPLOAD_TOKEN_FILE"]["value"].endswith("/token")
         assert "--to" not in container["command"] and "publish" not in container["command"]
         secret = cluster.get(k.SECRETS, "local-upload-token", ns)
-        assert set(secret["data"]) == {"token"}
+        assert set(secret["data"]) <= {"token", "MODELCACHE_REPORT_TOKEN"}
         assert not jobs_of(cluster, m["metadata"]["uid"])  # nothing in the controller's ns
     finally:
         kubelet.release()
@@ -338,7 +339,8 @@ def test_reader_job_never_carries_the_push_credential():
     assert "serviceAccountName" not in pod and pod["automountServiceAccountToken"] is False
     assert pod["nodeSelector"] == {"disk": "ssd"}  # spec.publish placement applies
     env = {e["name"] for e in pod["containers"][0]["env"]}
-    assert env == {"MODELCACHE_UPLOAD_TOKEN", "MODELCACHE_REPORT_URL", "MODELCACHE_REPORT_TOKEN"}
+    assert env == {"MODELCACHE_UPLOAD_TOKEN_FILE", "MODELCACHE_REPORT_URL",
+                   "MODELCACHE_REPORT_TOKEN_FILE"}
 
 
 @pytest.mark.parametrize("path,reason", [

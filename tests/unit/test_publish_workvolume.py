@@ -38,17 +38,19 @@ def _pod(settings: jobs.Settings) -> dict[str, Any]:
 
 def test_default_is_an_emptydir_as_before() -> None:
     pod = _pod(_settings())
-    assert pod["volumes"] == [{"name": "work", "emptyDir": {}}]
-    assert "securityContext" not in pod
+    assert pod["volumes"][0] == {"name": "work", "emptyDir": {}}
+    # besides it, only the Job's Secret (test_job_secrets.py), read by the worker's group
+    assert [v["name"] for v in pod["volumes"]] == ["work", "secrets"]
+    assert pod["securityContext"] == {"fsGroup": 65532, "fsGroupChangePolicy": "OnRootMismatch"}
 
 
 def test_work_volume_is_a_claim_per_job_writable_by_the_worker() -> None:
     settings = _settings(work_volume=jobs.WorkVolume("500Gi", "fast"))
     pod = _pod(settings)
     name = jobs.job_name(MODEL, "k1")
-    assert pod["volumes"] == [{"name": "work", "persistentVolumeClaim": {
-        "claimName": f"{name}-work"}}]
-    assert pod["containers"][0]["volumeMounts"] == [{"name": "work", "mountPath": jobs.WORK_DIR}]
+    assert pod["volumes"][0] == {"name": "work", "persistentVolumeClaim": {
+        "claimName": f"{name}-work"}}
+    assert pod["containers"][0]["volumeMounts"][0] == {"name": "work", "mountPath": jobs.WORK_DIR}
     # a fresh volume's root is root's: the worker (65532) gets it by group, chowned once
     assert pod["securityContext"] == {"fsGroup": 65532, "fsGroupChangePolicy": "OnRootMismatch"}
     job = {"metadata": {"name": name, "uid": "job-uid"}}
