@@ -39,6 +39,9 @@ LABEL_NAMESPACE = "modelcache.io/namespace"
 LABEL_UID = "modelcache.io/uid"
 LABEL_KEY = "modelcache.io/publish-key"
 ANN_TARGET = "modelcache.io/target"
+# on the dmcr Deployment's pod template: its certificate's SHA-256; a renewal changes it
+# and the Deployment rolls (controller/dmcrtls.py: distribution reads it only at start)
+ANN_TLS_FINGERPRINT = "modelcache.io/tls-fingerprint"
 # on a Secret in the controller's namespace: an admin lends it to ClusterModels and
 # ModelCatalogSources (value "true"); any other Secret there is refused
 LABEL_SECRET_USABLE = "modelcache.io/usable-by-cluster-models"
@@ -123,3 +126,4 @@ ANN_RETRY_AT = "modelcache.io/materialize-retry-at"
 ANN_UNUSED_SINCE = "modelcache.io/unused-since"
 ANN_URL = "modelcache.io/upload-url"  # on the token Secret: the session URL the reader sends to
 ANN_SESSION = "modelcache.io/upload-session"
+UPLOAD_TOKEN_KEY = "token"  # the key of the session token in the upload token Secret

@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 
 from api import model, names
-from cli import access
+from cli import access, cluster
+from cli.errors import UsageError
 from cli.progress import bar
 from kube import client as kube
 from modelpack.oci import bundle as oci_bundle
@@ -67,6 +68,14 @@ def ready_cluster_model(client: kube.Kube, name: str) -> dict[str, Any]:
     try:
         obj = client.get(kube.CLUSTER_MODELS, name)
     except kube.NotFound as e:
+        namespaced = namespaced_models(client, name)
+        if namespaced:
+            raise BundleError(
+                f"export takes a ClusterModel; Model {namespaced[0]} is namespaced and there "
+                f"is no ClusterModel {name.rsplit('/', 1)[-1]}. A bundle carries a "
+                "ClusterModel: create one with the same spec (kind: ClusterModel, no "
+                "namespace), let it publish (the same files give the same digest), then "
+                "export it", reason="NamespacedModel") from e
         raise BundleError(f"ClusterModel {name} not found", reason="NotFound") from e
     except kube.ApiError as e:
         raise BundleError(f"reading ClusterModel {name}: {e}", reason="ApiError") from e
@@ -76,6 +85,19 @@ def ready_cluster_model(client: kube.Kube, name: str) -> dict[str, Any]:
                           "not Ready: only a published model can be exported",
                           reason="NotReady")
     return obj
+
+
+def namespaced_models(client: kube.Kube, name: str) -> list[str]:
+    """``ns/name`` of the Models that ``name`` (or ``ns/name``) may mean; [] if unreadable."""
+    ns, _, short = name.rpartition("/")
+    try:
+        if ns:
+            client.get(kube.MODELS, short, ns)
+            return [f"{ns}/{short}"]
+        items, _ = client.list(kube.MODELS, field_selector=f"metadata.name={short}")
+    except kube.ApiError:  # not found, or not allowed to list across namespaces
+        return []
+    return sorted(model.ModelView.of(o).full_name for o in items)
 
 
 def registry_host(obj: dict[str, Any]) -> str | None:
@@ -222,12 +244,28 @@ def repository(bundle: Bundle) -> str:
     return model.repository(dict(bundle.cr, kind=KIND))
 
 
-def connect(kubeconfig: str | None) -> kube.Kube:
-    """An API client from ``kubeconfig`` (else in-cluster, else KUBECONFIG/~/.kube/config)."""
+connect = cluster.connect
+
+
+def import_registry(flag: str | None, client: kube.Kube) -> str:
+    """Where ``import`` pushes: ``--registry``, else ``$MODELCACHE_REGISTRY``, else the
+    registry this cluster's ClusterModels are published to; ``UsageError`` when none."""
+    host = flag or os.environ.get("MODELCACHE_REGISTRY")
+    if host:
+        return host
     try:
-        return kube.Kube.from_config(kubeconfig)
-    except Exception as e:  # the kubernetes package's config errors share no base class
-        raise BundleError(f"cannot load a kubeconfig: {e}", reason="KubeconfigError") from e
+        hosts = cluster.registry_hosts(client)
+    except kube.ApiError as e:
+        hosts, why = [], f"listing ClusterModels failed: {str(e)[:200]}"
+    else:
+        why = "no ClusterModel in this cluster names its registry (status.artifact.reference)"
+    if hosts:
+        log.info("registry from the cluster's ClusterModels", extra={"registry": hosts[0]})
+        return hosts[0]
+    raise UsageError(f"no registry to push to: no --registry, no MODELCACHE_REGISTRY, and "
+                     f"{why}; give --registry HOST:PORT (the cluster registry, DMCR, as "
+                     "reachable from here, e.g. a port-forward to its port 5000)",
+                     reason="MissingRegistry")
 
 
 def wait_ready(client: kube.Kube, name: str, digest: str, timeout: float) -> dict[str, Any]:
@@ -262,9 +300,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         kc.close()
     host = args.registry or registry_host(obj)
     if not host:
-        print("modelcache: MissingRegistry: the model's status names no registry; "
-              "give --registry HOST:PORT", file=sys.stderr)
-        return 1
+        raise UsageError("the model's status names no registry; give --registry HOST:PORT",
+                         reason="MissingRegistry")
     client = access.client(args, Reference(host, "x"))
     t0 = time.monotonic()
     with bar(model.ModelView.of(obj).size, "export", args.progress) as progress:
@@ -280,12 +317,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    with bar(os.path.getsize(args.bundle), "verify", args.progress) as progress:
-        b = verify(args.bundle, progress)
     kc = connect(args.kubeconfig)
     try:
+        # what is missing is said before the bundle is read (minutes for a large one)
+        registry = import_registry(args.registry, kc)
+        with bar(os.path.getsize(args.bundle), "verify", args.progress) as progress:
+            b = verify(args.bundle, progress)
         apply(kc, b.cr, dry_run=True)  # a CR this cluster refuses stops before a push
-        client = access.client(args, Reference(args.registry, "x"))
+        client = access.client(args, Reference(registry, "x"))
         with bar(sum(e.size for e in b.blobs.values()), "push", args.progress) as progress:
             ref = push(b, client, repository(b), progress, args.jobs)
         apply(kc, b.cr)

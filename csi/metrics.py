@@ -39,6 +39,8 @@ EVICTED_BYTES = prom.Counter("modelcache_node_evicted_bytes", "Blob bytes freed 
 SCRUB_CORRUPT = prom.Counter("modelcache_node_scrub_corrupt",
                              "Corrupt content found by scrub: kind=blob (a stored blob, deleted) "
                              "or tree (a file pods read, its tree dropped or tainted)", ["kind"])
+for _kind in ("blob", "tree"):  # present at 0, so an alert's increase() sees the first
+    SCRUB_CORRUPT.labels(_kind)
 SCRUB_BYTES = prom.Counter("modelcache_node_scrub_bytes", "Bytes read and hashed by scrub")
 SCRUB_COMPLETED = prom.Gauge("modelcache_node_scrub_completed_timestamp_seconds",
                              "When the last complete scrub round ended (Unix time)")

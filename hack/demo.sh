@@ -3,8 +3,10 @@
 # Installs what is missing (Debian packages, the Python distribution, and
 # etcd + kube-apiserver + kubectl built from Go modules), then runs
 # `modelcache demo`: etcd + kube-apiserver, the DMCR, a local Hugging Face hub,
-# the controller manager and the node plugin on loopback; a real model
-# published as a Model and mounted read-only as kubelet would. Needs root (the
+# the upload gateway, the controller manager (its admission webhook registered
+# with the API server) and the node plugin on loopback; a real model published
+# as a Model, an annotated Deployment and Pod mutated by the webhook, the
+# model mounted read-only as kubelet would (no kubelet runs). Needs root (the
 # mount). Options: --once (tear down at the end; the default without a
 # terminal) or --keep (leave it running until Ctrl-C; the default on one).
 set -euo pipefail

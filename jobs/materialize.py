@@ -278,6 +278,7 @@ def main(args: Any) -> int:
             raise MaterializeError(str(e), reason="InvalidReference", retryable=False) from e
         secretfiles.load()  # the pull credential: files of the Job's Secret
         client = RegistryClient(ref.host, insecure=args.insecure,
+                                ca_bundle=secretfiles.ca_file(),
                                 username=os.environ.get("MODELCACHE_REGISTRY_USERNAME") or None,
                                 password=os.environ.get("MODELCACHE_REGISTRY_PASSWORD") or None)
         result = materialize(client, ref, args.dest, args.digest, workers=args.workers,

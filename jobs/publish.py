@@ -165,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
                           trusted=(f"{'http' if args.insecure_registry else 'https'}://{ref.host}",
                                    os.environ.get("MODELCACHE_REPORT_URL", "")))
         client = RegistryClient(ref.host, insecure=args.insecure_registry,
+                                ca_bundle=secretfiles.ca_file(),
                                 username=args.registry_username
                                 or os.environ.get("MODELCACHE_REGISTRY_USERNAME"),
                                 password=read_secret(args.registry_password_file)

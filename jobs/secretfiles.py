@@ -37,6 +37,13 @@ def read(path: str | None) -> str | None:
         return None
 
 
+def ca_file(environ: dict[str, str] | None = None) -> str | None:
+    """The registry's CA bundle (``MODELCACHE_REGISTRY_CA_FILE``, ``ca.crt`` of the Job's
+    Secret) when the file is there: the path a registry client trusts; None otherwise."""
+    path = (os.environ if environ is None else environ).get("MODELCACHE_REGISTRY_CA_FILE")
+    return path if path and os.path.isfile(path) else None
+
+
 def load(environ: os._Environ[str] | dict[str, str] | None = None) -> None:
     """Each ``VAR`` of ``CREDENTIALS`` whose ``VAR_FILE`` names a file: set from it."""
     env = os.environ if environ is None else environ
@@ -46,4 +53,4 @@ def load(environ: os._Environ[str] | dict[str, str] | None = None) -> None:
             env[var] = value
 
 
-__all__ = ["CREDENTIALS", "load", "read"]
+__all__ = ["CREDENTIALS", "ca_file", "load", "read"]

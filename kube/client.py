@@ -105,6 +105,7 @@ CLUSTER_MODELS = Resource("modelcache.io", "v1alpha1", "clustermodels", False, "
 JOBS = Resource("batch", "v1", "jobs", True, "Job")
 PODS = Resource("", "v1", "pods", True, "Pod")
 SECRETS = Resource("", "v1", "secrets", True, "Secret")
+CONFIGMAPS = Resource("", "v1", "configmaps", True, "ConfigMap")  # the DMCR's CA bundle
 EVENTS = Resource("", "v1", "events", True, "Event")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", True, "Lease")
 # workload delivery: the kinds the webhook injects into, and the SharedPVC claims

@@ -4,10 +4,16 @@ Where it sits: under ``modelcache demo`` (cli/demo.py, which adds the demo's
 own steps: the model, the pod, the volume). Brings up etcd +
 kube-apiserver (``cluster.py``), the CRDs and the CSIDriver, the DMCR
 (Debian docker-registry, ``registry.py``), a Hugging Face Hub-compatible
-server (``hub.py``), the controller manager (``modelcache-controller
-manager --embedded-jobs``: its publish Jobs run as local processes,
-``controller/embedded/jobrunner.py``) and the NodeCache node plugin
-(``modelcache-node``, resolving models from the API server). Every step
+server (``hub.py``), the upload gateway (``modelcache-controller
+upload-gateway``: ``source.upload`` and ``source.pvc`` publish through it),
+the controller manager (``modelcache-controller manager --embedded-jobs``:
+its Jobs run as local processes, ``controller/embedded/jobrunner.py``, their
+output kept under ``jobs_dir``; the admission webhook served on loopback and
+registered with the API server by URL, as ``--webhook-url`` does out of
+cluster) and the NodeCache node plugin (``modelcache-node``, resolving
+models from the API server). A PVC of the demo's namespace is the directory
+``claim_dir(name)``: no provisioner runs, the reader Job reads that
+directory. Every step
 prints ``[n] …``; a failure raises ``DemoError`` naming the component and
 why; ``down()`` stops everything started so far, last started first.
 """
@@ -15,7 +21,9 @@ why; ``down()`` stops everything started so far, last started first.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from api import names as contract
 from cli.local import cluster as localcluster
 from cli.local import hub as localhub
 from cli.local import registry as localregistry
@@ -39,6 +48,8 @@ from kube import client as kube
 CRDS_DIR = os.path.join(localcluster.REPO_ROOT, "crds")
 CSIDRIVER_FILE = os.path.join(localcluster.REPO_ROOT, "daemonset", "csidriver.yaml")
 SYSTEM_NAMESPACE = "modelcache-system"
+WEBHOOK_CONFIG = "modelcache"  # the manager's --webhook-config-name default
+SERVICE_ACCOUNTS = kube.Resource("", "v1", "serviceaccounts", True, "ServiceAccount")
 NODE_ID = "demo-node"
 
 
@@ -88,16 +99,20 @@ class LocalSystem:
         self.hub: localhub.HubServer | None = None
         self.client: Any = None  # kube.client.Kube
         self.manager: subprocess.Popen[bytes] | None = None
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.gateway_url = ""
         self.node: subprocess.Popen[bytes] | None = None
         self.node_socket = os.path.join(self.work, "node", "csi.sock")
         self.manager_log = os.path.join(self.work, "manager.log")
+        self.gateway_log = os.path.join(self.work, "gateway", "gateway.log")
+        self.jobs_dir = os.path.join(self.work, "jobs")  # the Job runner's: one dir per pod
         self.node_log = os.path.join(self.work, "node", "node.log")
         self.csi: Any = None  # the node plugin's Node service stub
 
     @property
     def processes(self) -> list[subprocess.Popen[bytes]]:
         """Every child process the demo started (for health checks and tests)."""
-        out = [p for p in (self.manager, self.node) if p is not None]
+        out = [p for p in (self.gateway, self.manager, self.node) if p is not None]
         if self.cluster is not None:
             out += [self.cluster.etcd, self.cluster.apiserver]
         if self.registry is not None:
@@ -143,6 +158,12 @@ class LocalSystem:
             if self.cluster is not None and self.cluster.kubectl(
                     "get", "namespace", ns, check=False).returncode != 0:
                 self.kubectl("namespaces", "create", "namespace", ns)
+        # no controller-manager makes the "default" ServiceAccount, and the API server
+        # refuses a Pod whose ServiceAccount does not exist
+        with contextlib.suppress(kube.Conflict):
+            self.client.create(SERVICE_ACCOUNTS, {
+                "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": "default", "namespace": self.namespace}}, self.namespace)
         say(f"namespaces {SYSTEM_NAMESPACE} (the controller's) and {self.namespace} ready")
 
     def start_registry(self, n: int) -> None:
@@ -167,28 +188,73 @@ class LocalSystem:
         say(f"hub {self.hub.url}: {len(repo.files)} files, {mib(size)}, commit {repo.sha[:12]}")
         say(f"from {src}")
 
+    def start_gateway(self, n: int) -> None:
+        """The upload gateway, and the admin token the manager opens sessions with."""
+        step(n, "start the upload gateway (modelcache-controller upload-gateway) on 127.0.0.1")
+        root = os.path.join(self.work, "gateway")
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.gateway_token_file = os.path.join(root, "admin-token")
+        fd = os.open(self.gateway_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        port = localcluster.free_port()
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "controller.main", "upload-gateway",
+                "--listen", f"127.0.0.1:{port}", "--root", os.path.join(root, "sessions"),
+                "--public-url", self.gateway_url, "--admin-token-file", self.gateway_token_file,
+                "--insecure-registry", "--log-level", "INFO"]
+        self.gateway = self._spawn(argv, self.gateway_log)
+        _wait("upload gateway", "/readyz", lambda: _http_ok(f"{self.gateway_url}/readyz"),
+              30, self.gateway, self.gateway_log)
+        say(f"gateway {self.gateway_url}, pid {self.gateway.pid}, log {self.gateway_log}")
+
+    def claim_dir(self, claim: str) -> str:
+        """The directory a PVC ``claim`` of the demo's namespace stands for (no provisioner)."""
+        return os.path.join(self.jobs_dir, "namespaces", self.namespace, "pvcs",
+                            self.namespace, claim)
+
     def start_manager(self, n: int) -> None:
         assert self.cluster is not None and self.registry is not None and self.hub is not None
         step(n, "start the controller manager (embedded mode: Jobs run as local processes)")
-        port = localcluster.free_port()
+        port, hook_port = localcluster.free_port(), localcluster.free_port()
         argv = [sys.executable, "-m", "controller.main", "manager",
                 "--kubeconfig", self.cluster.kubeconfig, "--namespace", SYSTEM_NAMESPACE,
                 "--registry", self.registry.host, "--registry-insecure",
                 "--hf-endpoint", self.hub.url, "--listen", f"127.0.0.1:{port}",
                 "--report-url", f"http://127.0.0.1:{port}", "--no-leader-elect",
                 "--workers", "2", "--progress-interval", "0.5",
-                "--embedded-jobs", os.path.join(self.work, "jobs")]
+                "--embedded-jobs", self.jobs_dir, "--embedded-jobs-namespace", self.namespace,
+                # the API server calls the webhook on loopback, registered by URL
+                "--webhook-url", f"https://127.0.0.1:{hook_port}",
+                "--webhook-listen", f"127.0.0.1:{hook_port}"]
+        if self.gateway is not None:
+            argv += ["--upload-gateway-url", self.gateway_url,
+                     "--upload-admin-token-file", self.gateway_token_file,
+                     "--upload-poll-interval", "0.5"]
         self.manager = self._spawn(argv, self.manager_log)
 
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                    return True
-            except OSError:
-                return False
-        _wait("controller manager", "/readyz", ready, 60, self.manager, self.manager_log)
+        _wait("controller manager", "/readyz", lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"),
+              60, self.manager, self.manager_log)
         say(f"manager pid {self.manager.pid}, health and metrics on 127.0.0.1:{port}, "
             f"log {self.manager_log}")
+        # the API server picks a new configuration up a moment after it is written: until
+        # it calls the webhook, an annotated workload would be stored unchanged
+        _wait("admission webhook", "the API server calling the webhook", self._webhook_serving,
+              30, self.manager, self.manager_log)
+        say(f"admission webhook https://127.0.0.1:{hook_port}/mutate, registered as "
+            f"MutatingWebhookConfiguration {WEBHOOK_CONFIG}")
+
+    def _webhook_serving(self) -> bool:
+        """A server-side dry run of a Pod asking for a model that does not exist: denied
+        by the webhook once the API server calls it, admitted unchanged before."""
+        assert self.cluster is not None
+        probe = {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": "webhook-probe", "namespace": self.namespace,
+                              "annotations": {contract.ANN_MODELS: "webhook-probe"}},
+                 "spec": {"containers": [{"name": "c", "image": "probe"}]}}
+        res = self.cluster.kubectl("create", "--dry-run=server", "-o", "name", "-f", "-",
+                                   input=json.dumps(probe), check=False)
+        return res.returncode != 0 and "denied the request" in res.stderr
 
     def _spawn(self, argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -244,7 +310,8 @@ class LocalSystem:
 
     def wait(self) -> None:
         """Keep everything running until SIGINT/SIGTERM or a component exits."""
-        names = {id(self.manager): "controller manager", id(self.node): "node plugin"}
+        names = {id(self.manager): "controller manager", id(self.node): "node plugin",
+                 id(self.gateway): "upload gateway"}
         if self.cluster is not None:
             names[id(self.cluster.etcd)] = "etcd"
             names[id(self.cluster.apiserver)] = "kube-apiserver"
@@ -258,6 +325,14 @@ class LocalSystem:
                         print(f"modelcache demo: {names.get(id(p), 'a component')} exited with "
                               f"status {p.returncode}; stopping", file=sys.stderr)
                         return
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _mounts_under(path: str) -> list[str]:

@@ -28,6 +28,7 @@ nothing to serve, keeps the gate and gets one Warning event on the pod per
 from __future__ import annotations
 
 import collections
+import datetime
 import logging
 import threading
 import time
@@ -81,10 +82,23 @@ def pod_transform(obj: Obj) -> Obj:
     spec = obj.get("spec") or {}
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion",
-                                                  "labels", "deletionTimestamp")},
+                                                  "labels", "deletionTimestamp",
+                                                  "creationTimestamp")},
             "spec": {"schedulingGates": spec.get("schedulingGates") or [],
                      "affinity": spec.get("affinity")},
             "requires": requirements(obj)}
+
+
+def oldest_held_seconds(pods: list[Obj], now: float) -> float:
+    """How long the oldest of these gated pods has existed (0 when none): the
+    ``modelcache_scheduling_gate_oldest_seconds`` gauge, which the GatesStuck alert reads."""
+    ages = [now - _timestamp(str(p["metadata"]["creationTimestamp"])) for p in pods
+            if (p.get("metadata") or {}).get("creationTimestamp")]
+    return max([0.0, *ages])
+
+
+def _timestamp(text: str) -> float:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def node_transform(obj: Obj) -> Obj:

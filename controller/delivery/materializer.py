@@ -22,6 +22,7 @@ copied next to the Job as ``<claim>-pull``, owned by the PVC (see
 
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
 import time
@@ -30,7 +31,7 @@ from typing import Any
 
 from api import jobresult
 from api import names as contract
-from controller import jobspec
+from controller import dmcrtls, jobspec
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
 from controller.models.reconciler import job_transform
@@ -88,9 +89,10 @@ def build_job(pvc: Obj, digest: str, reference: str, settings: jobs.Settings,
            "--digest", digest, "--result-file", jobresult.TERMINATION_LOG]
     if settings.registry_insecure:
         cmd.append("--insecure")
-    # the pull credential as files of its Secret, never an env value (jobspec.SecretFiles)
-    secret = jobspec.SecretFiles(pull_secret_name(claim), jobspec.REGISTRY_LOGIN) \
-        if with_pull_secret else None
+    # the pull credential (and the DMCR's CA) as files of its Secret, never an env value
+    # (jobspec.SecretFiles)
+    keys = jobspec.REGISTRY_LOGIN + ((jobspec.REGISTRY_CA,) if settings.registry_ca else ())
+    secret = jobspec.SecretFiles(pull_secret_name(claim), keys) if with_pull_secret else None
     return jobspec.build(
         name=contract.materializer_job_name(ns, digest), namespace=ns, labels=labels(claim),
         annotations={contract.ANN_PVC_DIGEST: digest}, owners=owned_by(pvc),
@@ -193,13 +195,19 @@ class Materializer:
         self.jobs.observe(job_transform(answer))
 
     def ensure_pull_secret(self, pvc: Obj) -> bool:
-        """Copy the pull-only credential's two keys next to the Job; False if none is set."""
-        if not self.pull_secret:
+        """Copy the pull-only credential's two keys (and the DMCR's CA bundle, when the
+        registry is served over TLS) next to the Job; False if there is neither."""
+        if not self.pull_secret and not self.settings.registry_ca:
             return False
         ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
-        source = self.client.get(kube.SECRETS, self.pull_secret, self.settings.namespace)
-        data = {k: v for k, v in (source.get("data") or {}).items()
-                if k in ("username", "password")}
+        data: dict[str, str] = {}
+        if self.pull_secret:
+            source = self.client.get(kube.SECRETS, self.pull_secret, self.settings.namespace)
+            data = {k: v for k, v in (source.get("data") or {}).items()
+                    if k in ("username", "password")}
+        ca = dmcrtls.read_ca(self.settings.registry_ca)
+        if ca:
+            data[jobspec.REGISTRY_CA[1]] = base64.b64encode(ca).decode()
         body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                 "metadata": {"name": pull_secret_name(claim), "namespace": ns,
                              "labels": labels(claim), "ownerReferences": owned_by(pvc)},
@@ -211,7 +219,7 @@ class Materializer:
         return True
 
     def delete_pull_secret(self, namespace: str, claim: str) -> None:
-        if self.pull_secret:
+        if self.pull_secret or self.settings.registry_ca:
             self.client.delete(kube.SECRETS, pull_secret_name(claim), namespace,
                                propagation=None)
 

@@ -12,6 +12,7 @@ the Job has finished.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 from api import conditions as c
 from api import jobresult, model
 from api.model import ModelView
+from controller import dmcrtls
 from controller.errors import Result, TemporaryError
 from controller.metrics import Metrics
 from controller.models import policy, workvolume
@@ -122,7 +124,8 @@ def ensure_job_secret(host: Host, obj: dict[str, Any], p: jobs.Plan, job: str) -
     source = _secret_data(host, use.name, use.namespace) if use is not None else None
     registry = _secret_data(host, settings.registry_secret, settings.namespace) \
         if settings.registry_secret else None
-    body = jobs.job_secret(obj, job, p, settings, source, registry)
+    body = jobs.job_secret(obj, job, p, settings, source, registry,
+                           dmcrtls.read_ca(settings.registry_ca))
     try:
         host.client.create(kube.SECRETS, body, host.settings.namespace)
     except kube.Conflict:
@@ -166,9 +169,22 @@ def on_complete(host: Host, obj: dict[str, Any], job: dict[str, Any], key: str) 
                         f"Job {jname} succeeded but left no readable result", key=key)
         return Result()
     host.completed_without_result.pop(jname, None)
+    seconds, view = job_seconds(job), ModelView.of(obj)
+    if seconds is not None and not (view.phase == c.READY and view.publish_key == key):
+        host.metrics.publish_seconds.labels(model.model_kind(obj)).observe(seconds)
     res = apply_result(host, obj, dict(result), key, jname)
     cleanup_secret_copy(host.client, host.settings, jname)
     return res
+
+
+def job_seconds(job: dict[str, Any]) -> float | None:
+    """A finished Job's startTime to completionTime, None when either is missing."""
+    st = job.get("status") or {}
+    if not st.get("startTime") or not st.get("completionTime"):
+        return None
+    start, end = (datetime.datetime.fromisoformat(str(st[k]).replace("Z", "+00:00"))
+                  for k in ("startTime", "completionTime"))
+    return max(0.0, (end - start).total_seconds())
 
 
 def apply_result(host: Host, obj: dict[str, Any], result: dict[str, Any], key: str,

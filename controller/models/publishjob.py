@@ -71,6 +71,9 @@ class Settings:
     image: str = "modelcache-controller:latest"
     registry_insecure: bool = False
     registry_secret: str | None = None  # Secret with username/password keys, in ``namespace``
+    # the DMCR's CA bundle, a file the manager keeps current (controller/dmcrtls.py); each
+    # Job gets its content as ``ca.crt`` of its Secret (``REGISTRY_CA``). None: public CAs
+    registry_ca: str | None = None
     hf_endpoint: str | None = None
     report_url: str | None = None
     report_key: bytes = b""
@@ -299,14 +302,18 @@ def _b64(text: str) -> str:
 
 def job_secret(obj: dict[str, Any], job: str, p: Plan, settings: Settings,
                source: dict[str, str] | None = None,
-               registry: dict[str, str] | None = None) -> dict[str, Any]:
+               registry: dict[str, str] | None = None,
+               registry_ca: bytes | None = None) -> dict[str, Any]:
     """The per-Job Secret: every secret the publish Job reads, one key per file.
 
     ``source``: the data of ``p.secret``'s Secret (only the keys the worker
     reads are taken, each under its env var's name); ``registry``: the data
-    of ``settings.registry_secret`` (``username``/``password``).
+    of ``settings.registry_secret`` (``username``/``password``); ``registry_ca``:
+    the DMCR's CA bundle (public, but one mount is simpler than two).
     """
     picked = {SOURCE_KEY: _b64(p.uri)}
+    if registry_ca:
+        picked[jobspec.REGISTRY_CA[1]] = base64.b64encode(registry_ca).decode()
     if settings.report_url:
         picked[REPORT_TOKEN] = _b64(report_token(settings, job))
     for var, key in jobspec.REGISTRY_LOGIN:
@@ -333,7 +340,10 @@ def secret_files(job: str, p: Plan, settings: Settings) -> jobspec.SecretFiles:
         keys += [var for var, _ in jobspec.REGISTRY_LOGIN]
     if p.secret is not None:
         keys += sorted(p.secret.keys)
-    return jobspec.SecretFiles(copied_secret_name(job), tuple((k, k) for k in keys))
+    pairs = tuple((k, k) for k in keys)
+    if settings.registry_ca:
+        pairs += (jobspec.REGISTRY_CA,)
+    return jobspec.SecretFiles(copied_secret_name(job), pairs)
 
 
 def work_claim_name(job: str) -> str:

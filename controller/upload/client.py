@@ -38,7 +38,7 @@ from controller.models import publishjob as jobs
 from kube import client as kube
 
 log = logging.getLogger(__name__)
-TOKEN_KEY = "token"
+TOKEN_KEY = names.UPLOAD_TOKEN_KEY
 
 
 @dataclass(frozen=True)

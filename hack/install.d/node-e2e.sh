@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the full-node end-to-end test (tests/e2e, `hack/e2e.sh`) needs
 # beyond the test API server that kube.sh builds:
-#   ~/.cache/modelcache-tools/kube-<v>/{kubelet,kube-scheduler,kube-controller-manager}
+#   ~/.cache/modelcache-tools/kube-<v>/{kubelet,kube-scheduler,kube-controller-manager,kube-proxy}
 #   apt: containerd, runc, busybox-static (the test images' rootfs),
 #        containernetworking-plugins, conntrack
 # Each binary is rebuilt only when missing or `--version` fails.
@@ -73,7 +73,8 @@ fi
 
 # --- kubelet, kube-scheduler, kube-controller-manager -------------------------
 kube_dir="$tools/kube-$KUBE_VERSION"
-cmds=(kubelet kube-scheduler kube-controller-manager)
+# kube-proxy: Services on the two-node e2e (tests/e2e/cluster2.py)
+cmds=(kubelet kube-scheduler kube-controller-manager kube-proxy)
 all_run() {
   local c
   for c in "${cmds[@]}"; do "$kube_dir/$c" --version >/dev/null 2>&1 || return 1; done

@@ -387,24 +387,11 @@ def _webhook_serving(kube: Any) -> bool:
     return False
 
 
-def _start(env: NodeEnv, kube: Any, *, sandbox_image: str, registries: Sequence[str],
-           model_registry: str, node_pull_via: str | None) -> None:
-    from kubernetes import client
-
-    bins = node_binaries()
+def start_control_plane(env: NodeEnv, kube: Any, bins: NodeBinaries) -> None:
+    """kube-controller-manager and kube-scheduler as ``env``'s processes
+    (also the two-node cluster's, tests/e2e/cluster2.py)."""
     admin = kube.kubeconfig
-    core = client.CoreV1Api(kube.api_client())
-    storage = client.StorageV1Api(kube.api_client())
-
-    # the API the system adds, its namespace and identities (the manifests'
-    # RBAC, nothing more), and the CSIDriver object: kubelet refuses an inline
-    # volume of a driver without one that allows the Ephemeral lifecycle mode
-    install_crds(kube)
-    kube.kubectl("apply", *(a for m in MANIFESTS for a in ("-f", m)))
-    controller_kc = kube.serviceaccount_kubeconfig("modelcache-controller", SYSTEM_NS)
-    node_kc = kube.serviceaccount_kubeconfig("modelcache-node", SYSTEM_NS)
-
-    # control plane: controller-manager and scheduler, admin identity, no leader election
+    # admin identity, no leader election
     _spawn(env, "kube-controller-manager", [
         bins.kube_controller_manager, f"--kubeconfig={admin}",
         f"--authentication-kubeconfig={admin}", f"--authorization-kubeconfig={admin}",
@@ -423,6 +410,26 @@ def _start(env: NodeEnv, kube: Any, *, sandbox_image: str, registries: Sequence[
         "--bind-address=127.0.0.1", f"--secure-port={listen_port()}",
         "--leader-elect=false", "--v=1",
     ])
+
+
+def _start(env: NodeEnv, kube: Any, *, sandbox_image: str, registries: Sequence[str],
+           model_registry: str, node_pull_via: str | None) -> None:
+    from kubernetes import client
+
+    bins = node_binaries()
+    admin = kube.kubeconfig
+    core = client.CoreV1Api(kube.api_client())
+    storage = client.StorageV1Api(kube.api_client())
+
+    # the API the system adds, its namespace and identities (the manifests'
+    # RBAC, nothing more), and the CSIDriver object: kubelet refuses an inline
+    # volume of a driver without one that allows the Ephemeral lifecycle mode
+    install_crds(kube)
+    kube.kubectl("apply", *(a for m in MANIFESTS for a in ("-f", m)))
+    controller_kc = kube.serviceaccount_kubeconfig("modelcache-controller", SYSTEM_NS)
+    node_kc = kube.serviceaccount_kubeconfig("modelcache-node", SYSTEM_NS)
+
+    start_control_plane(env, kube, bins)
 
     # our controller manager: started now so its start-up overlaps kubelet's.
     # Leader election stays on (one replica takes the Lease at once). No

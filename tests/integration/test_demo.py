@@ -1,28 +1,37 @@
 """The embedded demo (``modelcache demo``, README's first command), end to end.
 
 Everything is real: etcd + kube-apiserver, docker-registry, the local hub
-serving the real all-MiniLM-L6-v2 directory, the controller manager (its
-publish Job run by the embedded Job runner), the node plugin and a real
+serving the real all-MiniLM-L6-v2 directory, the upload gateway, the
+controller manager (its Jobs run by the embedded Job runner, its admission
+webhook registered with the API server), the node plugin and a real
 read-only bind mount. Acceptance: the output shows Ready, the digest (the
 registry's own manifest digest), the mounted files (byte-identical to the
-model directory), the env contract; teardown leaves no process, mount or
-directory behind; a failure names the component and why. Needs root (the
-bind mount).
+model directory), the env contract, where the Jobs' logs are; a Deployment
+applied with kubectl (the demo's kubeconfig) is stored mutated; an upload
+Model and a PVC Model reach Ready through the gateway; teardown leaves no
+process, mount or directory behind; a failure names the component and why.
+Needs root (the bind mount).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from api import names as contract
 from cli import demo as demo_mod
 from cli.local import cluster as localcluster
+from kube import client as kube
 from modelpack.oci import reference
 from modelpack.oci.registry import RegistryClient
 from tests.servers.helpers import same_tree
@@ -61,6 +70,7 @@ def _assert_gone(work: str, procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def test_demo_up_shows_ready_digest_files_env(tmp_path: os.PathLike[str], minilm_dir: str,
+                                              small_model: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     work = os.path.join(str(tmp_path), "demo")
     d = demo_mod.Demo(work, progress=False)
@@ -69,7 +79,7 @@ def test_demo_up_shows_ready_digest_files_env(tmp_path: os.PathLike[str], minilm
         d.up()
         out = capsys.readouterr().out
         procs = d.processes
-        assert len(procs) == 5  # etcd, kube-apiserver, registry, manager, node plugin
+        assert len(procs) == 6  # etcd, kube-apiserver, registry, gateway, manager, node plugin
 
         # Ready, with the metadata the controller verified
         assert "    phase Ready (" in out
@@ -106,9 +116,135 @@ def test_demo_up_shows_ready_digest_files_env(tmp_path: os.PathLike[str], minilm
                            "path": f"{contract.MOUNT_ROOT}/all-minilm-l6-v2",
                            "digest": printed[0], "family": "bert", "format": "Safetensors"}]
         assert "demo: OK" in out
+
+        _assert_jobs_logged(d, out)
+        _assert_webhook_mutates(d, out)
+        _assert_upload_ready(d, small_model, str(tmp_path))
+        _assert_pvc_ready(d, small_model)
     finally:
         d.down()
     _assert_gone(work, procs)
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not within {timeout} s")
+
+
+def _kubectl(out: str, *args: str, input: str | None = None) -> str:
+    """kubectl as a user runs it: with the kubeconfig the demo printed."""
+    kubeconfig = re.search(r"^    kubeconfig (/\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    res = subprocess.run([localcluster.binaries().kubectl, *args], input=input, text=True,
+                         capture_output=True, timeout=60,
+                         env={**os.environ, "KUBECONFIG": kubeconfig})
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def _assert_jobs_logged(d: demo_mod.Demo, out: str) -> None:
+    """The summary names the Job log directory, and the publish Job's log is in it."""
+    logs = re.search(r"^\[14\] Job logs .*: (/\S+)$", out, re.M)
+    assert logs is not None and logs.group(1) == d.jobs_dir
+    listed = re.findall(rf"^    job/(mc-\S+) \(modelcache-system\): ({re.escape(d.jobs_dir)}/\S+)$",
+                        out, re.M)
+    assert listed, out[-2000:]
+    for _, path in listed:
+        assert os.path.isfile(path)
+    # the publish worker's progress lines, to the last one
+    assert any('"phase": "done"' in open(p, errors="replace").read() for _, p in listed)
+
+
+def _assert_webhook_mutates(d: demo_mod.Demo, out: str) -> None:
+    """The webhook is registered with the demo's API server by URL, with the manager's CA;
+    an annotated Deployment applied with kubectl comes back injected and gated."""
+    mwc = json.loads(_kubectl(out, "get", "mutatingwebhookconfiguration", "modelcache",
+                              "-o", "json"))
+    for hook in mwc["webhooks"]:
+        assert hook["clientConfig"]["url"].startswith("https://127.0.0.1:")
+        assert hook["clientConfig"]["caBundle"]
+        assert hook["failurePolicy"] == "Fail"
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment",
+              "metadata": {"name": "user-app",
+                           "annotations": {contract.ANN_MODELS: "all-minilm-l6-v2"}},
+              "spec": {"selector": {"matchLabels": {"app": "u"}},
+                       "template": {"metadata": {"labels": {"app": "u"}},
+                                    "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+    _kubectl(out, "apply", "-f", "-", input=json.dumps(deploy))
+    spec = json.loads(_kubectl(out, "get", "deployment", "user-app", "-o", "json")
+                      )["spec"]["template"]["spec"]
+    vol = [v for v in spec["volumes"] if v.get("csi")][0]
+    assert vol["csi"]["driver"] == contract.CSI_DRIVER
+    assert vol["csi"]["volumeAttributes"]["digest"] == d.model["status"]["artifact"]["digest"]
+    c = spec["containers"][0]
+    assert {"name": vol["name"], "mountPath": f"{contract.MOUNT_ROOT}/all-minilm-l6-v2",
+            "readOnly": True}.items() <= next(m for m in c["volumeMounts"]
+                                              if m["name"] == vol["name"]).items()
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env[contract.ENV_DIR] == contract.MOUNT_ROOT
+    assert json.loads(env[contract.ENV_MODELS])[0]["name"] == "all-minilm-l6-v2"
+    assert {"name": contract.GATE} in spec["schedulingGates"]
+    # the Pod the demo created is stored injected, its gate lifted by the manager
+    pod = d.client.get(kube.PODS, demo_mod.POD, d.namespace)
+    assert "schedulingGates" not in pod["spec"] or not pod["spec"]["schedulingGates"]
+    assert any((v.get("csi") or {}).get("driver") == contract.CSI_DRIVER
+               for v in pod["spec"]["volumes"])
+
+
+def _model(d: demo_mod.Demo, name: str) -> dict[str, Any]:
+    return d.client.get(kube.MODELS, name, d.namespace)  # type: ignore[no-any-return]
+
+
+def _ready(d: demo_mod.Demo, name: str) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        m = _model(d, name)
+        phase = (m.get("status") or {}).get("phase")
+        assert phase != "Failed", m["status"]
+        return m if phase == "Ready" else None
+    return _wait_for(f"Model {name} Ready", done, 60)  # type: ignore[no-any-return]
+
+
+def _assert_upload_ready(d: demo_mod.Demo, src: str, tmp: str) -> None:
+    """source.upload: the gateway opens a session; ``modelcache upload --url --token-file``."""
+    d.client.create(kube.MODELS, {"apiVersion": "modelcache.io/v1alpha1", "kind": "Model",
+                                  "metadata": {"name": "uploaded"},
+                                  "spec": {"source": {"upload": {}}}}, d.namespace)
+    m = _wait_for("status.upload", lambda: (_model(d, "uploaded").get("status") or {}
+                                            ).get("upload"))
+    assert m["url"].startswith(d.gateway_url + "/")
+    secret = d.client.get(kube.SECRETS, m["tokenSecretRef"]["name"], d.namespace)
+    token_file = os.path.join(tmp, "upload-token")
+    with open(token_file, "w") as f:
+        f.write(base64.b64decode(secret["data"]["token"]).decode())
+    res = subprocess.run([sys.executable, "-m", "cli.main", "upload", "uploaded", src,
+                          "--url", m["url"], "--token-file", token_file, "--no-progress"],
+                         cwd=localcluster.REPO_ROOT, capture_output=True, text=True,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    st = _ready(d, "uploaded")["status"]
+    assert st["artifact"]["reference"].startswith(f"{d.registry.host}/models/"  # type: ignore[union-attr]
+                                                  f"{d.namespace}/uploaded:")
+    assert st["artifact"]["digest"] in res.stdout
+
+
+def _assert_pvc_ready(d: demo_mod.Demo, src: str) -> None:
+    """source.pvc: the claim is the demo's directory; the reader Job runs as a process."""
+    shutil.copytree(src, os.path.join(d.claim_dir("weights"), "m"))
+    d.client.create(kube.PVCS, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                "metadata": {"name": "weights"},
+                                "spec": {"accessModes": ["ReadWriteOnce"],
+                                         "resources": {"requests": {"storage": "1Gi"}}}},
+                    d.namespace)
+    d.client.create(kube.MODELS, {"apiVersion": "modelcache.io/v1alpha1", "kind": "Model",
+                                  "metadata": {"name": "from-pvc"},
+                                  "spec": {"source": {"pvc": {"claimName": "weights",
+                                                              "path": "m/"}}}}, d.namespace)
+    st = _ready(d, "from-pvc")["status"]
+    assert st["resolved"]["format"] == "Safetensors"
 
 
 def test_demo_failure_names_the_component(tmp_path: os.PathLike[str]) -> None:
@@ -138,7 +274,7 @@ def test_demo_command_once() -> None:
                          timeout=300, stdin=subprocess.DEVNULL)
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
-    for n in range(1, 12):
+    for n in range(1, 15):
         assert f"\n[{n}] " in out
     assert "    phase Ready (" in out
     assert DIGEST_RE.search(out)

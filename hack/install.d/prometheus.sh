@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Prometheus and promtool from Debian's `prometheus` package: the chart's alert rules
+# are unit-tested with `promtool test rules` (tests/unit/test_alert_rules.py) and
+# tests/integration/test_monitoring.py runs a real Prometheus that scrapes a manager
+# and a node plugin. The package's service is not started (the tests start their own).
+set -euo pipefail
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && exit 0
+export DEBIAN_FRONTEND=noninteractive
+echo "install: apt package prometheus (promtool)"
+apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
