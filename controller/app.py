@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api import names as delivery_contract
-from controller import dmcrtls
+from controller import dmcrtls, registrytokens
 from controller.catalog import server as catalog_server
 from controller.catalog import sources as catalogsources
 from controller.delivery import gates as delivery_gates
@@ -71,6 +71,9 @@ class Options:
     # the DMCR over TLS: its certificate, CA bundle and roll (controller/dmcrtls.py); None:
     # the registry is plain HTTP (the demo) or has a certificate from elsewhere
     registry_tls: dmcrtls.Config | None = None
+    # the DMCR pull endpoint's token realm (controller/registrytokens.py), served with
+    # registry_tls's certificate; None: not served
+    registry_tokens: registrytokens.Config | None = None
 
 
 class Manager:
@@ -107,6 +110,10 @@ class Manager:
             self.informers += self.shared_pvc.informers
         self.registry_tls = dmcrtls.RegistryTLS(self.client, opts.registry_tls) \
             if opts.registry_tls is not None else None
+        self.token_realm = registrytokens.Realm(self.client, opts.registry_tokens) \
+            if opts.registry_tokens is not None and self.registry_tls is not None else None
+        if self.token_realm is not None and self.registry_tls is not None:
+            self.registry_tls.listeners.append(self.token_realm.reload)
         self.delivery: delivery_webhook.Delivery | None = None
         if opts.delivery is not None:
             # nodes as their cache labels; only pods still held by our scheduling gate
@@ -317,6 +324,8 @@ class Manager:
     def start(self) -> None:
         if self.registry_tls is not None:  # every replica: the CA file its Jobs are given
             self.registry_tls.start()
+            if self.token_realm is not None:  # every replica answers the realm
+                self.token_realm.start(self.registry_tls.keeper.ensure())
         threading.Thread(target=self.server.serve_forever, daemon=True, name="http").start()
         if self.catalog_server is not None:  # standbys serve the catalog from warm caches too
             threading.Thread(target=self.catalog_server.serve_forever, daemon=True,
@@ -362,6 +371,8 @@ class Manager:
         self.queue.shutdown()
         if self.registry_tls is not None:
             self.registry_tls.stop()
+        if self.token_realm is not None:
+            self.token_realm.stop()
         self.catalog_controller.stop()
         if self.shared_pvc is not None:
             self.shared_pvc.stop()

@@ -35,6 +35,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,8 @@ class RegistryTLS:
                                        cert_lifetime=cfg.cert_lifetime,
                                        component="dmcr", **keeper)
         self._stop = threading.Event()
+        # called with each pass's bundle: the token realm serves the same certificate
+        self.listeners: list[Callable[[certs.Bundle], None]] = []
 
     def sync(self) -> certs.Bundle:
         """One pass: the Secret, the CA (ConfigMap and file), then the Deployment's roll."""
@@ -96,6 +99,8 @@ class RegistryTLS:
         self.write_ca_file(bundle.ca_bundle)
         if self.cfg.deployment:
             self.ensure_rolled(certs.fingerprint(bundle.cert))
+        for listener in self.listeners:
+            listener(bundle)
         return bundle
 
     def ensure_ca_configmap(self, ca_bundle: bytes) -> None:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from controller import gensecrets
 from jobs import materialize, publish, pvc_reader
 from jobs.publish import read_secret
 from kube import logs
@@ -142,6 +143,14 @@ def _manager_parser(sub: Any) -> None:
                    help="ConfigMap in --namespace the DMCR's CA bundle is published in (ca.crt)")
     p.add_argument("--registry-deployment", default="dmcr",
                    help="the DMCR Deployment rolled when its certificate is renewed ('': none)")
+    p.add_argument("--registry-token-listen", default="",
+                   help="HOST:PORT of the DMCR pull endpoint's token realm (GET /token over "
+                   "HTTPS with the --registry-tls-secret certificate; controller/"
+                   "registrytokens.py); materializers then get a one-repository ticket, "
+                   "never the pull account ('': not served)")
+    p.add_argument("--registry-token-secret", default="modelcache-dmcr-token",
+                   help="Secret in --namespace with the realm's signing pair and ticket key "
+                   "(made at start when absent)")
     p.add_argument("--registry-tls-host", action="append", default=[],
                    help="a DNS name or IP of the DMCR's certificate, besides the dmcr and "
                    "modelcache-controller Services' names (repeatable)")
@@ -301,7 +310,8 @@ def cmd_manager(args: argparse.Namespace) -> int:
         progress_interval=args.progress_interval, upload=_upload_config(args),
         secret_recheck_interval=args.secret_recheck_interval,
         shared_pvc=_shared_pvc_config(args), catalog=_catalog_config(args),
-        delivery=_delivery_config(args), registry_tls=registry_tls)
+        delivery=_delivery_config(args), registry_tls=registry_tls,
+        registry_tokens=_registry_tokens(args, registry_tls))
     manager = app.Manager(opts)
     runner = None
     if args.embedded_jobs:
@@ -333,6 +343,20 @@ def _registry_tls(args: argparse.Namespace) -> Any:
                           ca_configmap=args.registry_ca_configmap,
                           deployment=args.registry_deployment or None,
                           extra_hosts=tuple(args.registry_tls_host))
+
+
+def _registry_tokens(args: argparse.Namespace, registry_tls: Any) -> Any:
+    from controller import registrytokens  # on use, as in cmd_manager
+
+    if not args.registry_token_listen:
+        return None
+    if registry_tls is None:
+        raise SystemExit("modelcache-controller: --registry-token-listen needs "
+                         "--registry-tls-secret (the realm is served over HTTPS)")
+    host, _, port = args.registry_token_listen.rpartition(":")
+    return registrytokens.Config(listen=(host or "0.0.0.0", int(port)),
+                                 namespace=args.namespace, secret=args.registry_token_secret,
+                                 pull_secret=args.registry_pull_secret or None)
 
 
 def _source_policy_env(args: argparse.Namespace) -> dict[str, str]:
@@ -422,7 +446,9 @@ def _shared_pvc_config(args: argparse.Namespace) -> Any:
     return sharedpvc.Config(storage_class=args.shared_pvc_storage_class or None,
                             grace=args.shared_pvc_grace, retry_base=args.shared_pvc_retry_base,
                             pull_secret=args.registry_pull_secret or None,
-                            pull_registry=args.pull_registry or None)
+                            pull_registry=args.pull_registry or None,
+                            ticket_secret=args.registry_token_secret
+                            if args.registry_token_listen else None)
 
 
 def _upload_config(args: argparse.Namespace) -> Any:
@@ -440,13 +466,15 @@ def _upload_config(args: argparse.Namespace) -> Any:
 
 
 PARSERS: list[Callable[[Any], None]] = [publish.add_parser, _gateway_parser, _manager_parser,
-                                        materialize.add_parser, pvc_reader.add_parser]
+                                        materialize.add_parser, pvc_reader.add_parser,
+                                        gensecrets.add_parser]
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "materialize": materialize.main,
     "pvc-upload": pvc_reader.main,
     "publish": publish.main,
     "upload-gateway": cmd_upload_gateway,
     "manager": cmd_manager,
+    "gen-secrets": gensecrets.main,
 }
 
 

@@ -42,6 +42,7 @@ import json
 import logging
 import secrets
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -52,8 +53,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
 
+from kube import certs
 from kube import client as kube
 from kube.httpreply import reply
 
@@ -88,20 +89,9 @@ class Keys:
 def new_keys(now: dt.datetime | None = None) -> Keys:
     """An RSA signing pair (distribution checks RS256 against the x5c certificate) and a
     ticket key. The certificate lives ten years: a new one needs the DMCR restarted."""
-    now = now or dt.datetime.now(dt.UTC)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    return Keys(cert.public_bytes(serialization.Encoding.PEM),
-                key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()),
-                secrets.token_bytes(32))
+    cert, key = certs.new_rsa_signer(ISSUER, now or dt.datetime.now(dt.UTC),
+                                     dt.timedelta(days=3650))
+    return Keys(cert, key, secrets.token_bytes(32))
 
 
 def ensure_keys(client: kube.Kube, namespace: str, name: str) -> Keys:
@@ -277,6 +267,70 @@ def create_server(listen: tuple[str, int], issuer: Issuer,
     return server
 
 
-__all__ = ["ISSUER", "MATERIALIZER", "MAX_TICKET_TTL", "SERVICE", "Issuer", "Keys",
+# -- what the manager runs -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[str, int]
+    namespace: str
+    secret: str = "modelcache-dmcr-token"
+    pull_secret: str | None = None  # the pull account's Secret (username/password)
+    pull_ttl: float = 30.0  # seconds the pull account's Secret is reused
+
+
+class Realm:
+    """The token realm of one manager replica: its keys, the pull account, its server."""
+
+    def __init__(self, client: kube.Kube, cfg: Config) -> None:
+        self.client = client
+        self.cfg = cfg
+        self._login: tuple[float, tuple[str, str] | None] = (-1e18, None)
+        self.issuer: Issuer | None = None
+        self.server: ThreadingHTTPServer | None = None
+        self._ctx: ssl.SSLContext | None = None
+        self._served = b""
+
+    def pull_login(self) -> tuple[str, str] | None:
+        if not self.cfg.pull_secret:
+            return None
+        at, login = self._login
+        if time.monotonic() - at < self.cfg.pull_ttl:
+            return login
+        try:
+            data = self.client.get(kube.SECRETS, self.cfg.pull_secret,
+                                   self.cfg.namespace).get("data") or {}
+            login = (base64.b64decode(data["username"]).decode(),
+                     base64.b64decode(data["password"]).decode())
+        except (kube.NotFound, KeyError):
+            login = None
+        self._login = (time.monotonic(), login)
+        return login
+
+    def start(self, bundle: Any) -> None:
+        """Serve with ``bundle`` (a ``kube.certs.Bundle``: the DMCR's certificate)."""
+        self.issuer = Issuer(ensure_keys(self.client, self.cfg.namespace, self.cfg.secret),
+                             self.pull_login)
+        self._ctx = certs.server_context(bundle.cert, bundle.key)
+        self._served = bundle.cert
+        self.server = create_server(self.cfg.listen, self.issuer, self._ctx)
+        threading.Thread(target=self.server.serve_forever, daemon=True,
+                         name="registry-tokens").start()
+        log.info("registry token realm listening",
+                 extra={"listen": f"{self.cfg.listen[0]}:{self.server.server_address[1]}"})
+
+    def reload(self, bundle: Any) -> None:
+        """A renewed certificate: served from the next connection on."""
+        if self._ctx is not None and bundle.cert != self._served:
+            certs.load_chain(self._ctx, bundle.cert, bundle.key)
+            self._served = bundle.cert
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+__all__ = ["Config", "Realm", "ISSUER", "MATERIALIZER", "MAX_TICKET_TTL", "SERVICE", "Issuer", "Keys",
            "Unauthorized", "check_ticket", "create_server", "ensure_keys", "make_ticket",
            "new_keys", "parse_scopes"]

@@ -27,7 +27,7 @@ REASON = "SecretNotAllowed"
 CONTROLLER_SECRETS = frozenset({
     "dmcr-credentials", "dmcr-pull-credentials", "dmcr-htpasswd", "dmcr-pull-htpasswd",
     "modelcache-report-key", "modelcache-upload-admin-token", "modelcache-webhook-tls",
-    "modelcache-catalog-tls"})
+    "modelcache-catalog-tls", "modelcache-dmcr-tls", "modelcache-dmcr-token"})
 
 
 def refusal(namespace: str, name: str, labels: Mapping[str, str] | None, *,

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Build the two product images, modelcache-controller and modelcache-node,
 # from Dockerfile.controller / Dockerfile.node with buildah (no Docker engine),
-# and write them as OCI archives:
+# and the DMCR image the e2e runs in place of registry:2 (Dockerfile.dmcr:
+# Debian's docker-registry, since registry:2 cannot be pulled here), and write
+# them as OCI archives:
 #   build/images/modelcache-controller.oci.tar
 #   build/images/modelcache-node.oci.tar
+#   build/images/modelcache-dmcr.oci.tar
 # Needs root and hack/install.d/images.sh's packages (buildah, mmdebstrap).
 #
 # Hermetic: the wheels are downloaded here on the host with `pip download` for
@@ -42,7 +45,7 @@ rm -rf "$cache"/*.tmp "$cache"/*.tmp.tar  # what an interrupted run left
 
 tag="${MODELCACHE_IMAGE_TAG:-$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')}"
 store=(--root "$cache/storage" --runroot "$cache/run" --storage-driver vfs)
-images=(controller node)
+images=(controller node dmcr)
 start=$SECONDS
 
 # --- the base --------------------------------------------------------------------
@@ -117,16 +120,31 @@ git ls-files -z --cached --others --exclude-standard -- \
   | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
   | sort -z -u | xargs -0 cp --parents -t "$ctx"
 cp -al "$wheels" "$ctx/wheels" 2>/dev/null || cp -a "$wheels" "$ctx/wheels"
+# Dockerfile.dmcr's binary: Debian's docker-registry (distribution 2.8), the
+# .deb fetched with apt-get download and unpacked here (no network in the build)
+mkdir -p "$cache/debs"
+deb=$(find "$cache/debs" -name 'docker-registry_*.deb' | sort | tail -n 1)
+if [ -z "$deb" ]; then
+  echo "images: apt-get download docker-registry"
+  (cd "$cache/debs" && apt-get download -qq docker-registry >/dev/null)
+  deb=$(find "$cache/debs" -name 'docker-registry_*.deb' | sort | tail -n 1)
+fi
+dpkg-deb -x "$deb" "$ctx/dmcr.tmp"
+mkdir -p "$ctx/dmcr"
+mv "$ctx/dmcr.tmp/usr/bin/docker-registry" "$ctx/dmcr/docker-registry"
+rm -rf "$ctx/dmcr.tmp"
 
 key=$( {
   echo "tag $tag" "base $base $base_id"
-  sha256sum Dockerfile.controller Dockerfile.node hack/images.sh
+  sha256sum Dockerfile.controller Dockerfile.node Dockerfile.dmcr hack/images.sh
   (cd "$ctx" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
 } | sha256sum | cut -c1-16)
 hit="$cache/$key"
 
 # --- build (or reuse) ----------------------------------------------------------------
-if [ -f "$hit/modelcache-controller.oci.tar" ] && [ -f "$hit/modelcache-node.oci.tar" ]; then
+have=1
+for name in "${images[@]}"; do [ -f "$hit/modelcache-$name.oci.tar" ] || have=0; done
+if [ "$have" = 1 ]; then
   echo "images: cached ($key)"
 else
   rm -rf "$hit.tmp"
@@ -155,4 +173,4 @@ for name in "${images[@]}"; do
 done
 echo "$key" >"$out/KEY"
 rm -rf "$ctx"
-echo "images: build/images/modelcache-{controller,node}.oci.tar ($tag, key $key, $((SECONDS - start))s)"
+echo "images: build/images/modelcache-{controller,node,dmcr}.oci.tar ($tag, key $key, $((SECONDS - start))s)"

@@ -40,7 +40,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kube import client as kube
@@ -206,6 +206,22 @@ def new_key_pair() -> tuple[bytes, bytes]:
     public = key.public_key().public_bytes(serialization.Encoding.PEM,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
     return _pem_key(key), public
+
+
+def new_rsa_signer(name: str, now: datetime.datetime,
+                   lifetime: datetime.timedelta) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) of a self-signed RSA-2048 signing pair named ``name``:
+    what distribution's token auth checks RS256 tokens against (``rootcertbundle``)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE).not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return _pem(cert), key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
 
 
 def self_signed(hosts: list[str], days: int = 365,

@@ -15,9 +15,13 @@ annotations (so a restarted manager keeps the count), then, after a backoff
 that doubles per failure up to ``retry_max``, delete the Job so the next
 pass makes it again.
 
-The pull credential: with ``--registry-pull-secret`` its two keys are
-copied next to the Job as ``<claim>-pull``, owned by the PVC (see
-``sharedpvc.py`` on why pull only).
+The pull credential, next to the Job as ``<claim>-pull``, owned by the PVC:
+with the DMCR's token realm (``ticket_secret``, ``controller/registrytokens.py``)
+username ``materializer`` and a ticket that opens only the reference's
+repository, for ``TICKET_TTL`` (made afresh with each Job, so a Job recreated
+after a failure gets a new one); without it, the two keys of
+``--registry-pull-secret`` copied (a pull-only account that reads every
+repository). Plus the DMCR's CA bundle when it serves TLS.
 """
 
 from __future__ import annotations
@@ -31,18 +35,20 @@ from typing import Any
 
 from api import jobresult
 from api import names as contract
-from controller import dmcrtls, jobspec
+from controller import dmcrtls, jobspec, registrytokens
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
 from controller.models.reconciler import job_transform
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
+from modelpack.oci import reference as ref
 
 log = logging.getLogger(__name__)
 
 MOUNT = "/var/lib/modelcache/pvc"  # where the materializer sees the PVC
 CONTAINER = "materialize"
+TICKET_TTL = registrytokens.MAX_TICKET_TTL  # a materializer's ticket: one hour at most
 
 Obj = dict[str, Any]
 
@@ -109,7 +115,7 @@ class Materializer:
     def __init__(self, client: kube.Kube, settings: jobs.Settings, *, jobs_cache: Informer,
                  recorder: Recorder, metrics: Metrics,
                  annotate: Callable[[Obj, dict[str, Any]], Obj], pull_secret: str | None,
-                 retry_base: float, retry_max: float) -> None:
+                 retry_base: float, retry_max: float, ticket_secret: str | None = None) -> None:
         self.client = client
         self.settings = settings
         self.jobs = jobs_cache
@@ -117,6 +123,7 @@ class Materializer:
         self.metrics = metrics
         self.annotate = annotate
         self.pull_secret = pull_secret  # Secret (username/password) in the controller namespace
+        self.ticket_secret = ticket_secret  # the token realm's keys (registrytokens.py)
         self.retry_base = retry_base
         self.retry_max = retry_max
 
@@ -183,7 +190,7 @@ class Materializer:
 
     def create_job(self, pvc: Obj, digest: str, reference: str) -> None:
         ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
-        with_secret = self.ensure_pull_secret(pvc)
+        with_secret = self.ensure_pull_secret(pvc, reference)
         body = build_job(pvc, digest, reference, self.settings, with_secret)
         try:
             answer = self.client.create(kube.JOBS, body, ns)
@@ -194,14 +201,21 @@ class Materializer:
             answer = self.client.get(kube.JOBS, body["metadata"]["name"], ns)
         self.jobs.observe(job_transform(answer))
 
-    def ensure_pull_secret(self, pvc: Obj) -> bool:
+    def ensure_pull_secret(self, pvc: Obj, reference: str) -> bool:
         """Copy the pull-only credential's two keys (and the DMCR's CA bundle, when the
         registry is served over TLS) next to the Job; False if there is neither."""
-        if not self.pull_secret and not self.settings.registry_ca:
+        if not (self.pull_secret or self.ticket_secret or self.settings.registry_ca):
             return False
         ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
         data: dict[str, str] = {}
-        if self.pull_secret:
+        if self.ticket_secret:
+            keys = registrytokens.ensure_keys(self.client, self.settings.namespace,
+                                              self.ticket_secret)
+            ticket = registrytokens.make_ticket(
+                keys.ticket_key, ns, ref.parse(reference).repository, time.time() + TICKET_TTL)
+            data = {"username": base64.b64encode(registrytokens.MATERIALIZER.encode()).decode(),
+                    "password": base64.b64encode(ticket.encode()).decode()}
+        elif self.pull_secret:
             source = self.client.get(kube.SECRETS, self.pull_secret, self.settings.namespace)
             data = {k: v for k, v in (source.get("data") or {}).items()
                     if k in ("username", "password")}
@@ -219,7 +233,7 @@ class Materializer:
         return True
 
     def delete_pull_secret(self, namespace: str, claim: str) -> None:
-        if self.pull_secret or self.settings.registry_ca:
+        if self.pull_secret or self.ticket_secret or self.settings.registry_ca:
             self.client.delete(kube.SECRETS, pull_secret_name(claim), namespace,
                                propagation=None)
 

@@ -94,6 +94,9 @@ class Config:
     grace: float = 600.0  # seconds a PVC stays after its last user went
     pull_secret: str | None = None  # Secret (username/password) in the controller namespace
     pull_registry: str | None = None  # HOST:PORT materializers pull from (the DMCR's read-only one)
+    # Secret of the DMCR's token realm (controller/registrytokens.py): set, a materializer
+    # gets a ticket for its one repository, never the pull account of ``pull_secret``
+    ticket_secret: str | None = None
     retry_base: float = 30.0  # first delay after a failed materializer Job, doubled per failure
     retry_max: float = 3600.0
     workers: int = 2
@@ -200,6 +203,7 @@ class SharedPVC:
         self.materializer = materializer.Materializer(
             client, settings, jobs_cache=self.jobs, recorder=recorder, metrics=metrics,
             annotate=self.annotate, pull_secret=config.pull_secret,
+            ticket_secret=config.ticket_secret,
             retry_base=config.retry_base, retry_max=config.retry_max)
         self._wire()
 

@@ -106,3 +106,44 @@ if ! all_run; then
   all_run
   echo "install: ${cmds[*]} $KUBE_VERSION built in $((SECONDS - start))s"
 fi
+
+# --- CoreDNS: cluster DNS for the chart e2e (tests/e2e/deployed.py) ----------------
+# A host process serving cluster.local from the API server. Built from Go
+# modules (github.com/coredns/coredns through the module proxy) as a small
+# main package with only the plugins the e2e's Corefile uses (bind, errors,
+# kubernetes): CoreDNS's own main links every plugin and its cloud SDKs.
+COREDNS_VERSION=v1.15.0
+coredns_dir="$tools/coredns-$COREDNS_VERSION"
+if ! "$coredns_dir/coredns" -version >/dev/null 2>&1; then
+  echo "install: coredns $COREDNS_VERSION (go build)"
+  start=$SECONDS
+  src="$coredns_dir/src"
+  mkdir -p "$src"
+  cat >"$src/main.go" <<'GO'
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+)
+
+func init() {
+	dnsserver.Directives = []string{"bind", "errors", "kubernetes"}
+}
+
+func main() { coremain.Run() }
+GO
+  printf 'module modelcache.test/coredns\n\ngo 1.26.0\n\nrequire github.com/coredns/coredns %s\n' \
+    "$COREDNS_VERSION" >"$src/go.mod"
+  log="$coredns_dir/build.log"
+  : >"$log"
+  quiet "$log" go -C "$src" mod tidy
+  quiet "$log" nice -n 19 go -C "$src" build -trimpath -ldflags "-s -w" -o "$coredns_dir/coredns.tmp" .
+  mv "$coredns_dir/coredns.tmp" "$coredns_dir/coredns"
+  "$coredns_dir/coredns" -version >/dev/null
+  echo "install: coredns $COREDNS_VERSION built in $((SECONDS - start))s"
+fi

@@ -31,10 +31,21 @@ root dir, cgroup parent (``cgroupRoot``) and network namespace:
   the loopback name to it: image references stay ``127.0.0.1:<port>/...``
   for the host's pushes and the nodes' pulls alike;
 - kubelet serves on its node IP, reachable from the API server, so
-  ``kubectl logs``/``exec`` work.
+  ``kubectl logs``/``exec`` work;
+- with ``private_paths`` (the chart as deployed, tests/e2e/deployed.py),
+  each node also gets a mount namespace of its own, held by a ``sleep``
+  started with ``unshare --mount --propagation slave``: there the node's own
+  directories are bind-mounted at those host paths (``/var/lib/kubelet``,
+  the cache dir), made ``rshared`` so a container's ``Bidirectional`` mount
+  reaches kubelet and back, and ``/run/netns`` is a tmpfs of the node's (the
+  pods' netns files); containerd, kubelet and kube-proxy enter it with
+  ``nsenter --mount``. Slave propagation: the host's mounts reach the node,
+  the node's never reach the host, and they all go with the namespace when
+  its last process exits.
 
 Shortcuts, beyond nodeenv's (admin identity for Kubernetes components,
-``cgroupsPerQOS: false``, cgroup v1, oom_score_adj clamp):
+cgroup v1, oom_score_adj clamp; unlike nodeenv, ``cgroupsPerQOS`` is on,
+under each node's own ``cgroupRoot``):
 - kubelet's API allows anonymous requests (AlwaysAllow): the API server
   holds no kubelet client certificate (kubeenv makes the PKI), and the node
   IPs are reachable only from this host;
@@ -99,6 +110,7 @@ class Node:
     env: nodeenv.NodeEnv
     netns: str
     cgroup: str  # kubelet's cgroupRoot, one dir per v1 hierarchy
+    mount_holder: int = 0  # pid holding the node's mount namespace; 0: the host's
 
     @property
     def name(self) -> str:
@@ -121,6 +133,8 @@ class Cluster2:
     env: nodeenv.NodeEnv
     bridge: str
     nodes: list[Node] = field(default_factory=list)
+    private_paths: tuple[str, ...] = ()
+    cluster_dns: str = ""
     relays: list[socketserver.ThreadingTCPServer] = field(default_factory=list)
 
     @property
@@ -269,7 +283,32 @@ def _node_kubeconfig(c: Cluster2) -> str:
 
 
 def _in_netns(n: Node, argv: Sequence[str]) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{n.netns}", "--", *argv]
+    mnt = [f"--mount=/proc/{n.mount_holder}/ns/mnt"] if n.mount_holder else []
+    return ["nsenter", f"--net=/run/netns/{n.netns}", *mnt, "--", *argv]
+
+
+def private_dir(n: Node, path: str) -> str:
+    """Node ``n``'s own directory that its mount namespace shows at ``path``."""
+    return os.path.join(n.env.dir, "private", path.strip("/").replace("/", "_"))
+
+
+def _mount_namespace(c: Cluster2, n: Node) -> None:
+    """The node's mount namespace (module docstring), held by a ``sleep``."""
+    script = ["set -e", "mount -t tmpfs -o mode=755 netns /run/netns"]
+    for path in c.private_paths:
+        src = private_dir(n, path)
+        os.makedirs(src, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
+        script += [f"mount --bind '{src}' '{path}'", f"mount --make-rshared '{path}'"]
+    ready = os.path.join(n.env.dir, "mountns.ready")
+    script += [f"touch '{ready}'", "exec sleep infinity"]
+    os.makedirs("/run/netns", exist_ok=True)
+    p = nodeenv._spawn(n.env, "mountns", ["unshare", "--mount", "--propagation", "slave", "--",
+                                          "sh", "-c", "\n".join(script)])
+    p.name = f"{n.name}/mountns"
+    c.env.procs.append(p)
+    nodeenv.wait_for(c.env, f"{n.name} mount namespace", lambda: os.path.exists(ready), timeout=30)
+    n.mount_holder = p.proc.pid
 
 
 def _spawn(c: Cluster2, n: Node, name: str, argv: Sequence[str]) -> None:
@@ -292,6 +331,8 @@ def _start_node(c: Cluster2, n: Node, *, sandbox_image: str, registries: Sequenc
     conf = os.path.join(ctd, "config.toml")
     with open(conf, "w") as f:
         f.write(nodeenv.containerd_config(ctd, sandbox_image, cni_dir, hosts_dir))
+    if c.private_paths:
+        _mount_namespace(c, n)
     _spawn(c, n, "containerd", [bins.containerd, "--config", conf, "--log-level", "info"])
     nodeenv.wait_for(c.env, f"{n.name} containerd socket", lambda: subprocess.run(
         [bins.ctr, "--address", env.containerd_socket, "version"], capture_output=True,
@@ -309,6 +350,8 @@ def _start_node(c: Cluster2, n: Node, *, sandbox_image: str, registries: Sequenc
         "cgroupsPerQOS": True,
         "cgroupRoot": "/" + n.cgroup,
     })
+    if c.cluster_dns:
+        config.update({"clusterDNS": [c.cluster_dns], "clusterDomain": "cluster.local"})
     _make_cgroup_root(n.cgroup)
     kconf = os.path.join(env.dir, "kubelet-config.yaml")
     with open(kconf, "w") as f:
@@ -371,10 +414,15 @@ def _stop(c: Cluster2) -> None:
     for n in c.nodes:
         ctd = by_name.get(f"{n.name}/containerd")
         if ctd and ctd.proc.poll() is None:
+            sandbox_netns = _task_netns(n)
             nodeenv._cleanup_containers(n.env)
-            # the CRI sandboxes' netns (/run/netns/cni-*): removed with the sandboxes
-            _remove_sandboxes(n)
             stop_process(ctd.proc, timeout=20)
+            # pods kubelet did not stop leave their netns (/run/netns/cni-*) behind
+            for name in sandbox_netns:
+                subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        holder = by_name.get(f"{n.name}/mountns")
+        if holder:  # the node's mounts (and its pods' netns) go with the namespace
+            stop_process(holder.proc, timeout=20)
     nodeenv._unmount_under(c.dir)
     for n in c.nodes:
         nodeenv._remove_log_links(n.env.dir)
@@ -387,16 +435,22 @@ def _stop(c: Cluster2) -> None:
                     os.rmdir(path)
 
 
-def _remove_sandboxes(n: Node) -> None:
-    crictl = shutil.which("crictl")
-    if not crictl:  # kubelet removed the sandboxes of the pods it deleted
-        return
-    base = [crictl, "--runtime-endpoint", f"unix://{n.env.containerd_socket}"]
+def _task_netns(n: Node) -> list[str]:
+    """The /run/netns entries the node's running containers are in (by inode)."""
+    by_inode = {os.stat(f"/run/netns/{name}").st_ino: name for name in _netns_names()
+                if name.startswith("cni-")}
+    base = [nodeenv.node_binaries().ctr, "--address", n.env.containerd_socket,
+            "--namespace", "k8s.io"]
+    found = []
     with contextlib.suppress(subprocess.SubprocessError, OSError):
-        for pod in subprocess.run([*base, "pods", "-q"], capture_output=True, text=True,
-                                  timeout=30).stdout.split():
-            subprocess.run([*base, "stopp", pod], capture_output=True, timeout=30)
-            subprocess.run([*base, "rmp", pod], capture_output=True, timeout=30)
+        rows = subprocess.run([*base, "tasks", "ls"], capture_output=True, text=True,
+                              timeout=30).stdout.splitlines()[1:]
+        for row in rows:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ino = os.stat(f"/proc/{int(row.split()[1])}/ns/net").st_ino
+                if ino in by_inode:
+                    found.append(by_inode.pop(ino))
+    return found
 
 
 def leftovers(c: Cluster2, netns_before: set[str]) -> list[str]:
@@ -432,13 +486,18 @@ def leftovers(c: Cluster2, netns_before: set[str]) -> list[str]:
 
 @contextlib.contextmanager
 def running(*, sandbox_image: str, registries: Sequence[str] = (),
-            keep_dir: bool = False) -> Iterator[Cluster2]:
+            keep_dir: bool = False, private_paths: Sequence[str] = (),
+            cluster_dns: str = "", extra_apiserver_args: Sequence[str] = ()
+            ) -> Iterator[Cluster2]:
     """API server, controller-manager and scheduler on the host; two nodes,
     each containerd + kubelet + kube-proxy in its own netns.
 
     ``registries``: host:port (127.0.0.1) of plain-HTTP registries that both
     nodes' containerd pull from (relayed, see the module docstring);
-    ``sandbox_image`` must live in one of them.
+    ``sandbox_image`` must live in one of them. ``private_paths``: host
+    paths each node sees as a directory of its own (module docstring);
+    ``/var/lib/kubelet`` among them is then kubelet's root dir.
+    ``cluster_dns``: the kubelets' clusterDNS (a resolver the caller runs).
     """
     if os.geteuid() != 0:
         raise ClusterError("the two-node e2e needs root (netns, containerd, runc, mounts)")
@@ -450,13 +509,17 @@ def running(*, sandbox_image: str, registries: Sequence[str] = (),
     cid = secrets.token_hex(2)
     with kubeenv.running(extra_apiserver_args=[
             # the nodes' names resolve nowhere: logs/exec go to their IPs
-            "--bind-address=0.0.0.0", "--kubelet-preferred-address-types=InternalIP"]) as kube:
-        c = Cluster2(dir=work, id=cid, kube=kube, bridge=f"mc2b-{cid}", env=nodeenv.NodeEnv(
+            "--bind-address=0.0.0.0", "--kubelet-preferred-address-types=InternalIP",
+            *extra_apiserver_args]) as kube:
+        c = Cluster2(dir=work, id=cid, kube=kube, bridge=f"mc2b-{cid}",
+                     private_paths=tuple(private_paths), cluster_dns=cluster_dns,
+                     env=nodeenv.NodeEnv(
             dir=work, kube=kube, node_name="", kubelet_root="", containerd_socket="",
             plugin_socket="", cache_dir=""))
         for i in range(1, NODE_COUNT + 1):
             d = os.path.join(work, f"n{i}")
-            kubelet_root = os.path.join(d, "kubelet")
+            kubelet_root = "/var/lib/kubelet" if "/var/lib/kubelet" in private_paths \
+                else os.path.join(d, "kubelet")
             c.nodes.append(Node(index=i, netns=f"mc2-{cid}-n{i}", cgroup=f"mc2-{cid}-n{i}",
                                 env=nodeenv.NodeEnv(
                 dir=d, kube=kube, node_name=f"mc2-node-{i}", kubelet_root=kubelet_root,

@@ -41,8 +41,9 @@ def _running(core: Any, name: str) -> Any:
 
 
 def _fetch(c: cluster2.Cluster2, pod: str, url: str) -> str:
-    """``wget`` in ``pod`` (kubectl exec: API server -> kubelet on its node IP)."""
-    got = c.kube.kubectl("exec", "-n", NS, pod, "--", "wget", "-qO-", "-T", "3", url,
+    """``wget`` in ``pod`` (kubectl exec: API server -> kubelet on its node IP).
+    Not ``-T``: busybox-static 1.35 wget segfaults with it here."""
+    got = c.kube.kubectl("exec", "-n", NS, pod, "--", "wget", "-q", "-O-", url,
                          check=False, timeout=30)
     return got.stdout if got.returncode == 0 else ""
 

@@ -94,7 +94,7 @@ def test_rendered_kinds(helm: str) -> None:
         ("Deployment", "dmcr"), ("Service", "dmcr"), ("ConfigMap", "dmcr-config"),
         ("PersistentVolumeClaim", "dmcr-data"),
         ("Secret", "dmcr-htpasswd"), ("Secret", "dmcr-credentials"),
-        ("Secret", "dmcr-pull-htpasswd"), ("Secret", "dmcr-pull-credentials"),
+        ("Secret", "dmcr-pull-credentials"),
         ("Secret", "modelcache-report-key"),
         ("DaemonSet", "modelcache-node"),
         ("ServiceAccount", "modelcache-upload-gateway"),
@@ -189,16 +189,19 @@ def test_manifests_pass_server_dry_run(kube: kubeenv.KubeEnv) -> None:
 
 def test_dmcr_pull_endpoint_is_read_only(helm: str) -> None:
     """The pull endpoint (nodes, materializers) shares the storage read-only,
-    with its own htpasswd, in the chart and in the plain manifests alike."""
+    behind the controller's token realm, in the chart and in the plain manifests alike."""
     for objs in (render(helm, "modelcache-system"), manifests()):
         by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
         cfg = yaml.safe_load(by[("ConfigMap", "dmcr-config")]["data"]["config-pull.yml"])
         assert cfg["storage"]["maintenance"]["readonly"] == {"enabled": True}
-        assert cfg["auth"]["htpasswd"]["path"] == "/auth-pull/htpasswd"
+        assert cfg["auth"]["token"]["rootcertbundle"] == "/token/tls.crt"
+        assert cfg["auth"]["token"]["realm"].startswith("https://modelcache-controller.")
         pod = by[("Deployment", "dmcr")]["spec"]["template"]["spec"]
         pull = next(c for c in pod["containers"] if c["name"] == "registry-pull")
         mounts = {m["name"]: m for m in pull["volumeMounts"]}
         assert mounts["data"]["readOnly"] is True and "htpasswd" not in mounts
+        token = next(v for v in pod["volumes"] if v["name"] == "token")["secret"]
+        assert token["items"] == [{"key": "tls.crt", "path": "tls.crt"}]  # never the key
         ports = {p["name"]: p["port"] for p in by[("Service", "dmcr")]["spec"]["ports"]}
         assert ports == {"registry": 5000, "pull": 5002}
 
