@@ -36,7 +36,7 @@ log = logging.getLogger("standin_sidecars")
 
 def _health(port: int, ok: Callable[[], bool]) -> None:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             good = self.path == "/healthz" and ok()
             self.send_response(200 if good else 500)
             self.end_headers()

@@ -111,42 +111,11 @@ def test_models_apply_and_local_ones_reach_ready(system: LocalSystem, small_mode
         assert _status(system, kind, name)["artifact"]["digest"].startswith("sha256:")
 
 
-def test_outside_examples_say_so_and_end_not_ready(system: LocalSystem) -> None:
-    """Every Model of a file marked as needing an outside service is accepted and ends
-    in a stated phase and reason; every other one is served here."""
-    marked = outside_files()
-    assert marked == {"models/s3.yaml", "models/http.yaml", "models/ollama.yaml",
-                      "models/huggingface.yaml", "cluster/catalog-source.yaml",
-                      "cluster/cluster-model-catalog.yaml", "cluster/cluster-model.yaml",
-                      "workloads/distributed-llama.yaml", "workloads/vllm.yaml",
-                      "workloads/triton.yaml"}
-    for sub in FOLDERS:
-        for name in sorted(os.listdir(os.path.join(EXAMPLES, sub))):
-            with open(os.path.join(EXAMPLES, sub, name)) as f:
-                objs = [d for d in yaml.safe_load_all(f) if d]
-            for d in objs:
-                if d["kind"] not in ("Model", "ClusterModel"):
-                    continue
-                key = (d["kind"], d["metadata"]["name"])
-                assert (key in LOCAL) != (os.path.join(sub, name) in marked), key
-                assert (key in LOCAL) != (key in OUTSIDE_STATUS), key
-    for (kind, name), want in OUTSIDE_STATUS.items():
-        def settled(kind: str = kind, name: str = name,
-                    want: set[tuple[str, str]] = want) -> tuple[str, str] | None:
-            st = _status(system, kind, name)
-            ready = [c for c in st.get("conditions") or [] if c["type"] == "Ready"]
-            got = (st.get("phase", ""), ready[0].get("reason", "") if ready else "")
-            return got if got in want else None
-        try:
-            demoenv.wait_for(f"{kind} {name} {want}", settled, 90)
-        except AssertionError:
-            raise AssertionError((kind, name, _status(system, kind, name))) from None
-
-
 # what each model that needs an outside service shows in the demo: (phase, Ready reason)
 FAILED_UNAVAILABLE = {("Failed", "SourceUnavailable")}
 OUTSIDE_STATUS: dict[tuple[str, str], set[tuple[str, str]]] = {
     ("Model", "tinyllama-gguf"): FAILED_UNAVAILABLE,          # models.example.com
+    ("Model", "dllama-llama3-8b-q40"): FAILED_UNAVAILABLE,    # models.example.com
     ("Model", "llama-3-2-1b"): FAILED_UNAVAILABLE,            # registry.ollama.ai
     ("Model", "qwen-0-5b"): {("Failed", "RepoNotFound")},     # the local hub lacks it
     # the S3 client retries an endpoint it cannot reach before it gives up
@@ -184,6 +153,38 @@ def test_workloads_admitted_and_mutated(system: LocalSystem) -> None:
             claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
                       if "persistentVolumeClaim" in v]
             assert claims == [f"modelcache-{digest.split(':')[1][:40]}"]
+
+
+def test_outside_examples_say_so_and_end_not_ready(system: LocalSystem) -> None:
+    """Every Model of a file marked as needing an outside service is accepted and ends
+    in a stated phase and reason; every other one is served here."""
+    marked = outside_files()
+    assert marked == {"models/s3.yaml", "models/http.yaml", "models/ollama.yaml",
+                      "models/huggingface.yaml", "cluster/catalog-source.yaml",
+                      "cluster/cluster-model-catalog.yaml", "cluster/cluster-model.yaml",
+                      "workloads/distributed-llama.yaml", "workloads/vllm.yaml",
+                      "workloads/triton.yaml"}
+    for sub in FOLDERS:
+        for name in sorted(os.listdir(os.path.join(EXAMPLES, sub))):
+            with open(os.path.join(EXAMPLES, sub, name)) as f:
+                objs = [d for d in yaml.safe_load_all(f) if d]
+            for d in objs:
+                if d["kind"] not in ("Model", "ClusterModel"):
+                    continue
+                key = (d["kind"], d["metadata"]["name"])
+                assert (key in LOCAL) != (os.path.join(sub, name) in marked), key
+                assert (key in LOCAL) != (key in OUTSIDE_STATUS), key
+    for (kind, name), want in OUTSIDE_STATUS.items():
+        def settled(kind: str = kind, name: str = name,
+                    want: set[tuple[str, str]] = want) -> tuple[str, str] | None:
+            st = _status(system, kind, name)
+            ready = [c for c in st.get("conditions") or [] if c["type"] == "Ready"]
+            got = (st.get("phase", ""), ready[0].get("reason", "") if ready else "")
+            return got if got in want else None
+        try:
+            demoenv.wait_for(f"{kind} {name} {want}", settled, 90)
+        except AssertionError:
+            raise AssertionError((kind, name, _status(system, kind, name))) from None
 
 
 def test_every_example_file_is_applied() -> None:
