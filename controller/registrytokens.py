@@ -65,6 +65,7 @@ ISSUER = "modelcache-controller"  # auth.token.issuer
 MATERIALIZER = "materializer"  # the username a ticket is presented with
 MAX_TICKET_TTL = 3600.0
 TOKEN_TTL = 300  # seconds a token is valid; the client asks again after
+IDLE_TIMEOUT = 10.0  # seconds a silent connection is kept (the socket's own timeout)
 CERT_KEY, SIGNING_KEY, TICKET_KEY = "tls.crt", "tls.key", "ticket.key"
 
 
@@ -233,7 +234,7 @@ def create_server(listen: tuple[str, int], issuer: Issuer,
     """``GET /token?service=…&scope=…`` over TLS (``ctx``; None: plain, tests only)."""
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = 10  # a silent client is dropped (the socket's own timeout)
+        timeout = IDLE_TIMEOUT  # a silent client is dropped
 
         def log_message(self, *args: object) -> None:
             pass

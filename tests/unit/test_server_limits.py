@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from controller import registrytokens
 from controller.delivery import webhook
 from controller.metrics import Metrics
 from controller.models import report
@@ -115,11 +116,15 @@ def test_slowloris_is_dropped_by_every_server(hook, monkeypatch, tmp_path):
         job_lookup=lambda _: None, progress=None, report_key=b"k"))
     monkeypatch.setattr(node_metrics, "IDLE_TIMEOUT", SLOW)
     node = node_metrics.serve("127.0.0.1:0", lambda: {})
+    monkeypatch.setattr(registrytokens, "IDLE_TIMEOUT", SLOW)
+    realm = _serve(registrytokens.create_server(
+        ("127.0.0.1", 0), registrytokens.Issuer(registrytokens.new_keys(), lambda: None),
+        None))
     try:
-        for server in (gw, rep, node):
+        for server in (gw, rep, node, realm):
             assert _dropped_within(server.server_address[1], SLOW), server
     finally:
-        for server in (gw, rep, node):
+        for server in (gw, rep, node, realm):
             server.shutdown()
             server.server_close()
 
