@@ -120,6 +120,9 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     pl.add_argument("ref", metavar="REF", help="HOST/REPO[:TAG][@sha256:…]")
     pl.add_argument("dest", metavar="DEST", help="a directory that does not exist or is empty")
     pl.add_argument("-j", "--jobs", type=int, default=4, help="files in parallel (default 4)")
+    pl.add_argument("--range-streams", type=int, default=8,
+                    help="byte ranges fetched at once for a file of 256 MiB or more (default 8; "
+                         "1: one stream)")
     access.add_flags(pl)
     pl.set_defaults(func=pull.cmd_pull)
 

@@ -181,6 +181,9 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--job-backoff-limit", type=int, default=3)
     p.add_argument("--job-ttl", type=int, default=24 * 3600,
                    help="ttlSecondsAfterFinished of publish Jobs (-1: none)")
+    p.add_argument("--job-active-deadline", default="24h",
+                   help="activeDeadlineSeconds of publish Jobs, a duration like 24h or 90m "
+                   "('0s': none); a Model's spec.publish.timeout replaces it")
     p.add_argument("--publish-work-size", default=env("MODELCACHE_PUBLISH_WORK_SIZE") or "",
                    help="give each publish Job a PVC of this size (e.g. 500Gi: the largest "
                    "model, an archive twice) for its work directory, so a retried pod resumes "
@@ -200,6 +203,10 @@ def _manager_parser(sub: Any) -> None:
                    metavar="NAME=QUANTITY", help="the most a Model's publish Job may request "
                    "or limit of NAME (repeat); defaults cpu=4, memory=16Gi, "
                    "ephemeral-storage=100Gi, nvidia.com/gpu=0; other resources are refused")
+    p.add_argument("--job-max-timeout", default="48h",
+                   help="the longest spec.publish.timeout a Model may ask (a duration)")
+    p.add_argument("--job-max-ttl-after-finished", default="168h",
+                   help="the longest spec.publish.ttlAfterFinished a Model may ask (a duration)")
     p.add_argument("--no-leader-elect", dest="leader_elect", action="store_false")
     p.add_argument("--lease-duration", type=float, default=15.0)
     p.add_argument("--lease-renew", type=float, default=5.0)
@@ -299,6 +306,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
         hf_endpoint=args.hf_endpoint, report_url=args.report_url, report_key=key,
         backoff_limit=args.job_backoff_limit, service_account=args.job_service_account,
         ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl,
+        active_deadline=_active_deadline(args),
         work_volume=_work_volume(args), extra_env=_source_policy_env(args),
         publish_policy=_publish_policy(args))
     _install_source_policy(args)
@@ -377,9 +385,20 @@ def _publish_policy(args: argparse.Namespace) -> Any:
 
     try:
         return policy.from_flags(args.publish_allow_node_selector,
-                                 args.publish_allow_toleration, args.publish_max_resource)
+                                 args.publish_allow_toleration, args.publish_max_resource,
+                                 getattr(args, "job_max_timeout", None),
+                                 getattr(args, "job_max_ttl_after_finished", None))
     except ValueError as e:
         raise SystemExit(f"modelcache-controller: {e}") from e
+
+
+def _active_deadline(args: argparse.Namespace) -> int | None:
+    from controller.models import policy  # on use, as in cmd_manager
+
+    try:
+        return policy.duration(args.job_active_deadline) or None
+    except ValueError as e:
+        raise SystemExit(f"modelcache-controller: --job-active-deadline: {e}") from e
 
 
 def _install_source_policy(args: argparse.Namespace) -> None:

@@ -24,7 +24,11 @@ class Metrics:
                                     "Publish Jobs created", ["kind"], registry=r)
         self.publishes = Counter("modelcache_publish_finished_total", "Publishes finished",
                                  ["kind", "result"], registry=r)
+        self.publish_bytes = Counter("modelcache_publish_bytes_total",
+                                     "Bytes of the artifacts published (ready)", ["kind"],
+                                     registry=r)
         for kind in ("Model", "ClusterModel"):  # present at 0, so increase() sees the first
+            self.publish_bytes.labels(kind)
             for result in ("ready", "failed"):
                 self.publishes.labels(kind, result)
         self.publish_seconds = Histogram(

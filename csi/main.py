@@ -41,6 +41,7 @@ from kube import client as kubeclient
 from kube import logs
 from kube.events import Recorder
 from kube.flags import binary_size_arg
+from modelpack.oci.ranged import RangePolicy
 from modelpack.oci.registry import RegistryClient
 
 log = logging.getLogger("csi")
@@ -139,6 +140,8 @@ def parser() -> argparse.ArgumentParser:
                    help="eviction stops at this fraction of the capacity")
     p.add_argument("--pull-workers", type=int, default=4, help="models pulled at once")
     p.add_argument("--blob-workers", type=int, default=4, help="parallel blob downloads per pull")
+    p.add_argument("--range-streams", type=int, default=8,
+                   help="byte ranges fetched at once for a blob of 256 MiB or more (1: one stream)")
     p.add_argument("--tag-ttl", type=duration_arg, default=60.0,
                    help="reuse a tag's resolved digest this long before asking the registry "
                         "again; a registry that is down falls back to the last digest anyway")
@@ -175,8 +178,10 @@ class Clients:
     def __init__(self, insecure: list[str], ca_bundle: str | None, *,
                  pull_via: dict[str, str] | None = None,
                  credentials: tuple[str, str] | None = None,
-                 credentials_dir: str | None = None, reread: float = 10.0) -> None:
+                 credentials_dir: str | None = None, reread: float = 10.0,
+                 range_streams: int = 8) -> None:
         self.insecure = set(insecure)
+        self.ranges = RangePolicy(streams=range_streams)
         self.ca_bundle = ca_bundle
         self.pull_via = dict(pull_via or {})
         self.credentials_dir = credentials_dir
@@ -213,7 +218,8 @@ class Clients:
                 user, password = self.credentials or (None, None)
                 client = RegistryClient(target, insecure=target in self.insecure,
                                         ca_bundle=self.ca_bundle, timeout=(5.0, 60.0),
-                                        retries=2, username=user, password=password)
+                                        retries=2, username=user, password=password,
+                                        ranges=self.ranges)
                 self._clients[target] = client
             return client
 
@@ -293,7 +299,8 @@ def settle_kube_flags(args: argparse.Namespace) -> str | None:
 async def run(args: argparse.Namespace, api: kubeclient.Kube | None = None) -> None:
     clients = Clients(args.insecure_registry, args.registry_ca,
                       pull_via=pull_via_arg(args.pull_via),
-                      credentials_dir=args.registry_credentials)
+                      credentials_dir=args.registry_credentials,
+                      range_streams=args.range_streams)
     cache = Cache(args.cache_dir, clients,
                   capacity=args.cache_capacity, high_watermark=args.high_watermark,
                   low_watermark=args.low_watermark, pull_workers=args.pull_workers,

@@ -11,7 +11,9 @@ when ``MODELCACHE_REPORT_URL`` is set), the result as one JSON document
 result protocol (``api/jobresult.py``): 0, 75 (retryable) or 1 (terminal).
 
 Credentials come from the environment (``HF_TOKEN``, ``HF_ENDPOINT``,
-``AWS_*``, ``MODELCACHE_HTTP_TOKEN``, ``MODELCACHE_REGISTRY_USERNAME``/
+``AWS_*``, ``MODELCACHE_HTTP_TOKEN`` (also an Ollama registry's bearer),
+``MODELCACHE_SOURCE_USERNAME``/``_PASSWORD`` (an Ollama registry's Basic
+auth), ``MODELCACHE_REGISTRY_USERNAME``/
 ``_PASSWORD``, ``MODELCACHE_CATALOG_TOKEN``/``_CA``), from files their
 ``VAR_FILE`` vars name (``jobs/secretfiles.py``: how the manager's Job
 passes them) or files named by flags, never from flags' values, so they
@@ -146,6 +148,9 @@ def main(args: argparse.Namespace) -> int:
         "region": args.region,
         "token": read_secret(args.token_file) or os.environ.get("MODELCACHE_HTTP_TOKEN"),
     }
+    if os.environ.get("MODELCACHE_SOURCE_USERNAME"):  # an Ollama registry's Basic auth
+        creds["username"] = os.environ["MODELCACHE_SOURCE_USERNAME"]
+        creds["password"] = os.environ.get("MODELCACHE_SOURCE_PASSWORD", "")
     if args.insecure_source:
         creds["insecure"] = True
     progress_out = sys.stderr if args.progress_file == "-" else open(

@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,6 +73,7 @@ class Knobs:
     size_lie: dict[str, int] = field(default_factory=dict)  # listed size; the body is the real one
     corrupt: set[str] = field(default_factory=set)  # flip a byte in what is served
     hostile_names: list[str] = field(default_factory=list)  # extra names listed in the tree
+    rate: dict[str, int] = field(default_factory=dict)  # send at most N bytes a second
     page_size: int = 50
 
 
@@ -384,15 +386,20 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.wfile.flush()
             assert f.abspath is not None
+            rate = knobs.rate.get(f.path, 0)
+            # a throttled file goes out in tenths of its rate, a pause after each
+            step = max(1, rate // 10) if rate else 8 << 20
             with open(f.abspath, "rb") as fp:
                 offset, left_b = start, limit
                 while left_b > 0:
                     n = os.sendfile(self.connection.fileno(), fp.fileno(), offset,
-                                    min(left_b, 8 << 20))
+                                    min(left_b, step))
                     if n == 0:
                         break
                     offset += n
                     left_b -= n
+                    if rate:
+                        time.sleep(n / rate)
         if limit < length:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)

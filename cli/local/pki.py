@@ -45,7 +45,9 @@ def make_pki(directory: str) -> Pki:
     ca, ca_key = certs.new_ca(now, LIFETIME, name="modelcache-local-ca")
     files: dict[str, bytes] = {"ca.crt": ca}
     files["apiserver.crt"], files["apiserver.key"] = certs.new_serving(
-        ca, ca_key, ["127.0.0.1", "localhost"], now, LIFETIME)
+        # 10.96.0.1: the "kubernetes" Service (cluster.py's service range), which
+        # pods reach on the two-node e2e (tests/e2e/deployed.py)
+        ca, ca_key, ["127.0.0.1", "localhost", "10.96.0.1"], now, LIFETIME)
     # O=system:masters is bound to cluster-admin by the bootstrap RBAC policy.
     files["admin.crt"], files["admin.key"] = certs.new_client(
         ca, ca_key, "modelcache-admin", now, LIFETIME, organization="system:masters")

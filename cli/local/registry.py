@@ -73,12 +73,17 @@ def _htpasswd(path: str, user: str, password: str) -> None:
 def start(root: str | None = None, port: int | None = None, *, username: str | None = None,
           password: str | None = None, log_path: str | None = None,
           auth: dict[str, object] | None = None, data_dir: str | None = None,
-          readonly: bool = False, tls: tuple[str, str] | None = None) -> LocalRegistry:
+          readonly: bool = False, tls: tuple[str, str] | None = None,
+          storage: dict[str, object] | None = None,
+          env: dict[str, str] | None = None) -> LocalRegistry:
     """Start the registry; ``username`` turns on htpasswd, ``auth`` is a raw auth section.
 
     ``data_dir`` shares another registry's storage; ``readonly`` serves it in
     distribution's read-only maintenance mode (pulls only: every write answers
     405), the DMCR's pull endpoint. ``tls`` is (certificate, key) PEM files.
+    ``storage`` replaces the whole storage section (the chart's S3 storage, say)
+    and ``env`` is added to the registry's environment (its
+    ``REGISTRY_STORAGE_S3_*`` overrides).
     """
     binary = shutil.which(BINARY) or "/usr/bin/docker-registry"
     if not os.path.exists(binary):
@@ -95,6 +100,8 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
                                     "readonly": {"enabled": readonly}}},
         "http": {"addr": f"127.0.0.1:{port}", "secret": "modelcache-local"},
     }
+    if storage is not None:
+        config["storage"] = storage
     if tls:
         config["http"]["tls"] = {"certificate": tls[0], "key": tls[1]}  # type: ignore[index]
     if username:
@@ -107,8 +114,12 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
     with open(cfg_path, "w") as f:
         yaml.safe_dump(config, f)
     log = open(log_path or os.path.join(root, "registry.log"), "ab")
+    # aws-sdk-go cannot load AWS_CA_BUNDLE into distribution's own transport
+    # (a start-up panic); the S3 driver uses the system roots instead
+    proc_env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    proc_env.update(env or {})
     proc = subprocess.Popen([binary, "serve", cfg_path], stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env=proc_env)
     log.close()
     reg = LocalRegistry(root, port, proc, username, password, data_dir)
     deadline = time.monotonic() + 20

@@ -14,6 +14,11 @@ object asked for is a 503 denial (retry later), never an admission, and
 nothing of it is kept. A webhook that cannot be reached at all is the API
 server's ``failurePolicy: Fail`` (webhookconfig.py): the object is refused.
 
+Models themselves come here too, only to be checked, never patched: one
+that names a Secret its author may not read is refused
+(``secretaccess.py``: a SubjectAccessReview for each Secret a new or
+changed source names, failing closed the same way).
+
 Errors: ``InjectError`` is a denial with its code (400 bad annotation,
 404 unknown model, 409 not usable now); anything else is a 500 denial
 with a generic message (the details go to the log), never a crash of the
@@ -36,7 +41,7 @@ from urllib.parse import urlsplit
 
 from api import inject
 from api import names as c
-from controller.delivery import gates, webhookconfig
+from controller.delivery import gates, secretaccess, webhookconfig
 from kube import certs
 from kube import client as kube
 from kube.events import Recorder
@@ -50,6 +55,7 @@ Obj = dict[str, Any]
 # AdmissionReview carries the object twice and etcd caps one at 1.5 MiB
 MAX_BODY = 4 << 20
 MAX_CONCURRENT = 32  # requests in flight; beyond it a fast 429 instead of another thread
+MODEL_GROUP = c.API_VERSION.partition("/")[0]
 LOOKUP_TIMEOUT = 2.0  # a live GET on a cache miss; the API server gives us TIMEOUT_SECONDS
 _REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
             500: "InternalError", 503: "ServiceUnavailable"}
@@ -88,6 +94,7 @@ class Admission:
         self.nodes = nodes
         self.default_mode = default_mode
         self.metrics = metrics
+        self.secrets = secretaccess.Checker(client)
 
     def lookup(self, namespace: str) -> inject.Lookup:
         def look(ref: inject.Ref) -> Obj | None:
@@ -123,16 +130,19 @@ class Admission:
         resp: Obj = {"uid": uid, "allowed": True}
         result = "allowed"
         try:
-            res = inject.mutate(kind, req.get("object") or {}, operation=op, namespace=ns,
-                                lookup=self.lookup(ns), default_mode=self.default_mode,
-                                cached_labels=self.nodes, old=req.get("oldObject"))
-            if res.patch:
-                resp["patchType"] = "JSONPatch"
-                resp["patch"] = base64.b64encode(json.dumps(res.patch).encode()).decode()
-                result = "mutated"
-            if res.warnings:
-                resp["warnings"] = res.warnings
-        except inject.InjectError as e:
+            if kind == "Model" and (req.get("kind") or {}).get("group") == MODEL_GROUP:
+                self.secrets.check(req)  # admits or raises; never a patch
+            else:
+                res = inject.mutate(kind, req.get("object") or {}, operation=op, namespace=ns,
+                                    lookup=self.lookup(ns), default_mode=self.default_mode,
+                                    cached_labels=self.nodes, old=req.get("oldObject"))
+                if res.patch:
+                    resp["patchType"] = "JSONPatch"
+                    resp["patch"] = base64.b64encode(json.dumps(res.patch).encode()).decode()
+                    result = "mutated"
+                if res.warnings:
+                    resp["warnings"] = res.warnings
+        except (inject.InjectError, secretaccess.Refused) as e:
             result = "denied"
             resp = _deny(uid, e.code, str(e))
         except Exception:

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from api import names as c
+from controller.delivery import secretaccess
 from kube import client as kube
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,31 @@ def _has_any(var: str, *keys: str) -> str:
     return f"has({var}.metadata.annotations) && ({inner})"
 
 
+def _ref_present(var: str, path: tuple[str, ...]) -> str:
+    steps = [f"{var}.spec" + "".join(f".{p}" for p in path[:i]) for i in range(len(path) + 1)]
+    return " && ".join(f"has({s})" for s in steps)
+
+
+def _names_a_secret() -> str:
+    """CEL: a Model that names a Secret (CREATE), or whose source naming one changed
+    (UPDATE: another Secret, or another URL); paths from ``secretaccess.SECRET_REF_PATHS``,
+    the same rule as ``secretaccess.to_review``."""
+    paths = secretaccess.SECRET_REF_PATHS
+    created = " || ".join(f"({_ref_present('object', p)})" for p in paths)
+    changed = " || ".join(
+        f"(({_ref_present('object', p)}) && !(({_ref_present('oldObject', p[:-1])}) && "
+        f"object.spec.{'.'.join(p[:-1])} == oldObject.spec.{'.'.join(p[:-1])}))"
+        for p in paths)
+    return f"oldObject == null ? ({created}) : ({changed})"
+
+
 def webhooks(client_config: dict[str, Any], *,
              exclude_namespaces: tuple[str, ...] = ("kube-system",)) -> list[dict[str, Any]]:
-    """The two webhooks. ``matchConditions`` (CEL on the annotations) keep every object that
+    """The three webhooks. ``matchConditions`` (CEL on the annotations) keep every object that
     does not ask for models away from the webhook, so ``failurePolicy: Fail`` refuses only
-    annotated objects while the controller is down; everything else never calls it."""
+    annotated objects while the controller is down; everything else never calls it. The
+    third checks Models that name a Secret (``secretaccess.py``) and patches nothing;
+    a Model without Secret references never calls it."""
     common: dict[str, Any] = {
         "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail",
         "timeoutSeconds": TIMEOUT_SECONDS, "matchPolicy": "Equivalent",
@@ -71,6 +92,12 @@ def webhooks(client_config: dict[str, Any], *,
              {"name": "not-from-an-injected-template",
               "expression": f"!(has(object.metadata.ownerReferences) && "
                             f"{_has_any('object', c.ANN_INJECTED)})"}]},
+        {**common, "name": "models.modelcache.io",
+         "rules": [{"apiGroups": [c.API_VERSION.partition("/")[0]], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["models"],
+                    "scope": "Namespaced"}],
+         "matchConditions": [{"name": "names-a-secret",
+                              "expression": _names_a_secret()}]},
     ]
 
 

@@ -16,6 +16,13 @@ resource not listed is refused, ``resources.claims`` too). ClusterModels are
 written by the admin and are not checked; nor is ``source.pvc``'s reader
 Job, which runs in the Model's own namespace, on its quota.
 
+``spec.publish.timeout`` (the Job's ``activeDeadlineSeconds``) and
+``spec.publish.ttlAfterFinished`` (its ``ttlSecondsAfterFinished``) must
+stay within the admin's maxima (``--job-max-timeout``,
+``--job-max-ttl-after-finished``): a day-long deadline holds a node and
+the push credential that long, a month-long TTL keeps finished Jobs and
+their pods' logs around.
+
 Outside the policy the Model is Failed with reason ``PublishPolicyDenied``
 and a message naming the field and the limit; no Job is made. A resource
 left unset is not given a default here: the Job gets what the namespace's
@@ -49,6 +56,20 @@ _SUFFIX = {None: Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": De
            "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30,
            "Ti": Decimal(2) ** 40, "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60}
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# the chart's defaults too (values.yaml ``controller.publishPolicy``)
+DEFAULT_MAX_TIMEOUT = 48 * 3600
+DEFAULT_MAX_TTL = 7 * 24 * 3600
+# the CRDs' pattern for both durations: whole hours, minutes, seconds, in that order
+_DURATION = re.compile(r"(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,9})s)?")
+
+
+def duration(text: Any) -> int:
+    """``1h30m``, ``90s``, ``48h`` (the CRDs' duration format) as seconds; ValueError if not."""
+    m = _DURATION.fullmatch(text) if isinstance(text, str) and text else None
+    if m is None:
+        raise ValueError(f"not a duration (like 1h30m, 45m, 90s): {str(text)[:40]!r}")
+    h, mi, sec = (int(g or 0) for g in m.groups())
+    return h * 3600 + mi * 60 + sec
 
 
 def quantity(value: Any) -> Decimal:
@@ -77,6 +98,8 @@ class Policy:
     # resource name → (the quantity as the admin wrote it, its value)
     max_resources: tuple[tuple[str, str, Decimal], ...] = field(
         default_factory=lambda: tuple((n, q, quantity(q)) for n, q in sorted(DEFAULT_MAX.items())))
+    max_timeout: int = DEFAULT_MAX_TIMEOUT  # seconds: spec.publish.timeout at most
+    max_ttl: int = DEFAULT_MAX_TTL  # seconds: spec.publish.ttlAfterFinished at most
 
     def maximum(self, name: str) -> tuple[str, Decimal] | None:
         for n, text, value in self.max_resources:
@@ -89,10 +112,17 @@ DEFAULT = Policy()
 
 
 def from_flags(node_selectors: Iterable[str] = (), tolerations: Iterable[str] = (),
-               max_resources: Iterable[str] = ()) -> Policy:
-    """The manager's ``--publish-allow-node-selector``, ``--publish-allow-toleration`` and
+               max_resources: Iterable[str] = (), max_timeout: str | None = None,
+               max_ttl: str | None = None) -> Policy:
+    """The manager's ``--publish-allow-node-selector``, ``--publish-allow-toleration``,
     ``--publish-max-resource NAME=QUANTITY`` (each over ``DEFAULT_MAX``'s entry of that
-    name); ValueError for one that does not parse."""
+    name), ``--job-max-timeout`` and ``--job-max-ttl-after-finished`` (durations);
+    ValueError for one that does not parse."""
+    try:
+        timeout = DEFAULT_MAX_TIMEOUT if max_timeout is None else duration(max_timeout)
+        ttl = DEFAULT_MAX_TTL if max_ttl is None else duration(max_ttl)
+    except ValueError as e:
+        raise ValueError(f"--job-max-timeout/--job-max-ttl-after-finished: {e}") from e
     maxima = dict(DEFAULT_MAX)
     for item in max_resources:
         name, sep, text = item.partition("=")
@@ -114,7 +144,44 @@ def from_flags(node_selectors: Iterable[str] = (), tolerations: Iterable[str] = 
             raise ValueError(f"--publish-allow-node-selector wants KEY or KEY=VALUE, got {item!r}")
         sels.add(item)
     return Policy(frozenset(sels), frozenset(tols),
-                  tuple((n, q, quantity(q)) for n, q in sorted(maxima.items())))
+                  tuple((n, q, quantity(q)) for n, q in sorted(maxima.items())), timeout, ttl)
+
+
+def _span(seconds: int) -> str:
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
+
+
+def _times(policy: Policy, placement: Mapping[str, Any]) -> str | None:
+    for field_name, limit in (("timeout", policy.max_timeout),
+                              ("ttlAfterFinished", policy.max_ttl)):
+        text = placement.get(field_name)
+        if text is None:
+            continue
+        try:
+            asked = duration(text)
+        except ValueError as e:
+            return f"spec.publish.{field_name}: {e}"
+        if field_name == "timeout" and asked == 0:
+            return "spec.publish.timeout=0s: a Job needs more than no time"
+        if asked > limit:
+            return (f"spec.publish.{field_name}={text} exceeds the policy's maximum "
+                    f"{_span(limit)}")
+    return None
+
+
+def job_times(obj: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """``spec.publish``'s (timeout, ttlAfterFinished) in seconds, None where unset or
+    unreadable (the CRD's pattern and ``refusal`` keep that from reaching a Job)."""
+    placement = (obj.get("spec") or {}).get("publish") or {}
+    out: list[int | None] = []
+    for field_name in ("timeout", "ttlAfterFinished"):
+        try:
+            out.append(duration(placement[field_name]) if field_name in placement else None)
+        except ValueError:
+            out.append(None)
+    return out[0], out[1]
 
 
 def _listed(allowed: frozenset[str]) -> str:
@@ -171,7 +238,9 @@ def refusal(policy: Policy, obj: Mapping[str, Any]) -> str | None:
     placement = (obj.get("spec") or {}).get("publish") or {}
     return (_node_selector(policy, placement.get("nodeSelector") or {})
             or _tolerations(policy, list(placement.get("tolerations") or []))
-            or _resources(policy, placement.get("resources") or {}))
+            or _resources(policy, placement.get("resources") or {})
+            or _times(policy, placement))
 
 
-__all__ = ["DEFAULT", "DEFAULT_MAX", "REASON", "Policy", "from_flags", "quantity", "refusal"]
+__all__ = ["DEFAULT", "DEFAULT_MAX", "DEFAULT_MAX_TIMEOUT", "DEFAULT_MAX_TTL", "REASON",
+           "Policy", "duration", "from_flags", "job_times", "quantity", "refusal"]

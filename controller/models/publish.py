@@ -213,6 +213,8 @@ def apply_result(host: Host, obj: dict[str, Any], result: dict[str, Any], key: s
     obj = host.write_status(obj, patch)  # the schedule compares with this revision
     if not was_ready:
         host.metrics.publishes.labels(model.model_kind(obj), "ready").inc()
+        host.metrics.publish_bytes.labels(model.model_kind(obj)).inc(
+            int(result.get("sizeBytes") or 0))
         host.recorder.record(obj, "Normal", "Published",
                              f"{result.get('reference')} ({result.get('sizeBytes')} bytes)")
     return host.check_upstream(obj, first=True)

@@ -78,6 +78,8 @@ class Settings:
     report_url: str | None = None
     report_key: bytes = b""
     backoff_limit: int = 3
+    # seconds (the manager's --job-active-deadline, --job-ttl); a Model's
+    # spec.publish.timeout / ttlAfterFinished replace them for its own Job
     active_deadline: int | None = None
     ttl_after_finished: int | None = 24 * 3600
     service_account: str | None = None
@@ -220,7 +222,15 @@ def plan(obj: dict[str, Any], settings: Settings,
     if kind == "ollama":
         host = s.get("registry") or "registry.ollama.ai"
         uri = f"ollama://{host}/{s.get('model')}:{s.get('tag') or 'latest'}"
-        return Plan("publish", uri, tuple(args), tuple(env))
+        # a private registry: a bearer token (key ``token``, or the ref's ``key``), or a
+        # ``username``/``password`` pair for Basic auth; whichever the Secret holds
+        secret = _auth(s.get("authSecretRef"), secret_ns, {
+            "MODELCACHE_HTTP_TOKEN": None, "MODELCACHE_SOURCE_USERNAME": "username",
+            "MODELCACHE_SOURCE_PASSWORD": "password"}, "token")
+        if secret is not None:
+            secret = SecretUse(secret.namespace, secret.name, secret.keys,
+                               frozenset(secret.keys))
+        return Plan("publish", uri, tuple(args), tuple(env), secret)
     if kind == "http":
         uri = str(s.get("url") or "")
         if s.get("sha256"):
@@ -417,6 +427,7 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
             "apiVersion": str(obj.get("apiVersion") or kube.CLUSTER_MODELS.api_version),
             "kind": "ClusterModel", "name": obj["metadata"]["name"],
             "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    timeout, ttl = policy.job_times(obj)
     work: dict[str, Any] = {"name": "work", "emptyDir": {}}
     if settings.work_volume is not None:
         work = {"name": "work", "persistentVolumeClaim": {"claimName": work_claim_name(name)}}
@@ -427,9 +438,9 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
         mounts=[{"name": "work", "mountPath": WORK_DIR}],
         volumes=[work], backoff_limit=settings.backoff_limit,
         placement=(obj.get("spec") or {}).get("publish"),
-        active_deadline=settings.active_deadline,
-        ttl_after_finished=settings.ttl_after_finished, service_account=settings.service_account,
-        fs_group=WORKER_GID if settings.work_volume is not None else None,
+        active_deadline=timeout or settings.active_deadline,
+        ttl_after_finished=settings.ttl_after_finished if ttl is None else ttl,
+        service_account=settings.service_account, fs_group=WORKER_GID if settings.work_volume is not None else None,
         secret=secret_files(name, p, settings))
 
 

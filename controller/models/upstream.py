@@ -161,7 +161,13 @@ def _options(kind: str, s: dict[str, Any], settings: jobs.Settings,
                 "access_key": creds.get("AWS_ACCESS_KEY_ID"),
                 "secret_key": creds.get("AWS_SECRET_ACCESS_KEY"),
                 "session_token": creds.get("AWS_SESSION_TOKEN")}
-    return {}  # ollama: anonymous, as the publish Job pulls
+    if kind == "ollama":  # as the publish Job pulls: the Secret's token or Basic pair
+        out = {"token": creds.get("MODELCACHE_HTTP_TOKEN")}
+        if creds.get("MODELCACHE_SOURCE_USERNAME"):
+            out.update(username=creds["MODELCACHE_SOURCE_USERNAME"],
+                       password=creds.get("MODELCACHE_SOURCE_PASSWORD", ""))
+        return out
+    return {}
 
 
 def _catalog(s: dict[str, Any], sources: Informer | None) -> base.Latest:

@@ -209,6 +209,22 @@ def start_coredns(c: cluster2.Cluster2) -> None:
 # --- the chart -------------------------------------------------------------------------------
 
 
+def kubernetes_endpoints(c: cluster2.Cluster2) -> None:
+    """The "kubernetes" Service's endpoint: the API server on the bridge address
+    (cli/local/cluster.py runs it with no endpoint reconciler: it advertises
+    127.0.0.1), so in-cluster clients reach it through kube-proxy."""
+    from kubernetes import client
+
+    port = int(c.kube.server.rsplit(":", 1)[1])
+    client.DiscoveryV1Api(c.kube.api_client()).create_namespaced_endpoint_slice("default", {
+        "metadata": {"name": "kubernetes", "labels": {
+            "kubernetes.io/service-name": "kubernetes",
+            "endpointslice.kubernetes.io/managed-by": "modelcache-e2e"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [cluster2.HOST_IP], "conditions": {"ready": True}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}]})
+
+
 def dmcr_volume(c: cluster2.Cluster2) -> None:
     """A hostPath PV on node 1 for the chart's dmcr-data claim (no provisioner here)."""
     from kubernetes import client
@@ -297,6 +313,7 @@ def running(tag: str = "0.1.0") -> Iterator[Deployed]:
                 private_paths=[KUBELET_ROOT, CACHE_DIR], cluster_dns=cluster2.HOST_IP,
                 extra_apiserver_args=["--enable-aggregator-routing=true"]) as c:
             timings["cluster up"] = time.monotonic() - t1
+            kubernetes_endpoints(c)
             start_coredns(c)
             dmcr_volume(c)
             yield Deployed(cluster=c, registry=reg.host, busybox=imgs.busybox, images=refs,

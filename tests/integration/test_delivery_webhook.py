@@ -537,7 +537,7 @@ def test_certificate_rotation_keeps_the_webhook_trusted(env: Env) -> None:
 def test_webhook_configuration(env: Env) -> None:
     mwc = env.client.get(webhookconfig.MWC, env.cfg.config_name)
     by = {w["name"]: w for w in mwc["webhooks"]}
-    assert set(by) == {"workloads.modelcache.io", "pods.modelcache.io"}
+    assert set(by) == {"workloads.modelcache.io", "pods.modelcache.io", "models.modelcache.io"}
     for w in by.values():
         assert w["failurePolicy"] == "Fail" and w["timeoutSeconds"] <= 10
         assert w["sideEffects"] == "None"

@@ -1,0 +1,233 @@
+"""One large blob fetched as several byte ranges at once, written in place.
+
+Called by ``RegistryClient.download_blob`` for a blob of at least
+``RangePolicy.min_size`` bytes. Why: a registry backed by object storage
+caps each connection (tens to a few hundred MB/s), so one 40 GB file on one
+stream is the whole pull time; N streams divide it by up to N.
+
+How it stays a verified download:
+
+- The ``.part`` is preallocated to the blob's size and each range's worker
+  ``pwrite``s its bytes at their offsets (``PartialBlob.write_at``).
+- This thread hashes the file in order as the written prefix grows, reading
+  it back (from the page cache while it is hot; a range written long before
+  the prefix reaches it may come from the disk). Every byte is hashed from
+  the file that is committed, so the digest stays the gate: ``commit`` checks
+  it as for one stream, and a wrong byte anywhere fails it and discards the
+  whole part.
+- How far each range got is recorded in an extended attribute of the
+  ``.part`` (``partial.RANGES_XATTR``), written only after an ``fdatasync``
+  of the bytes it counts: every ``CHECKPOINT`` bytes, and when the download
+  stops for any reason. A restart (another attempt, another process after a
+  crash) rehashes the written prefix from the file and fetches only what each
+  range still lacks; a crash loses at most what came since the last record.
+- A server that answers a Range with 200 (or a 206 for other bytes) gets one
+  stream instead: ``None`` back to the caller, which writes the blob the
+  ordinary way, from the hashed prefix. A filesystem without user extended
+  attributes gets one stream too.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import requests
+
+from modelpack.errors import RegistryError
+from modelpack.store import partial
+from modelpack.store.blobs import PartialBlob
+
+if TYPE_CHECKING:  # the client calls us; we use its requests and retry budget
+    from modelpack.oci.registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+READ = 4 << 20
+ALIGN = 1 << 20  # range boundaries on MiB: page-aligned writes, tidy records
+CHECKPOINT = 64 << 20  # bytes written between two records of the ranges
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class RangePolicy:
+    """How a large blob is split: ``streams`` connections for blobs of ``min_size`` or more."""
+
+    streams: int = 8
+    min_size: int = 256 << 20
+
+    def applies(self, size: int) -> bool:
+        return self.streams > 1 and size >= max(self.min_size, 2 * ALIGN)
+
+
+def plan(size: int, streams: int, prefix: int) -> list[list[int]]:
+    """[start, end, done] ranges tiling [0, size): a written ``prefix`` is one done range."""
+    out = [[0, prefix, prefix]] if prefix else []
+    rest = size - prefix
+    step = max(ALIGN, rest // streams // ALIGN * ALIGN)
+    at = prefix
+    while at < size:
+        end = size if size - at < 2 * step else at + step
+        out.append([at, end, 0])
+        at = end
+    return out
+
+
+class _RangeIgnored(Exception):
+    """The server answered a Range with the whole blob or other bytes."""
+
+
+class _Job:
+    """The shared state of one ranged download: the ranges, and how it is going."""
+
+    def __init__(self, ranges: list[list[int]]) -> None:
+        self.ranges = ranges
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.ignored = False
+        self.stop = False
+
+    def written(self) -> int:
+        return sum(r[2] for r in self.ranges)
+
+    def snapshot(self) -> list[list[int]]:
+        with self.cond:
+            return [list(r) for r in self.ranges]
+
+
+def download(client: RegistryClient, repository: str, digest: str, size: int,
+             part: PartialBlob, policy: RangePolicy, progress: Progress) -> bool:
+    """Fill ``part`` with the blob over ``policy.streams`` ranges; True when it is all
+    there and hashed (the caller commits), False to fetch it in one stream instead."""
+    ranges = part.ranges or plan(size, policy.streams, part.offset)
+    if not part.begin_ranged(ranges):
+        return False
+    job = _Job(ranges)
+    progress(job.written())  # reported so far is always job.written(): each n goes to both
+    workers = [threading.Thread(target=_worker, name=f"range-{i}",
+                                args=(client, repository, digest, size, part, job, r, progress))
+               for i, r in enumerate(ranges) if r[2] < r[1] - r[0]]
+    log.info("ranged download", extra={"digest": digest, "bytes": size,
+                                       "streams": len(workers), "resumed": job.written()})
+    for w in workers:
+        w.start()
+    saved = job.written()
+    try:
+        while part.offset < size:
+            with job.cond:
+                while (partial.contiguous(job.ranges) == part.offset and job.error is None
+                       and not job.ignored and job.written() - saved < CHECKPOINT):
+                    job.cond.wait(1.0)
+                frontier = partial.contiguous(job.ranges)
+                if job.error is not None or job.ignored:
+                    break
+            part.hash_to(frontier)
+            # recorded as the ranges grow, whether or not the prefix moved
+            if job.written() - saved >= CHECKPOINT:
+                snap = job.snapshot()
+                part.save_ranges(snap)
+                saved = sum(r[2] for r in snap)
+    finally:
+        with job.cond:
+            job.stop = True
+        for w in workers:
+            w.join()
+        if part.offset < size and part.ranges is not None:
+            part.save_ranges(job.snapshot())  # what the next attempt resumes from
+    if job.error is not None:
+        raise job.error
+    if job.ignored:
+        log.info("registry ignores Range: one stream", extra={"digest": digest})
+        progress(-job.written())
+        part.drop_ranges()
+        return False
+    return True
+
+
+def _worker(client: RegistryClient, repository: str, digest: str, size: int,
+            part: PartialBlob, job: _Job, r: list[int], progress: Progress) -> None:
+    """Fetch what range ``r`` lacks, resuming after drops with the client's retry budget."""
+    attempts = 0
+    delay = 0.2
+    buf = mmap.mmap(-1, READ)
+    view = memoryview(buf)
+    try:
+        while not job.stop and r[2] < r[1] - r[0]:
+            before = r[2]
+            try:
+                _fetch(client, repository, digest, size, part, job, r, view, progress)
+            except _RangeIgnored:
+                with job.cond:
+                    job.ignored = job.stop = True
+                    job.cond.notify_all()
+                return
+            except RegistryError as e:
+                if not e.retryable or attempts >= client.retries:
+                    raise
+            except (requests.RequestException, OSError) as e:
+                if isinstance(e, OSError) and not isinstance(e, requests.RequestException) \
+                        and getattr(e, "errno", None) is not None:
+                    raise  # a local error is not the registry's
+                if attempts >= client.retries:
+                    raise RegistryError(f"GET blob {digest} range {r[0]}-{r[1] - 1}: {e}",
+                                        retryable=True, reason="RegistryUnavailable") from e
+            if job.stop or r[2] >= r[1] - r[0]:
+                return
+            attempts = attempts + 1 if r[2] == before else 0
+            log.info("resuming range", extra={"digest": digest, "offset": r[0] + r[2]})
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    except BaseException as e:  # whatever stops a range stops the download, and is raised
+        with job.cond:
+            if job.error is None:
+                job.error = e
+            job.stop = True
+            job.cond.notify_all()
+
+
+def _fetch(client: RegistryClient, repository: str, digest: str, size: int,
+           part: PartialBlob, job: _Job, r: list[int], view: memoryview,
+           progress: Progress) -> None:
+    start, end = r[0] + r[2], r[1]
+    resp = client.request("GET", f"/v2/{repository}/blobs/{digest}",
+                          headers={"Range": f"bytes={start}-{end - 1}"},
+                          stream=True, ok=(200, 206), what=digest)
+    try:
+        m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+        if resp.status_code != 206 or m is None or int(m.group(1)) != start \
+                or int(m.group(2)) != end - 1 or m.group(3) not in ("*", str(size)):
+            raise _RangeIgnored()
+        raw = resp.raw
+        fp = getattr(raw, "_fp", None)  # http.client response: readinto without a copy
+        at = start
+        window = at // partial.WRITEBACK_WINDOW
+        while at < end and not job.stop:
+            want = view[:min(len(view), end - at)]
+            if fp is not None and not raw.headers.get("Content-Encoding"):
+                n = fp.readinto(want) or 0
+            else:
+                chunk = raw.read(len(want), decode_content=False)
+                n = len(chunk)
+                want[:n] = chunk
+            if not n:
+                raise requests.ConnectionError(f"connection closed at byte {at} of range "
+                                               f"{r[0]}-{end - 1}")
+            part.write_at(view[:n], at)
+            at += n
+            with job.cond:
+                r[2] = at - r[0]
+                job.cond.notify_all()
+            progress(n)
+            if at // partial.WRITEBACK_WINDOW != window:  # start writeback, as one stream does
+                window = at // partial.WRITEBACK_WINDOW
+                partial.start_writeback(part.fd, (window - 1) * partial.WRITEBACK_WINDOW,
+                                        partial.WRITEBACK_WINDOW)
+    finally:
+        resp.close()
