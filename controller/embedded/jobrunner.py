@@ -264,6 +264,9 @@ class JobRunner:
         for pod in pods:
             if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 continue
+            # its volumes (Secret files, emptyDirs) went with no one to remove them
+            shutil.rmtree(os.path.join(self.root, str(pod["metadata"].get("uid")), "volumes"),
+                          ignore_errors=True)
             now = _now()
             self._pod_status(pod["metadata"]["name"], {
                 "phase": "Failed", "reason": "NodeLost",
