@@ -51,6 +51,7 @@ from modelpack.errors import (
     RegistryError,
 )
 from modelpack.oci import mediatypes as mt
+from modelpack.oci import ranged
 from modelpack.oci.reference import Reference
 from modelpack.store.blobs import PartialBlob
 
@@ -165,8 +166,10 @@ class RegistryClient:
         ca_bundle: str | None = None,
         timeout: tuple[float, float] = (10.0, 120.0),
         retries: int = 4,
+        ranges: ranged.RangePolicy | None = None,
     ) -> None:
         self.host = host
+        self.ranges = ranges or ranged.RangePolicy()  # how a large blob is split
         self.insecure = insecure
         self.retries = retries
         self.base = f"{'http' if insecure else 'https'}://{host}"
@@ -366,8 +369,14 @@ class RegistryClient:
         """Fill ``part`` with the blob, resuming with Range after drops; caller commits.
 
         Bytes already in ``part`` (from a crash or an earlier attempt) are kept
-        and reported to ``progress`` first.
+        and reported to ``progress`` first. A blob of ``self.ranges.min_size``
+        or more goes over ``self.ranges.streams`` byte ranges at once
+        (``modelpack.oci.ranged``), unless the server ignores Range.
         """
+        if not part.present and self.ranges.applies(size) and \
+                ranged.download(self, repository, digest, size, part, self.ranges, progress):
+            return
+        part.drop_ranges()  # one stream continues the hashed prefix
         if part.offset:
             progress(part.offset)
         attempts = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -42,6 +43,53 @@ except (OSError, AttributeError):  # not Linux/glibc: the final fsync does it al
 # takes the buffered path, so correctness never depends on it.
 DIRECT_MIN = 8 << 20
 DIRECT_ALIGN = 4096
+
+
+# A ranged download (``modelpack.oci.ranged``) writes several byte ranges of one
+# blob at once into the preallocated ``.part`` and records, in this extended
+# attribute of the ``.part`` itself, how far each range got. An attribute and
+# not a sidecar file: it lives and dies with the file under the file's own lock
+# (a rename, an unlink, ``BlobStore.recover`` take it along), so no clean-up
+# can part the state from its bytes. Its value:
+# {"size": S, "ranges": [[start, end, done], ...]}, ranges sorted and covering
+# [0, S); done counts the bytes written (and fdatasynced) from start on.
+RANGES_XATTR = "user.modelcache.ranges"
+_NO_XATTR = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA, errno.E2BIG, errno.ERANGE})
+
+
+def _read_ranges(fd: int, size: int | None) -> list[list[int]] | None:
+    """The recorded ranges of the open ``.part``, or None (none, unreadable, inconsistent)."""
+    try:
+        raw = os.getxattr(fd, RANGES_XATTR)
+    except OSError as e:
+        if e.errno in _NO_XATTR:
+            return None
+        raise
+    try:
+        state = json.loads(raw)
+        ranges = [[int(a), int(b), int(d)] for a, b, d in state["ranges"]]
+        pos = 0
+        for a, b, d in ranges:
+            if a != pos or b < a or not 0 <= d <= b - a:
+                raise ValueError("ranges do not tile the blob")
+            pos = b
+        if int(state["size"]) != size or pos != size:
+            raise ValueError("another size")
+    except (ValueError, KeyError, TypeError):
+        return []  # present but not trusted: dropped by the caller
+    return ranges
+
+
+def contiguous(ranges: list[list[int]]) -> int:
+    """How many bytes from 0 on are written, by the ranges' record."""
+    pos = 0
+    for a, b, d in ranges:
+        if a != pos:
+            break
+        pos = a + d
+        if a + d < b:
+            break
+    return pos
 
 
 def _open_direct(path: str) -> int:
@@ -97,6 +145,7 @@ class PartialBlob:
         self.offset = 0
         self.dfd = -1
         self.present = False
+        self.ranges: list[list[int]] | None = None  # a ranged download's record, when resumed
         self._trusted = False  # present, and not sent again: the stored blob answers
         try:
             self.fd = partlock.acquire(part_path, stall)
@@ -132,25 +181,102 @@ class PartialBlob:
 
     def _load_prefix(self, resume: bool) -> None:
         existing = os.fstat(self.fd).st_size
+        ranges = _read_ranges(self.fd, self.size) if existing and self.expected else None
+        if ranges and existing == self.size:
+            # a ranged download's part: the written prefix is rehashed now, the other
+            # finished ranges later, in order, as the prefix reaches them
+            self.ranges = ranges
+            self._rehash(contiguous(ranges))
+            return
+        if ranges is not None:  # a record we cannot use: none of its bytes is trusted
+            os.removexattr(self.fd, RANGES_XATTR)
+            existing = 0
         # an unnamed blob resumes only when the caller keys its .part by a pinned source
         if existing and (self.expected is not None or resume) and (
                 self.size is None or existing <= self.size):
-            with open(self.path, "rb", buffering=0) as f:
-                buf = bytearray(dg.CHUNK)
-                view = memoryview(buf)
-                while self.offset < existing:
-                    n = f.readinto(view)
-                    if not n:
-                        break
-                    self.hasher.update(view[:n])
-                    self.offset += n
-        if self.offset != existing:
+            self._rehash(existing)
+        if self.offset != os.fstat(self.fd).st_size:
             os.ftruncate(self.fd, self.offset)
+
+    def _rehash(self, end: int) -> None:
+        """Hash the file's bytes from ``offset`` up to ``end`` (fewer if it is shorter)."""
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            buf = bytearray(dg.CHUNK)
+            view = memoryview(buf)
+            while self.offset < end:
+                n = f.readinto(view[:min(len(view), end - self.offset)])
+                if not n:
+                    break
+                self.hasher.update(view[:n])
+                self.offset += n
+
+    # -- ranged writing: several writers of byte ranges, one hasher in order --
+
+    def begin_ranged(self, ranges: list[list[int]]) -> bool:
+        """Preallocate the file and record ``ranges``; False where the filesystem
+        keeps no extended attributes (the caller then writes in one stream)."""
+        assert self.size is not None and not self.present
+        try:
+            if os.fstat(self.fd).st_size != self.size:
+                os.posix_fallocate(self.fd, 0, self.size)  # ENOSPC now, not at 90 %
+            self._record(ranges)
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                self.drop_ranges()
+                return False
+            raise store_error(e, self.path) from e
+        self.ranges = ranges
+        return True
+
+    def _record(self, ranges: list[list[int]]) -> None:
+        os.setxattr(self.fd, RANGES_XATTR,
+                    json.dumps({"size": self.size, "ranges": ranges}).encode())
+
+    def write_at(self, data: memoryview, at: int) -> None:
+        """Write bytes of a range (not hashed here: ``hash_to`` reads them back in order)."""
+        try:
+            while data:
+                n = os.pwrite(self.fd, data, at)
+                data = data[n:]
+                at += n
+        except OSError as e:
+            raise store_error(e, self.path) from e
+
+    def hash_to(self, end: int) -> None:
+        """Extend the hashed prefix to ``end`` from the file (the page cache, mostly)."""
+        try:
+            self._rehash(end)
+        except OSError as e:
+            raise store_error(e, self.path) from e
+        if self.offset < end:
+            raise StoreError(f"{self.path} is shorter than its written ranges", retryable=True)
+
+    def save_ranges(self, ranges: list[list[int]]) -> None:
+        """Make the written bytes durable, then record them (a crash resumes from here)."""
+        try:
+            os.fdatasync(self.fd)
+            self._record(ranges)
+        except OSError as e:
+            raise store_error(e, self.path) from e
+
+    def drop_ranges(self) -> None:
+        """Back to one stream: keep the hashed prefix only, forget the ranges."""
+        if self.ranges is None:
+            return
+        self.ranges = None
+        try:
+            os.ftruncate(self.fd, self.offset)
+            os.removexattr(self.fd, RANGES_XATTR)
+        except OSError as e:
+            if e.errno not in _NO_XATTR:
+                raise store_error(e, self.path) from e
 
     def restart(self) -> None:
         """Forget the prefix (the source cannot resume): start from byte 0."""
         self.hasher = hashlib.sha256()
         self.offset = 0
+        self.drop_ranges()
         if self.present:
             self._trusted = False
             return
@@ -167,6 +293,8 @@ class PartialBlob:
         if self.present:  # stored already: the bytes are checked at finish, not written
             self.offset += len(data)
             return
+        if self.ranges is not None:
+            self.drop_ranges()  # a stream continues the prefix: the ranges' record goes
         view = memoryview(data).cast("B")
         before = self.offset
         try:
@@ -215,6 +343,9 @@ class PartialBlob:
             raise IntegrityError(f"content hashes to {got}, expected {self.expected}")
         if not self.present:
             try:
+                if self.ranges is not None:  # a stored blob carries no download state
+                    self.ranges = None
+                    os.removexattr(self.fd, RANGES_XATTR)
                 os.fsync(self.fd)
             except OSError as e:
                 raise store_error(e, self.path) from e
