@@ -39,6 +39,9 @@ LABEL_NAMESPACE = "modelcache.io/namespace"
 LABEL_UID = "modelcache.io/uid"
 LABEL_KEY = "modelcache.io/publish-key"
 ANN_TARGET = "modelcache.io/target"
+# on a publish Job: which Secret (and keys) the manager lends it at run time, as JSON
+# (controller/models/credentials.py); the Secret's values are never copied
+ANN_SOURCE_CREDENTIAL = "modelcache.io/source-credential"
 # on the dmcr Deployment's pod template: its certificate's SHA-256; a renewal changes it
 # and the Deployment rolls (controller/dmcrtls.py: distribution reads it only at start)
 ANN_TLS_FINGERPRINT = "modelcache.io/tls-fingerprint"

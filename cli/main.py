@@ -123,6 +123,11 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     pl.add_argument("--range-streams", type=int, default=8,
                     help="byte ranges fetched at once for a file of 256 MiB or more (default 8; "
                          "1: one stream)")
+    pl.add_argument("--registry-mirror", action="append", default=[], metavar="HOST=URL",
+                    help="ask URL first for HOST's blobs and pinned manifests (repeatable, "
+                         "in order; every byte is verified, the registry is the fallback)")
+    pl.add_argument("--registry-hosts-dir", metavar="DIR",
+                    help="mirrors in containerd's certs.d layout: DIR/HOST/hosts.toml")
     access.add_flags(pl)
     pl.set_defaults(func=pull.cmd_pull)
 

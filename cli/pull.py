@@ -18,6 +18,7 @@ from cli import access
 from cli.progress import bar
 from modelpack.formats import inspect_dir
 from modelpack.oci import layout as oci_layout
+from modelpack.oci import mirrors
 from modelpack.oci.ranged import RangePolicy
 from modelpack.oci.reference import parse as parse_ref
 from modelpack.pull import pull_to_dir, resolve
@@ -36,6 +37,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     ref = parse_ref(args.ref)
     client = access.client(args, ref)
     client.ranges = RangePolicy(streams=args.range_streams)
+    mirrors.load(args.registry_hosts_dir, args.registry_mirror).attach(client, ref.host)
     pack = resolve(client, ref)
     t0 = time.monotonic()
     with bar(pack.size, "pull", args.progress) as progress:

@@ -28,8 +28,8 @@ from controller.delivery import sharedpvc
 from controller.delivery import webhook as delivery_webhook
 from controller.errors import PermanentError, TemporaryError
 from controller.metrics import Metrics
+from controller.models import credentials, pvcsource
 from controller.models import publishjob as jobs
-from controller.models import pvcsource
 from controller.models.reconciler import Reconciler, job_transform
 from controller.models.report import Progress, create_server
 from controller.models.secretreader import SecretReader, secret_transform
@@ -114,6 +114,12 @@ class Manager:
             if opts.registry_tokens is not None and self.registry_tls is not None else None
         if self.token_realm is not None and self.registry_tls is not None:
             self.registry_tls.listeners.append(self.token_realm.reload)
+        # publish Jobs' source credentials, lent at start (models/credentials.py): on the
+        # realm's HTTPS listener; on the plain one only without a realm (demo, tests)
+        self.lender = credentials.Lender(self.client, s, {"Model": self.models,
+                                                          "ClusterModel": self.cluster_models})
+        if self.token_realm is not None:
+            self.token_realm.lender = self.lender.serve
         self.delivery: delivery_webhook.Delivery | None = None
         if opts.delivery is not None:
             # nodes as their cache labels; only pods still held by our scheduling gate
@@ -155,7 +161,9 @@ class Manager:
         self._wire()
         self.server = create_server(opts.listen, metrics=self.metrics, healthy=self.healthy,
                                     ready=self.ready, job_lookup=self._job,
-                                    progress=self.progress, report_key=s.report_key)
+                                    progress=self.progress, report_key=s.report_key,
+                                    lender=self.lender.serve if self.token_realm is None
+                                    else None)
 
     @property
     def port(self) -> int:

@@ -175,6 +175,11 @@ def _manager_parser(sub: Any) -> None:
                    help="HOST:PORT of /healthz /readyz /metrics and /report")
     p.add_argument("--report-url", default=env("MODELCACHE_REPORT_URL"),
                    help="the URL publish Jobs reach --listen at (no progress reports without)")
+    p.add_argument("--credentials-url", default="",
+                   help="the URL publish Jobs ask for their source credential at (GET "
+                   "URL/credentials/JOB, controller/models/credentials.py): the token realm's "
+                   "https:// address; without --registry-token-listen, default --report-url "
+                   "(plain HTTP: the demo and tests only)")
     p.add_argument("--report-key-file", help="HMAC key of report tokens "
                    "(default $MODELCACHE_REPORT_KEY, else random per process)")
     p.add_argument("--workers", type=int, default=8)
@@ -304,6 +309,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
         registry_insecure=args.registry_insecure, registry_secret=args.registry_secret,
         registry_ca=registry_tls.ca_file if registry_tls is not None else None,
         hf_endpoint=args.hf_endpoint, report_url=args.report_url, report_key=key,
+        credentials_url=_credentials_url(args),
         backoff_limit=args.job_backoff_limit, service_account=args.job_service_account,
         ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl,
         active_deadline=_active_deadline(args),
@@ -337,6 +343,17 @@ def cmd_manager(args: argparse.Namespace) -> int:
             r.stop()
         if runner is not None:
             runner.stop()
+
+
+def _credentials_url(args: argparse.Namespace) -> str | None:
+    """Where publish Jobs borrow their source credential: HTTPS whenever the token realm
+    is served (the chart); the plain report URL only without it (the demo, tests)."""
+    if args.registry_token_listen:
+        if args.credentials_url and not args.credentials_url.startswith("https://"):
+            raise SystemExit("modelcache-controller: --credentials-url must be https:// "
+                             "(the token realm's listener)")
+        return args.credentials_url or None
+    return args.credentials_url or args.report_url or None
 
 
 def _registry_tls(args: argparse.Namespace) -> Any:

@@ -229,9 +229,12 @@ def _basic(authorization: str) -> tuple[str, str]:
 # -- the realm's HTTP server -----------------------------------------------------------
 
 
-def create_server(listen: tuple[str, int], issuer: Issuer,
-                  ctx: ssl.SSLContext | None) -> ThreadingHTTPServer:
-    """``GET /token?service=…&scope=…`` over TLS (``ctx``; None: plain, tests only)."""
+def create_server(listen: tuple[str, int], issuer: Issuer, ctx: ssl.SSLContext | None,
+                  lender: Callable[[BaseHTTPRequestHandler], None] | None = None
+                  ) -> ThreadingHTTPServer:
+    """``GET /token?service=…&scope=…`` over TLS (``ctx``; None: plain, tests only), and
+    ``GET /credentials/<job>``, a publish Job's source credential, when ``lender`` is
+    given (``controller/models/credentials.py``)."""
 
     class Handler(BaseHTTPRequestHandler):
         timeout = IDLE_TIMEOUT  # a silent client is dropped
@@ -241,6 +244,9 @@ def create_server(listen: tuple[str, int], issuer: Issuer,
 
         def do_GET(self) -> None:
             url = urllib.parse.urlsplit(self.path)
+            if lender is not None and url.path.startswith("/credentials/"):
+                lender(self)
+                return
             if url.path != "/token":
                 reply(self, 404, b"not found\n")
                 return
@@ -291,6 +297,8 @@ class Realm:
         self.server: ThreadingHTTPServer | None = None
         self._ctx: ssl.SSLContext | None = None
         self._served = b""
+        # publish Jobs' source credentials, served on this HTTPS listener (app.Manager)
+        self.lender: Callable[[BaseHTTPRequestHandler], None] | None = None
 
     def pull_login(self) -> tuple[str, str] | None:
         if not self.cfg.pull_secret:
@@ -314,7 +322,7 @@ class Realm:
                              self.pull_login)
         self._ctx = certs.server_context(bundle.cert, bundle.key)
         self._served = bundle.cert
-        self.server = create_server(self.cfg.listen, self.issuer, self._ctx)
+        self.server = create_server(self.cfg.listen, self.issuer, self._ctx, self.lender)
         threading.Thread(target=self.server.serve_forever, daemon=True,
                          name="registry-tokens").start()
         log.info("registry token realm listening",

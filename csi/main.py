@@ -41,6 +41,7 @@ from kube import client as kubeclient
 from kube import logs
 from kube.events import Recorder
 from kube.flags import binary_size_arg
+from modelpack.oci import mirrors as oci_mirrors
 from modelpack.oci.ranged import RangePolicy
 from modelpack.oci.registry import RegistryClient
 
@@ -125,6 +126,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pull-via", action="append", default=[], metavar="FROM=TO",
                    help="fetch references on registry FROM from registry TO instead (in a "
                         "cluster: the DMCR's read-only pull endpoint); repeatable")
+    p.add_argument("--registry-mirror", action="append", default=[], metavar="HOST=URL",
+                   help="ask URL first for HOST's blobs and pinned manifests (repeatable, in "
+                        "order; every byte is verified, the registry is the fallback)")
+    p.add_argument("--registry-hosts-dir", default=None, metavar="DIR",
+                   help="mirrors in containerd's certs.d layout: DIR/HOST/hosts.toml")
     p.add_argument("--registry-credentials", default=None, metavar="DIR",
                    help="a directory with 'username' and 'password' files (a mounted Secret: "
                         "the DMCR pull user), sent to every registry this node pulls from; "
@@ -179,8 +185,9 @@ class Clients:
                  pull_via: dict[str, str] | None = None,
                  credentials: tuple[str, str] | None = None,
                  credentials_dir: str | None = None, reread: float = 10.0,
-                 range_streams: int = 8) -> None:
+                 range_streams: int = 8, mirrors: oci_mirrors.Mirrors | None = None) -> None:
         self.insecure = set(insecure)
+        self.mirrors = mirrors or oci_mirrors.Mirrors()  # by the host references name
         self.ranges = RangePolicy(streams=range_streams)
         self.ca_bundle = ca_bundle
         self.pull_via = dict(pull_via or {})
@@ -220,6 +227,8 @@ class Clients:
                                         ca_bundle=self.ca_bundle, timeout=(5.0, 60.0),
                                         retries=2, username=user, password=password,
                                         ranges=self.ranges)
+                # a mirror list is keyed by the host in references, as containerd's is
+                self.mirrors.attach(client, host if self.mirrors.of(host) else target)
                 self._clients[target] = client
             return client
 
@@ -300,7 +309,8 @@ async def run(args: argparse.Namespace, api: kubeclient.Kube | None = None) -> N
     clients = Clients(args.insecure_registry, args.registry_ca,
                       pull_via=pull_via_arg(args.pull_via),
                       credentials_dir=args.registry_credentials,
-                      range_streams=args.range_streams)
+                      range_streams=args.range_streams,
+                      mirrors=oci_mirrors.load(args.registry_hosts_dir, args.registry_mirror))
     cache = Cache(args.cache_dir, clients,
                   capacity=args.cache_capacity, high_watermark=args.high_watermark,
                   low_watermark=args.low_watermark, pull_workers=args.pull_workers,

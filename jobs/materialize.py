@@ -44,7 +44,7 @@ from jobs import secretfiles
 from modelpack import digest as dg
 from modelpack import pull
 from modelpack.errors import ModelPackError
-from modelpack.oci import reference
+from modelpack.oci import mirrors, reference
 from modelpack.oci.manifest import Layer, layers_of, parse_manifest
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
@@ -262,6 +262,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
     p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--registry-mirror", action="append", default=[], metavar="HOST=URL",
+                   help="ask URL first for HOST's blobs and pinned manifests (repeatable; "
+                        "every byte is verified, the registry is the fallback)")
     p.add_argument("--lock-timeout", type=float, default=600.0,
                    help="seconds to wait for another materializer of the same volume")
 
@@ -281,6 +284,10 @@ def main(args: Any) -> int:
                                 ca_bundle=secretfiles.ca_file(),
                                 username=os.environ.get("MODELCACHE_REGISTRY_USERNAME") or None,
                                 password=os.environ.get("MODELCACHE_REGISTRY_PASSWORD") or None)
+        try:
+            mirrors.load(flags=args.registry_mirror).attach(client, ref.host)
+        except ModelPackError as e:
+            raise MaterializeError(str(e), reason="InvalidMirror", retryable=False) from e
         result = materialize(client, ref, args.dest, args.digest, workers=args.workers,
                              lock_timeout=args.lock_timeout).to_json()
     except MaterializeError as e:

@@ -142,6 +142,13 @@ def one_attempt(work_dir: str, wait: float = WORK_DIR_WAIT) -> Iterator[None]:
 def main(args: argparse.Namespace) -> int:
     """Publish ``--source`` to ``--to``; the result to ``--result-file``, the exit status."""
     secretfiles.load()
+    try:  # the source credential, lent by the manager at start (never copied to a Secret)
+        secretfiles.borrow()
+    except secretfiles.BorrowError as e:
+        refused, status = jobresult.from_error(PublishError(
+            str(e), reason="CredentialUnavailable", retryable=True))
+        jobresult.write(refused, args.result_file, indent_stdout=True)
+        return status
     creds: dict[str, Any] = {
         "include": args.include or None, "exclude": args.exclude or None,
         "sha256": args.sha256, "archive": args.archive, "endpoint": args.endpoint,

@@ -75,7 +75,8 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
           auth: dict[str, object] | None = None, data_dir: str | None = None,
           readonly: bool = False, tls: tuple[str, str] | None = None,
           storage: dict[str, object] | None = None,
-          env: dict[str, str] | None = None) -> LocalRegistry:
+          env: dict[str, str] | None = None,
+          proxy: dict[str, object] | None = None) -> LocalRegistry:
     """Start the registry; ``username`` turns on htpasswd, ``auth`` is a raw auth section.
 
     ``data_dir`` shares another registry's storage; ``readonly`` serves it in
@@ -83,7 +84,8 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
     405), the DMCR's pull endpoint. ``tls`` is (certificate, key) PEM files.
     ``storage`` replaces the whole storage section (the chart's S3 storage, say)
     and ``env`` is added to the registry's environment (its
-    ``REGISTRY_STORAGE_S3_*`` overrides).
+    ``REGISTRY_STORAGE_S3_*`` overrides). ``proxy`` is distribution's proxy section
+    (``{"remoteurl": ...}``): a pull-through cache of that registry.
     """
     binary = shutil.which(BINARY) or "/usr/bin/docker-registry"
     if not os.path.exists(binary):
@@ -110,6 +112,8 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
         config["auth"] = {"htpasswd": {"realm": "modelcache", "path": htpasswd}}
     elif auth:
         config["auth"] = auth
+    if proxy:
+        config["proxy"] = proxy
     cfg_path = os.path.join(root, "config.yml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(config, f)

@@ -1,12 +1,14 @@
 """The publish path of a Model reconcile: the Job named by the publish key, and its result.
 
 Where it sits: step 5 of ``reconciler.py``. ``ensure`` finds the Job the publish
-key names; absent → it is created (a source credential copied beside it) and the
+key names; absent → it is created (its own Secret beside it: no source credential,
+which the Job borrows at start, ``credentials.py``) and the
 pass stops, asking for a follow-up; active → Publishing; Complete → the result
 the worker left in its pod's termination message → Ready (``apply_result``,
 which the upload and PVC sources use too); Failed → Failed with the worker's
 reason, and an event (the previous artifact, if any, still served:
-``api.model.ready_condition``). The Job's Secret (its source URI and credentials, ``jobs.job_secret``) goes once
+``api.model.ready_condition``). The Job's Secret (its source URI and the registry
+login, ``jobs.job_secret``) goes once
 the Job has finished.
 """
 
@@ -118,13 +120,18 @@ def _secret_data(host: Host, name: str, namespace: str) -> dict[str, str]:
 
 
 def ensure_job_secret(host: Host, obj: dict[str, Any], p: jobs.Plan, job: str) -> None:
-    """The Job's one Secret (``jobs.job_secret``): its source URI and every credential it
-    reads, mounted as files; made before the Job, deleted once it has finished."""
+    """The Job's one Secret (``jobs.job_secret``): its source URI and the controller's own
+    credentials, mounted as files; made before the Job, deleted once it has finished.
+
+    The source credential is not copied: its Secret is read here only to refuse a
+    missing key before the Job exists (nothing of it is kept); the Job asks the manager
+    for it at start (``controller/models/credentials.py``)."""
     use, settings = p.secret, host.settings
-    source = _secret_data(host, use.name, use.namespace) if use is not None else None
+    if use is not None:
+        jobs.check_keys(use, _secret_data(host, use.name, use.namespace))
     registry = _secret_data(host, settings.registry_secret, settings.namespace) \
         if settings.registry_secret else None
-    body = jobs.job_secret(obj, job, p, settings, source, registry,
+    body = jobs.job_secret(obj, job, p, settings, registry,
                            dmcrtls.read_ca(settings.registry_ca))
     try:
         host.client.create(kube.SECRETS, body, host.settings.namespace)

@@ -10,14 +10,17 @@ change to any of those inputs makes a new Job.
 All publish Jobs run in the controller's namespace. The registry push
 credential stays there (a Job in a user namespace would need a copy of it,
 and with it the power to overwrite other namespaces' artifacts); the source
-credential a Model names in its own namespace is copied into a per-Job
-Secret, deleted when the Job has finished. That per-Job Secret
-(``job_secret``) holds all of the Job's secret material: the source URI
-(it may carry a presigned query or a user:password), the source
-credential, the registry login and the report token. It is mounted
+credential a Model names (a tenant's Secret) is never copied: the Job
+carries only which Secret and keys (annotation
+``names.ANN_SOURCE_CREDENTIAL``) and asks the manager for the values at
+start, over HTTPS with its report token (``controller/models/credentials.py``,
+``jobs/secretfiles.fetch``). The per-Job Secret (``job_secret``, deleted
+when the Job has finished) holds only the controller's own material: the
+source URI (it may carry a presigned query or a user:password), the
+registry login, the report token and the registry's CA. It is mounted
 read-only as files (``jobspec.SecretFiles``), so none of them is in the
 Job's command line or env values. The pod gets no service-account token:
-it talks to the source, the registry and the manager's report endpoint only.
+it talks to the source, the registry and the manager's endpoints only.
 
 The work directory (``WORK_DIR``: the staging store, where each source file
 is streamed while it is hashed) is an ``emptyDir`` unless the manager is
@@ -32,6 +35,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +51,7 @@ WORK_DIR = "/var/lib/modelcache/work"
 WORKER_GID = jobspec.WORKER_GID
 SOURCE_KEY = "source"  # the per-Job Secret's key for the source URI (``--source-file``)
 REPORT_TOKEN = "MODELCACHE_REPORT_TOKEN"
+CREDENTIALS_URL = "MODELCACHE_CREDENTIALS_URL"  # the worker's env: where to ask (``lend``)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,10 @@ class Settings:
     hf_endpoint: str | None = None
     report_url: str | None = None
     report_key: bytes = b""
+    # where a Job asks for its source credential (``GET <url>/credentials/<job>``): the
+    # token realm's HTTPS address; the plain report URL only in the demo and tests. None:
+    # no lending, and a Model that names a Secret is refused (``lend``)
+    credentials_url: str | None = None
     backoff_limit: int = 3
     # seconds (the manager's --job-active-deadline, --job-ttl); a Model's
     # spec.publish.timeout / ttlAfterFinished replace them for its own Job
@@ -311,45 +320,76 @@ def _b64(text: str) -> str:
 
 
 def job_secret(obj: dict[str, Any], job: str, p: Plan, settings: Settings,
-               source: dict[str, str] | None = None,
                registry: dict[str, str] | None = None,
                registry_ca: bytes | None = None) -> dict[str, Any]:
-    """The per-Job Secret: every secret the publish Job reads, one key per file.
+    """The per-Job Secret: the controller's own secrets the publish Job reads, one key a file.
 
-    ``source``: the data of ``p.secret``'s Secret (only the keys the worker
-    reads are taken, each under its env var's name); ``registry``: the data
-    of ``settings.registry_secret`` (``username``/``password``); ``registry_ca``:
-    the DMCR's CA bundle (public, but one mount is simpler than two).
+    ``registry``: the data of ``settings.registry_secret`` (``username``/``password``);
+    ``registry_ca``: the DMCR's CA bundle (public, but one mount is simpler than two).
+    The source credential (``p.secret``) is not here: it is lent at run time (``lend``).
     """
     picked = {SOURCE_KEY: _b64(p.uri)}
     if registry_ca:
         picked[jobspec.REGISTRY_CA[1]] = base64.b64encode(registry_ca).decode()
-    if settings.report_url:
+    if settings.report_url or (p.secret is not None and settings.credentials_url):
         picked[REPORT_TOKEN] = _b64(report_token(settings, job))
     for var, key in jobspec.REGISTRY_LOGIN:
         if registry and key in registry:
             picked[var] = registry[key]
-    if p.secret is not None:
-        use, data = p.secret, source or {}
-        for env, key in use.keys.items():
-            if key in data:
-                picked[env] = data[key]
-            elif env not in use.optional:
-                raise PermanentError(f"Secret {use.namespace}/{use.name} has no key {key!r}",
-                                     reason="SecretKeyNotFound")
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": copied_secret_name(job), "namespace": settings.namespace,
                          "labels": labels(obj, None)},
             "data": picked}
 
 
+def check_keys(use: SecretUse, data: dict[str, str]) -> None:
+    """``PermanentError`` (``SecretKeyNotFound``) when the Secret lacks a key the worker needs."""
+    for env, key in use.keys.items():
+        if key not in data and env not in use.optional:
+            raise PermanentError(f"Secret {use.namespace}/{use.name} has no key {key!r}",
+                                 reason="SecretKeyNotFound")
+
+
+def lend(use: SecretUse | None, job: str, settings: Settings) -> tuple[dict[str, str],
+                                                                       list[dict[str, Any]]]:
+    """A Job's source credential by reference: (annotations, env) of the Job.
+
+    The annotation names the Secret and the keys the manager may hand this Job
+    (``credentials.Lender`` reads it, never a name the worker sends); the env var
+    tells the worker where to ask. ``PermanentError`` when this manager lends nothing."""
+    if use is None:
+        return {}, []
+    if not settings.credentials_url:
+        raise PermanentError("this manager has no credential endpoint (--credentials-url): "
+                             "a source credential cannot reach the publish Job",
+                             reason="CredentialEndpointMissing")
+    ann = json.dumps({"namespace": use.namespace, "name": use.name, "keys": use.keys,
+                      "optional": sorted(use.optional)}, sort_keys=True)
+    url = f"{settings.credentials_url.rstrip('/')}/credentials/{job}"
+    return {names.ANN_SOURCE_CREDENTIAL: ann}, [{"name": CREDENTIALS_URL, "value": url}]
+
+
+def lent(job: dict[str, Any]) -> SecretUse | None:
+    """The ``SecretUse`` a Job's annotation names (``lend``); None without one or malformed."""
+    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(names.ANN_SOURCE_CREDENTIAL)
+    try:
+        d = json.loads(raw) if raw else None
+        if not isinstance(d, dict):
+            return None
+        keys = {str(k): str(v) for k, v in dict(d["keys"]).items()}
+        return SecretUse(str(d["namespace"]), str(d["name"]), keys,
+                         frozenset(str(o) for o in d.get("optional") or ()))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def secret_files(job: str, p: Plan, settings: Settings) -> jobspec.SecretFiles:
     """Which of ``job_secret``'s keys the worker is pointed at (``VAR_FILE``)."""
     keys = [REPORT_TOKEN] if settings.report_url else []
+    if not settings.report_url and p.secret is not None and settings.credentials_url:
+        keys = [REPORT_TOKEN]  # the credential endpoint's bearer
     if settings.registry_secret:
         keys += [var for var, _ in jobspec.REGISTRY_LOGIN]
-    if p.secret is not None:
-        keys += sorted(p.secret.keys)
     pairs = tuple((k, k) for k in keys)
     if settings.registry_ca:
         pairs += (jobspec.REGISTRY_CA,)
@@ -420,6 +460,8 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in p.env]
     env += [{"name": k, "value": v} for k, v in sorted(settings.extra_env.items())]
     env += report_env(settings, name)
+    lent_ann, lent_env = lend(p.secret, name, settings)
+    env += lent_env
     owners = None
     if model.model_kind(obj) == "ClusterModel":
         # a namespaced dependent may have a cluster-scoped owner, not one in another namespace
@@ -433,7 +475,7 @@ def build(obj: dict[str, Any], p: Plan, key: str, settings: Settings) -> dict[st
         work = {"name": "work", "persistentVolumeClaim": {"claimName": work_claim_name(name)}}
     return jobspec.build(
         name=name, namespace=settings.namespace, labels=labels(obj, key),
-        annotations={names.ANN_TARGET: ref}, owners=owners, container="publish",
+        annotations={names.ANN_TARGET: ref, **lent_ann}, owners=owners, container="publish",
         image=settings.image, command=cmd, env=env,
         mounts=[{"name": "work", "mountPath": WORK_DIR}],
         volumes=[work], backoff_limit=settings.backoff_limit,

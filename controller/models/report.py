@@ -103,7 +103,11 @@ IDLE_TIMEOUT = 30.0  # seconds a connection may stay silent
 
 def create_server(address: tuple[str, int], *, metrics: Metrics, healthy: Callable[[], bool],
                   ready: Callable[[], bool], job_lookup: Callable[[str], dict[str, Any] | None],
-                  progress: Progress | None, report_key: bytes) -> ThreadingHTTPServer:
+                  progress: Progress | None, report_key: bytes,
+                  lender: Callable[[BaseHTTPRequestHandler], None] | None = None
+                  ) -> ThreadingHTTPServer:
+    """``lender``: ``GET /credentials/<job>`` (``credentials.Lender.serve``) over this plain
+    listener; only a manager without the HTTPS token realm (the demo, tests) passes one."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     class Handler(BaseHTTPRequestHandler):
@@ -124,6 +128,8 @@ def create_server(address: tuple[str, int], *, metrics: Metrics, healthy: Callab
                 self._send(200 if ok else 503, b"ok" if ok else b"not ready")
             elif self.path == "/metrics":
                 self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif lender is not None and self.path.startswith("/credentials/"):
+                lender(self)
             else:
                 self._send(404, b"not found")
 

@@ -39,7 +39,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -54,6 +54,9 @@ from modelpack.oci import mediatypes as mt
 from modelpack.oci import ranged
 from modelpack.oci.reference import Reference
 from modelpack.store.blobs import PartialBlob
+
+if TYPE_CHECKING:  # the mirrors are built on this client; set by modelpack.oci.mirrors
+    from modelpack.oci.mirrors import MirrorSet
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,7 @@ class RegistryClient:
     ) -> None:
         self.host = host
         self.ranges = ranges or ranged.RangePolicy()  # how a large blob is split
+        self.mirrors: MirrorSet | None = None  # asked first for content by digest
         self.insecure = insecure
         self.retries = retries
         self.base = f"{'http' if insecure else 'https'}://{host}"
@@ -306,6 +310,10 @@ class RegistryClient:
 
     def get_manifest(self, ref: Reference) -> tuple[bytes, str, str]:
         """(bytes, digest, media type) of a manifest; verified when pinned by digest."""
+        if self.mirrors is not None and ref.digest:
+            found = self.mirrors.get_manifest(ref)
+            if found is not None:
+                return found
         path = f"/v2/{ref.repository}/manifests/{ref.ref}"
 
         def get() -> tuple[bytes, str, str]:
@@ -357,6 +365,10 @@ class RegistryClient:
 
     def get_blob_bytes(self, repository: str, digest: str, limit: int = 16 << 20) -> bytes:
         """A small blob (a config) in memory, verified."""
+        if self.mirrors is not None:
+            found = self.mirrors.get_blob_bytes(repository, digest, limit)
+            if found is not None:
+                return found
         raw = self._with_retries(digest, lambda: read_capped(self.request(
             "GET", f"/v2/{repository}/blobs/{digest}", stream=True, what=digest),
             limit, f"blob {digest}"))
@@ -371,8 +383,12 @@ class RegistryClient:
         Bytes already in ``part`` (from a crash or an earlier attempt) are kept
         and reported to ``progress`` first. A blob of ``self.ranges.min_size``
         or more goes over ``self.ranges.streams`` byte ranges at once
-        (``modelpack.oci.ranged``), unless the server ignores Range.
+        (``modelpack.oci.ranged``), unless the server ignores Range. With
+        ``mirrors``, they are asked first (``modelpack.oci.mirrors``).
         """
+        if self.mirrors is not None and not part.present and \
+                self.mirrors.download_blob(repository, digest, size, part, progress):
+            return
         if not part.present and self.ranges.applies(size) and \
                 ranged.download(self, repository, digest, size, part, self.ranges, progress):
             return

@@ -82,6 +82,15 @@ def tool(name: str) -> str:
 # --- images ------------------------------------------------------------------------------
 
 
+def build_images() -> None:
+    """hack/images.sh: cached by content (seconds when nothing changed), so the
+    images always carry the tree the chart ships with."""
+    got = subprocess.run(["bash", os.path.join(ROOT, "hack", "images.sh")],
+                         capture_output=True, text=True, timeout=1800)
+    if got.returncode != 0:
+        raise DeployError(f"hack/images.sh: exit {got.returncode}\n{got.stderr[-4000:]}")
+
+
 def push_archives(registry: str, tag: str) -> dict[str, str]:
     refs = {}
     for name in ("controller", "node", "dmcr"):
@@ -300,6 +309,9 @@ def describe_pods(d: Deployed) -> str:
 @contextlib.contextmanager
 def running(tag: str = "0.1.0") -> Iterator[Deployed]:
     timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    build_images()
+    timings["build images"] = time.monotonic() - t0
     t0 = time.monotonic()
     with localregistry.running() as reg:
         client = RegistryClient(reg.host, insecure=True)

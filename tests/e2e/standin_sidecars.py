@@ -7,7 +7,7 @@ be pulled. deployed.py packs this file, fake_node_driver_registrar.py and
 kubelet's pluginregistration stubs (compiled on the host) as one more layer on
 the node image, and the chart's ``node.registrarImage`` /
 ``node.livenessProbeImage`` name that image; the chart's own args reach it
-unchanged:
+unchanged (no subcommand: the flags tell which sidecar this is):
 
 - ``registrar --csi-address --kubelet-registration-path --health-port``:
   registers the driver with kubelet through /registration (the fake's
@@ -103,10 +103,17 @@ def livenessprobe(argv: list[str]) -> int:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     which = {"registrar": registrar, "livenessprobe": livenessprobe}
-    if len(sys.argv) < 2 or sys.argv[1] not in which:
-        sys.stderr.write("usage: standin_sidecars.py registrar|livenessprobe ARGS\n")
-        return 2
-    return which[sys.argv[1]](sys.argv[2:])
+    argv = sys.argv[1:]
+    if argv and argv[0] in which:
+        return which[argv[0]](argv[1:])
+    # the chart passes the real sidecars' flags alone (one image, one entrypoint
+    # for both): the registration path names the registrar
+    if any(a.startswith("--kubelet-registration-path") for a in argv):
+        return registrar(argv)
+    if any(a.startswith("--csi-address") for a in argv):
+        return livenessprobe(argv)
+    sys.stderr.write("usage: standin_sidecars.py [registrar|livenessprobe] ARGS\n")
+    return 2
 
 
 if __name__ == "__main__":

@@ -375,6 +375,79 @@ def test_missing_secret_is_pending_until_created(cluster, namespace, manager, hu
     wait_for(phase_is(cluster, namespace, "later", "Ready"), 90, what="Ready")
 
 
+def _secrets_holding(client: k.Kube, value: str) -> set[tuple[str, str, str]]:
+    """(namespace, name, uid) of every Secret in the cluster whose data holds ``value``."""
+    items, _ = client.list(k.SECRETS)
+    return {(s["metadata"]["namespace"], s["metadata"]["name"], s["metadata"]["uid"])
+            for s in items if any(value in base64.b64decode(str(v)).decode(errors="replace")
+                                  for v in (s.get("data") or {}).values())}
+
+
+def _borrow(manager: ManagerProcess, job: str, token: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{manager.port}/credentials/{job}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_tenant_secret_is_never_copied(cluster, manager, hub, small_model):
+    """The attack: read every Secret in the cluster (as admin) while a Model's publish Job
+    runs, looking for the tenant's token outside the tenant's namespace; then ask the
+    manager for the credential with a forged token, another Job's token, and after the
+    Job has finished."""
+    import hashlib
+    import hmac
+    import threading
+
+    ns = f"tenant-{uuid.uuid4().hex[:6]}"
+    ensure_namespace(cluster, ns)
+    hub.add_repo("acme/lent", small_model, private=True)
+    before = _secrets_holding(cluster, HUB_TOKEN)  # other tests' Secrets, made before
+    cluster.create(k.SECRETS, {"apiVersion": "v1", "kind": "Secret",
+                               "metadata": {"name": "hf-token"},
+                               "data": {"token": base64.b64encode(HUB_TOKEN.encode()).decode()}},
+                   ns)
+    leaks: set[tuple[str, str, str]] = set()
+    polls = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            leaks.update(s for s in _secrets_holding(cluster, HUB_TOKEN) - before
+                         if s[0] != ns)
+            polls[0] += 1
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        cluster.create(k.MODELS, hf_model("lent", ns, "acme/lent",
+                                          authSecretRef={"name": "hf-token"}), ns)
+        m = wait_for(phase_is(cluster, ns, "lent", "Ready", "Failed"), 90, what="Ready")
+    finally:
+        done.set()
+        watcher.join(5)
+    assert m["status"]["phase"] == "Ready", m["status"]  # the private repo needed the token
+    assert polls[0] > 0 and leaks == set(), leaks
+    job = m["status"]["publish"]["jobName"]
+    (obj,) = jobs_of(cluster, m["metadata"]["uid"])
+    assert "secretKeyRef" not in str(obj) and HUB_TOKEN not in str(obj)
+
+    def token(name: str) -> str:
+        return hmac.new(b"k", name.encode(), hashlib.sha256).hexdigest()
+
+    assert _borrow(manager, job, "0" * 64) == 403  # forged
+    assert _borrow(manager, job, token("mc-other-job")) == 403  # another Job's
+    assert _borrow(manager, job, token(job)) == 410  # the Job has finished
+    assert _borrow(manager, "mc-no-such-job", token("mc-no-such-job")) == 404
+
+
 def test_cluster_model_publishes_to_cluster_repository(cluster, manager, hub, client,
                                                        small_model):
     hub.add_repo("acme/shared", small_model)

@@ -27,7 +27,8 @@ PRESIGNED = ("https://user:pa55word@bucket.example.com/llama.gguf"
              "?X-Amz-Signature=deadbeefsig&X-Amz-Credential=AKIAEXAMPLE")
 SETTINGS = jobs.Settings(namespace="modelcache-system", registry="dmcr:5000",
                          registry_secret="dmcr-push", report_url="http://mgr:8080",
-                         report_key=b"report-key-bytes")
+                         report_key=b"report-key-bytes",
+                         credentials_url="https://modelcache-controller:5050")
 SOURCES: dict[str, dict[str, Any]] = {
     "http": {"url": PRESIGNED, "authSecretRef": {"name": "web"}},
     "huggingFace": {"repo": "acme/llama", "authSecretRef": {"name": "hf"}},
@@ -83,21 +84,36 @@ def test_publish_job_secret_holds_what_the_worker_reads() -> None:
     job = jobs.build(obj, p, "k1", SETTINGS)
     name = job["metadata"]["name"]
     b64 = {k: base64.b64encode(v.encode()).decode() for k, v in
-           {"token": "web-token", "username": "pusher", "password": "push-pw"}.items()}
-    body = jobs.job_secret(obj, name, p, SETTINGS, {"token": b64["token"]},
+           {"username": "pusher", "password": "push-pw"}.items()}
+    body = jobs.job_secret(obj, name, p, SETTINGS,
                            {"username": b64["username"], "password": b64["password"]})
     data = {k: base64.b64decode(v).decode() for k, v in body["data"].items()}
-    assert data == {"source": PRESIGNED, "MODELCACHE_HTTP_TOKEN": "web-token",
+    # the tenant's source credential is not copied: only the controller's own material
+    assert data == {"source": PRESIGNED,
                     "MODELCACHE_REGISTRY_USERNAME": "pusher",
                     "MODELCACHE_REGISTRY_PASSWORD": "push-pw",
                     "MODELCACHE_REPORT_TOKEN": jobs.report_token(SETTINGS, name)}
     env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     # every VAR_FILE names a key of that Secret, under its mount
-    for var in ("MODELCACHE_HTTP_TOKEN", "MODELCACHE_REGISTRY_USERNAME",
-                "MODELCACHE_REGISTRY_PASSWORD", "MODELCACHE_REPORT_TOKEN"):
+    for var in ("MODELCACHE_REGISTRY_USERNAME", "MODELCACHE_REGISTRY_PASSWORD",
+                "MODELCACHE_REPORT_TOKEN"):
         assert env[f"{var}_FILE"] == f"/var/run/modelcache/secrets/{var}"
+    assert "MODELCACHE_HTTP_TOKEN_FILE" not in env
+    # the worker borrows it from the manager, which reads the Job's annotation
+    assert env["MODELCACHE_CREDENTIALS_URL"] == \
+        f"https://modelcache-controller:5050/credentials/{name}"
+    use = jobs.lent(job)
+    assert use == jobs.SecretUse("team-a", "web", {"MODELCACHE_HTTP_TOKEN": "token"})
     cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd[cmd.index("--source-file") + 1] == "/var/run/modelcache/secrets/source"
+
+
+def test_no_credential_endpoint_refuses_a_model_with_a_secret() -> None:
+    obj = _model({"http": SOURCES["http"]})
+    bare = jobs.Settings(namespace="modelcache-system", registry="dmcr:5000")
+    with pytest.raises(jobs.PermanentError) as e:
+        jobs.build(obj, jobs.plan(obj, bare), "k1", bare)
+    assert e.value.reason == "CredentialEndpointMissing"
 
 
 def test_catalog_import_job_shows_no_token() -> None:
@@ -111,7 +127,10 @@ def test_catalog_import_job_shows_no_token() -> None:
     job = jobs.build(obj, p, "k2", SETTINGS)
     assert _leaks(job, SECRETS) == []
     env = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert "MODELCACHE_CATALOG_TOKEN_FILE" in env and "MODELCACHE_CATALOG_TOKEN" not in env
+    assert "MODELCACHE_CATALOG_TOKEN" not in env and "MODELCACHE_CATALOG_TOKEN_FILE" not in env
+    assert "MODELCACHE_CREDENTIALS_URL" in env
+    use = jobs.lent(job)
+    assert use is not None and use.keys == {"MODELCACHE_CATALOG_TOKEN": "token"}
 
 
 def test_materializer_job_shows_no_pull_credential() -> None:

@@ -1,0 +1,97 @@
+"""bench/fanout: N node caches cold-start the same model at once, with and without a mirror.
+
+Each node is a separate process with its own cache directory
+(``modelpack.pull.pull_to_store``, the node cache's path). The DMCR is a
+real docker-registry behind a counting proxy (its egress is what the proxy
+sends); the mirror is a second docker-registry in pull-through-cache mode.
+Reports DMCR egress bytes and p50/p99 time-to-pulled per run.
+
+    python3 -m bench.fanout.run --nodes 8 --size 256Mi --files 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+from cli.local import registry as localregistry
+from kube.flags import binary_size_arg
+from modelpack.oci import mirrors
+from modelpack.oci.reference import parse
+from modelpack.oci.registry import RegistryClient
+from modelpack.pack import pack_to_registry
+from modelpack.pull import pull_to_store
+from modelpack.store.blobs import BlobStore
+from tests import modelgen
+from tests.flakyproxy import FlakyProxy
+
+
+def _node(host: str, ref: str, root: str, mirror: str | None, go: float, out: mp.Queue) -> None:
+    client = RegistryClient(host, insecure=True)
+    if mirror:
+        mirrors.load(flags=[f"{host}={mirror}"]).attach(client)
+    time.sleep(max(0.0, go - time.time()))
+    t0 = time.time()
+    pull_to_store(client, parse(ref), BlobStore(root))
+    out.put(time.time() - t0)
+
+
+def _round(proxy: FlakyProxy, ref: str, nodes: int, mirror: str | None, work: str) -> dict:
+    before = proxy.bytes_sent
+    q: mp.Queue = mp.Queue()
+    go = time.time() + 1.0
+    procs = [mp.Process(target=_node, args=(proxy.host, ref, os.path.join(work, f"n{i}"),
+                                            mirror, go, q)) for i in range(nodes)]
+    for p in procs:
+        p.start()
+    times = sorted(q.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    shutil.rmtree(work, ignore_errors=True)
+    p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
+    return {"egress": proxy.bytes_sent - before, "p50": statistics.median(times), "p99": p99}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--size", type=binary_size_arg, default=256 << 20)
+    ap.add_argument("--files", type=int, default=4)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="fanout-")
+    try:
+        src = os.path.join(tmp, "model")
+        modelgen.make_big_model(src, files=args.files, total=args.size)
+        with localregistry.running() as dmcr:
+            proxy = FlakyProxy(dmcr.host)
+            res = pack_to_registry(src, RegistryClient(dmcr.host, insecure=True),
+                                   parse(f"{dmcr.host}/bench/fanout:v1"))
+            ref = f"{proxy.host}/bench/fanout@{res.pack.digest}"
+            rows = [("no mirror", _round(proxy, ref, args.nodes, None, os.path.join(tmp, "a")))]
+            with localregistry.running(proxy={"remoteurl": f"http://{proxy.host}"}) as m:
+                rows.append(("pull-through mirror, cold",
+                             _round(proxy, ref, args.nodes, f"http://{m.host}",
+                                    os.path.join(tmp, "b"))))
+                rows.append(("pull-through mirror, warm",
+                             _round(proxy, ref, args.nodes, f"http://{m.host}",
+                                    os.path.join(tmp, "c"))))
+            proxy.close()
+        size = res.pack.size
+        print(f"{args.nodes} nodes, model {size} bytes in {args.files} files\n")
+        print("| run | DMCR egress | × model | p50 s | p99 s |\n|---|---|---|---|---|")
+        for name, r in rows:
+            print(f"| {name} | {r['egress']} | {r['egress'] / size:.2f} | {r['p50']:.2f} "
+                  f"| {r['p99']:.2f} |")
+        print(f"\n`python3 -m bench.fanout.run --nodes {args.nodes} --size {args.size} "
+              f"--files {args.files}`")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
