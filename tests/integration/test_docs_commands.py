@@ -56,7 +56,7 @@ import pytest
 
 from cli.local import cluster as localcluster
 from cli.local.system import LocalSystem
-from tests import kubeenv, modelgen
+from tests import modelgen
 from tests.integration import demoenv
 
 DOCS = ("README.md", "docs/user-guide.md", "docs/catalog.md", "examples/README.md")
@@ -130,7 +130,7 @@ class Block:
 
 
 def parse(doc: str) -> list[Block]:
-    with open(os.path.join(kubeenv.REPO_ROOT, doc)) as f:
+    with open(os.path.join(localcluster.REPO_ROOT, doc)) as f:
         lines = f.read().splitlines()
     blocks: list[Block] = []
     i = 0
@@ -237,13 +237,13 @@ def system(tmp_path_factory: pytest.TempPathFactory, minilm_dir: str) -> Iterato
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A scratch stand-in for the repository root, plus the user's own model files."""
     root = str(tmp_path_factory.mktemp("repo"))
-    for name in os.listdir(kubeenv.REPO_ROOT):
+    for name in os.listdir(localcluster.REPO_ROOT):
         if not name.startswith("."):
-            os.symlink(os.path.join(kubeenv.REPO_ROOT, name), os.path.join(root, name))
+            os.symlink(os.path.join(localcluster.REPO_ROOT, name), os.path.join(root, name))
     modelgen.make_safetensors_model(os.path.join(root, "my-model"))
     os.mkdir(bin_dir(root))
     with open(os.path.join(bin_dir(root), "modelcache"), "w") as f:
-        f.write(f"#!/bin/sh\nPYTHONPATH={shlex.quote(kubeenv.REPO_ROOT)} "
+        f.write(f"#!/bin/sh\nPYTHONPATH={shlex.quote(localcluster.REPO_ROOT)} "
                 f"exec {shlex.quote(sys.executable)} -m cli.main \"$@\"\n")
     os.chmod(os.path.join(bin_dir(root), "modelcache"), 0o755)
     return root
