@@ -387,7 +387,7 @@ class System:
                 # kwok's own node stages (hack/install.d/kwok.sh): Ready, then a lease
                 # renewed every ~10 s and a status heartbeat, as kubelets do
                 "--config", os.path.join(os.path.dirname(kwok), "node-stages.yaml"),
-                "--node-lease-duration-seconds=40",
+                "--node-lease-duration-seconds=40", "-v=WARN",
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
                 "--cidr=10.0.0.1/16", "--node-ip=10.0.0.1",
                 "--server-address", f"127.0.0.1:{localcluster.free_port()}"],
@@ -469,6 +469,12 @@ def run(p: Params, say: Callable[[str], None] = print) -> Report:
         sysm.start()
         _run(sysm, p, rep, say)
     except BaseException:
+        with contextlib.suppress(Exception):
+            items, _ = sysm.client.list(k.MODELS, NS)
+            say("model phases: " + json.dumps(collections.Counter(
+                (m.get("status") or {}).get("phase") for m in items)))
+            pods, _ = sysm.client.list(k.PODS, NS)
+            say(f"pods still gated: {sum(map(_gated, pods))} of {len(pods)}")
         say("manager log tail:\n" + localcluster.tail(getattr(sysm, "manager_log", ""), 40))
         say("kwok log tail:\n" + localcluster.tail(getattr(sysm, "kwok_log", ""), 20))
         raise
@@ -591,6 +597,7 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
             s.reg.upload_bytes(repo, blob)
         s.reg.put_manifest(repo, tag, raw, media)
     _parallel(p.models, 8, push)
+    say(f"artifact copied into {p.models} repositories")
     wait_until(f"all {p.pods} gates lifted", lambda: len(lifted.at) >= p.pods, p.timeout,
                s.procs, interval=0.5)
     time.sleep(2)  # late writes by the manager, if any, land in this phase's count
@@ -659,9 +666,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=100.0)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds for each wait")
     args = ap.parse_args()
     rep = run(Params(nodes=args.nodes, models=args.models, pods=args.pods, rate=args.rate,
-                     threads=args.threads, workers=args.workers),
+                     threads=args.threads, workers=args.workers,
+                     timeout=args.timeout),
               say=lambda t: print(t, file=sys.stderr, flush=True))
     for line in table(rep):
         print(line)

@@ -184,7 +184,12 @@ class GateLifter:
             def state(o: Obj | None) -> tuple[str, str]:
                 view = ModelView.of(o)
                 return (view.phase, view.servable_digest)
-            if old is not None and event == "MODIFIED" and state(old) == state(obj):
+            # the same resourceVersion: ``old`` is our own write, put in the cache by
+            # ``Informer.observe`` (no handler saw it), so this event is the change itself
+            same_rv = old is not None and old["metadata"].get("resourceVersion") == \
+                obj["metadata"].get("resourceVersion")
+            if old is not None and event == "MODIFIED" and state(old) == state(obj) \
+                    and not same_rv:
                 return  # progress writes, every second while publishing: nothing for us
             ns, name = obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
             self._requeue(lambda pod_ns, r: r["kind"] == kind and r["name"] == name

@@ -198,7 +198,7 @@ def dns_query(server: str, name: str, timeout: float = 2) -> list[str]:
     return found
 
 
-def start_coredns(c: cluster2.Cluster2) -> None:
+def start_coredns(c: cluster2.Cluster2) -> nodeenv.Process:
     corefile = os.path.join(c.dir, "Corefile")
     with open(corefile, "w") as f:
         f.write(f""".:53 {{
@@ -211,8 +211,13 @@ def start_coredns(c: cluster2.Cluster2) -> None:
 """)
     p = nodeenv._spawn(c.env, "coredns", [tool("coredns"), "-conf", corefile])
     p.name = "coredns"
-    nodeenv.wait_for(c.env, "CoreDNS answers", lambda: dns_query(
-        cluster2.HOST_IP, "kubernetes.default.svc.cluster.local"), timeout=60)
+    try:
+        nodeenv.wait_for(c.env, "CoreDNS answers", lambda: dns_query(
+            cluster2.HOST_IP, "kubernetes.default.svc.cluster.local"), timeout=60)
+    except BaseException:
+        nodeenv.stop_process(p.proc, timeout=10)
+        raise
+    return p
 
 
 # --- the chart -------------------------------------------------------------------------------
@@ -277,6 +282,23 @@ def install(d: Deployed, hf_endpoint: str) -> None:
          "--namespace", NAMESPACE, "--create-namespace", *args)
 
 
+def retag(d: Deployed, name: str, tag: str) -> str:
+    """The same archive pushed under another tag (an upgrade's new image reference)."""
+    archive = os.path.join(IMAGES, f"modelcache-{name}.oci.tar")
+    ref = f"{d.registry}/modelcache/modelcache-{name}:{tag}"
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                    f"oci-archive:{archive}", f"docker://{ref}"],
+                   check=True, capture_output=True, timeout=300)
+    return ref
+
+
+def upgrade(d: Deployed, sets: dict[str, str]) -> None:
+    """``helm upgrade --reuse-values`` with ``sets`` on top."""
+    args = [a for k, v in sets.items() for a in ("--set-string", f"{k}={v}")]
+    helm(d, "upgrade", "modelcache", os.path.join(ROOT, "charts", "modelcache"),
+         "--namespace", NAMESPACE, "--reuse-values", *args)
+
+
 def ready_workloads(d: Deployed) -> dict[str, str]:
     """What is not Ready yet (name -> why); empty once every workload is."""
     from kubernetes import client
@@ -292,8 +314,10 @@ def ready_workloads(d: Deployed) -> dict[str, str]:
         waiting["daemonset"] = "none yet"
     for ds in dss:
         want, have = ds.status.desired_number_scheduled or 0, ds.status.number_ready or 0
-        if want != len(d.cluster.nodes) or have < want:
-            waiting[f"daemonset/{ds.metadata.name}"] = f"{have}/{want} ready"
+        updated = ds.status.updated_number_scheduled or 0
+        if want != len(d.cluster.nodes) or have < want or updated < want or \
+                (ds.status.observed_generation or 0) < (ds.metadata.generation or 0):
+            waiting[f"daemonset/{ds.metadata.name}"] = f"{have}/{want} ready, {updated} updated"
     return waiting
 
 
@@ -326,7 +350,13 @@ def running(tag: str = "0.1.0") -> Iterator[Deployed]:
                 extra_apiserver_args=["--enable-aggregator-routing=true"]) as c:
             timings["cluster up"] = time.monotonic() - t1
             kubernetes_endpoints(c)
-            start_coredns(c)
-            dmcr_volume(c)
-            yield Deployed(cluster=c, registry=reg.host, busybox=imgs.busybox, images=refs,
-                           timings=timings)
+            # cluster2 stops only its own processes; a CoreDNS left running would
+            # share port 53 (SO_REUSEPORT) with the next run's and answer half its
+            # queries from a dead cluster
+            dns = start_coredns(c)
+            try:
+                dmcr_volume(c)
+                yield Deployed(cluster=c, registry=reg.host, busybox=imgs.busybox, images=refs,
+                               timings=timings)
+            finally:
+                nodeenv.stop_process(dns.proc, timeout=10)

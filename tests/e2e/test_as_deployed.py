@@ -15,7 +15,13 @@ both nodes with no container restarted. Then the flow a user meets:
 - each node's plugin fetched each layer blob exactly once from the DMCR's
   pull endpoint (its access log, by the plugin pod's address);
 - a pod in another namespace naming that Model is refused by the webhook
-  (the API server reached it: the refusal is the webhook's own message).
+  (the API server reached it: the refusal is the webhook's own message);
+- day 2: ``helm upgrade`` to a new node image tag (the same archive, retagged)
+  replaces both node plugin pods; the running readers, never restarted, still
+  read every file, and a third replica started afterwards mounts the model;
+- day 2: the manager's leader hung (SIGSTOP) then killed: the standby takes
+  the lease once it expires and publishes the next Model; one publish Job per
+  Model, none repeated.
 
 Teardown leaves nothing behind. Needs root, hack/images.sh's archives and
 MODELCACHE_NODE_E2E=1 hack/install.sh (kubelet, kube-proxy, helm, CoreDNS);
@@ -28,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -46,7 +53,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.timeout(1200)]
 
 GROUP, VERSION = "modelcache.io", "v1alpha1"
 TEAM, OTHER = "e2e-team", "e2e-other"
-MODEL, REPO = "tiny", "e2e/tiny"
+MODEL, SECOND, REPO = "tiny", "second", "e2e/tiny"
+LEASE = "modelcache-controller"  # the manager's leader election Lease (controller/app.py)
 APP = "model-reader"
 MOUNT = f"{c.MOUNT_ROOT}/{MODEL}"
 
@@ -116,12 +124,13 @@ def _layers_from_dmcr(d: deployed.Deployed, plugin_pod: str, reference: str) -> 
         "from modelpack.oci.registry import RegistryClient\n"
         "r = reference.parse(sys.argv[1])\n"
         "cred = '/etc/modelcache/registry/'\n"
-        "cl = RegistryClient(r.registry, username=open(cred + 'username').read().strip(),\n"
+        "cl = RegistryClient(r.host, username=open(cred + 'username').read().strip(),\n"
         "                    password=open(cred + 'password').read().strip(),\n"
         "                    ca_bundle='/etc/modelcache/registry-ca/ca.crt')\n"
         "sys.stdout.write(cl.get_manifest(r)[0].decode())\n")
     got = d.kubectl("exec", "-n", deployed.NAMESPACE, plugin_pod, "-c", "plugin", "--",
-                    "/opt/modelcache/bin/python", "-c", script, pull, timeout=60)
+                    "/opt/modelcache/bin/python", "-c", script, pull, check=False, timeout=60)
+    assert got.returncode == 0, got.stderr
     digest = reference.rsplit("@", 1)[1]
     manifest, _ = parse_manifest(got.stdout.encode(), digest)  # checks the digest
     return layers_of(manifest)
@@ -133,7 +142,8 @@ def _read_in(d: deployed.Deployed, pod: str) -> tuple[dict[str, str], str]:
               "if touch ./.write-probe 2>/dev/null; then echo WRITE allowed; "
               "else echo WRITE refused; fi")
     got = d.kubectl("exec", "-n", TEAM, pod, "-c", "reader", "--", "/bin/sh", "-c", script,
-                    timeout=60)
+                    check=False, timeout=60)
+    assert got.returncode == 0, got.stderr
     sha, write = {}, ""
     for line in got.stdout.splitlines():
         if line.startswith("WRITE "):
@@ -142,6 +152,23 @@ def _read_in(d: deployed.Deployed, pod: str) -> tuple[dict[str, str], str]:
             h, path = line.split(None, 1)
             sha[path.strip()] = h
     return sha, write
+
+
+def _host_pid(pod: str) -> int:
+    """The host pid of the manager process in ``pod`` (its HOSTNAME is the pod's name)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"manager" in cmd and f"HOSTNAME={pod}".encode() in environ:
+            found.append(int(pid))
+    assert found, f"no manager process of {pod} on this host"
+    return min(found)
 
 
 def _blob_gets(log: str) -> dict[tuple[str, str], int]:
@@ -274,6 +301,93 @@ def test_chart_installs_on_two_nodes_and_delivers_a_published_model(tmp_path: An
         body = refused.value.body or ""
         assert "denied the request" in body and "not found" in body, body
         assert not core.list_namespaced_pod(OTHER).items
+
+        # 5. day 2: helm upgrade to a new node image tag replaces the node plugin
+        # pods; the running readers keep their mounts, a new replica still mounts
+        t5 = time.monotonic()
+        before = {p.metadata.uid for p in node_pods.values()}
+        new_node = deployed.retag(d, "node", "0.1.0-upgrade")
+        deployed.upgrade(d, {"node.image": new_node})
+
+        def upgraded() -> list[Any] | None:
+            if deployed.ready_workloads(d):
+                return None
+            got = [p for p in core.list_namespaced_pod(deployed.NAMESPACE).items
+                   if p.metadata.labels.get("app.kubernetes.io/component") == "node"]
+            fresh = [p for p in got if p.metadata.uid not in before and
+                     p.metadata.deletion_timestamp is None and
+                     {ct.image for ct in p.spec.containers if ct.name == "plugin"} == {new_node}]
+            return fresh if len(got) == len(fresh) == 2 else None
+
+        nodeenv.wait_for(c2.env, "the node plugin upgraded on both nodes", upgraded, timeout=180,
+                         describe=lambda: deployed.describe_pods(d))
+        for n in c2.node_names:
+            nodeenv.wait_for(c2.env, f"CSINode {n} has the driver again",
+                             lambda n=n: nodeenv._csinode_has_driver(storage, n), timeout=60)
+        d.timings["helm upgrade to Ready"] = time.monotonic() - t5
+        for p in readers:  # the same pods, never restarted, still reading the model
+            sha, _ = _read_in(d, p.metadata.name)
+            assert sha == expected, (p.spec.node_name, sha)
+            now = core.read_namespaced_pod(p.metadata.name, TEAM)
+            assert not now.status.container_statuses[0].restart_count
+        apps.patch_namespaced_deployment_scale(APP, TEAM, {"spec": {"replicas": 3}})
+        names = {p.metadata.name for p in readers}
+
+        def third() -> Any:
+            got = [p for p in core.list_namespaced_pod(TEAM).items
+                   if p.status.phase == "Running" and p.metadata.name not in names]
+            return got[0] if got else None
+
+        new_pod = nodeenv.wait_for(c2.env, "a third reader Running after the upgrade", third,
+                                   timeout=120, describe=lambda: deployed.describe_pods(d))
+        sha, write = _read_in(d, new_pod.metadata.name)
+        assert sha == expected and write == "refused", (new_pod.spec.node_name, sha, write)
+
+        # 6. day 2: the manager's leader hangs (SIGSTOP: it neither renews nor
+        # releases its lease), the standby takes the lease once it expires, the
+        # hung leader is killed (SIGKILL; its container restarts as a candidate),
+        # and the next Model is published; one publish Job per Model, none repeated
+        coord = client.CoordinationV1Api(api)
+
+        def holder() -> str:
+            lease = coord.read_namespaced_lease(LEASE, deployed.NAMESPACE)
+            return str(lease.spec.holder_identity or "")
+
+        leader = holder()
+        leader_pod = leader.rsplit("_", 1)[0]
+        controllers = sorted(p.metadata.name for p in core.list_namespaced_pod(
+            deployed.NAMESPACE).items if p.metadata.labels.get(
+                "app.kubernetes.io/component") == "controller")
+        assert leader_pod in controllers and len(controllers) == 2, (leader, controllers)
+        (standby,) = set(controllers) - {leader_pod}
+        pid = _host_pid(leader_pod)
+        t6 = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            nodeenv.wait_for(c2.env, f"the standby {standby} holds the lease",
+                             lambda: holder().rsplit("_", 1)[0] == standby, timeout=90)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+        d.timings["leader failover"] = time.monotonic() - t6
+        crds.create_namespaced_custom_object(GROUP, VERSION, TEAM, "models", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "Model",
+            "metadata": {"name": SECOND, "namespace": TEAM},
+            "spec": {"source": {"huggingFace": {"repo": REPO}}}})
+
+        def second_ready() -> bool:
+            for j in batch.list_namespaced_job(deployed.NAMESPACE).items:
+                jobs_seen[j.metadata.name] = j
+            m = crds.get_namespaced_custom_object(GROUP, VERSION, TEAM, "models", SECOND)
+            return (m.get("status") or {}).get("phase") == "Ready"
+
+        nodeenv.wait_for(c2.env, f"Model {SECOND} Ready under the new leader", second_ready,
+                         timeout=180, describe=lambda: deployed.describe_pods(d))
+        d.timings["failover to next Model Ready"] = time.monotonic() - t6
+        assert sorted(n.rsplit("-", 1)[0] for n in jobs_seen) == sorted(
+            [f"mc-{TEAM}-{MODEL}", f"mc-{TEAM}-{SECOND}"]), sorted(jobs_seen)
+        assert holder().rsplit("_", 1)[0] == standby
+        killed = core.read_namespaced_pod(leader_pod, deployed.NAMESPACE)
+        assert killed.status.container_statuses[0].restart_count == 1
         t_end = time.monotonic()
     teardown = time.monotonic() - t_end
     left = cluster2.leftovers(c2, netns_before)

@@ -121,10 +121,14 @@ def manager_b(env_b: kubeenv.KubeEnv, cluster_b: k.Kube, registry_b: localregist
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[app.Manager]:
     kubelet = FakeKubelet(cluster_b, SYSTEM_NS, work_root=str(tmp_path_factory.mktemp("kubelet")))
     kubelet.start()
+    # the token Secret is lent to the import Job at start, over the manager's plain
+    # listener (no token realm here: a test), never copied (models/credentials.py)
+    port = kubeenv.free_port()
     settings = jobs.Settings(namespace=SYSTEM_NS, registry=registry_b.host,
-                             registry_insecure=True, backoff_limit=1)
+                             registry_insecure=True, backoff_limit=1, report_key=b"k",
+                             credentials_url=f"http://127.0.0.1:{port}")
     mgr = app.Manager(app.Options(settings=settings, kubeconfig=env_b.kubeconfig,
-                                  listen=("127.0.0.1", 0), workers=2, leader_elect=False,
+                                  listen=("127.0.0.1", port), workers=2, leader_elect=False,
                                   shared_pvc=None), k.Kube.from_config(env_b.kubeconfig))
     mgr.start()
     yield mgr

@@ -50,7 +50,8 @@ class Rig:
     def __init__(self, client: k.Kube) -> None:
         self.client = client
         self.settings = jobs.Settings(namespace=SYSTEM_NS, registry="127.0.0.1:1",
-                                      registry_secret="dmcr-credentials")
+                                      registry_secret="dmcr-credentials",
+                                      credentials_url="https://127.0.0.1:1")
         self.infs = {r: Informer(client, r) for r in (
             k.CLUSTER_MODELS, k.MODEL_CATALOG_SOURCES, k.MODELS, k.JOBS)}
         self.infs[k.SECRETS] = Informer(client, k.SECRETS, transform=secret_transform)
@@ -188,9 +189,13 @@ def test_unlabelled_secret_is_refused_and_a_labelled_one_is_lent(rig: Rig) -> No
         rig.rec.reconcile("ClusterModel", "", name)
         made, copies = rig.jobs_and_copies(uid)
         assert len(made) == 1 and len(copies) == 1, (made, copies)
-        # the Job's one Secret: the lent token (under the var the worker reads) and the URL
-        assert "MODELCACHE_HTTP_TOKEN" in copies[0]["data"] and "source" in copies[0]["data"]
+        # the Job's one Secret: the URL, not the lent token (borrowed at run time from
+        # the manager, models/credentials.py); the Job names the Secret it may borrow
+        assert "source" in copies[0]["data"]
+        assert "MODELCACHE_HTTP_TOKEN" not in copies[0]["data"]
         assert "token" not in copies[0]["data"]
+        assert jobs.lent(made[0]) == jobs.SecretUse(SYSTEM_NS, secret,
+                                                    {"MODELCACHE_HTTP_TOKEN": "token"})
     finally:
         made, copies = rig.jobs_and_copies(uid)
         for j in made:
