@@ -145,7 +145,7 @@ def test_jobs_trust_the_ca_instead_of_plain_http(tmp_path) -> None:
     assert not [a for a in box["command"] if "insecure" in a]
     env = {e["name"]: e.get("value") for e in box["env"]}
     assert env["MODELCACHE_REGISTRY_CA_FILE"] == "/var/run/modelcache/secrets/ca.crt"
-    secret = jobs.job_secret(obj, job["metadata"]["name"], plan, settings, None,
+    secret = jobs.job_secret(obj, job["metadata"]["name"], plan, settings,
                              {"username": "dQ==", "password": "cA=="}, ca.read_bytes())
     assert base64.b64decode(secret["data"]["ca.crt"]) == ca.read_bytes()
     pvc = {"metadata": {"name": "shared", "namespace": "team-a", "uid": "u2"}}
