@@ -2,8 +2,10 @@
 
 Condition types: ``SourceResolved`` (the source is valid and its credentials
 exist), ``Published`` (an artifact for the current spec is in the registry),
-``Ready`` (a workload can use the model). ``lastTransitionTime`` changes only
-when a condition's status does, as the API conventions ask.
+``Ready`` (a workload can use the model), and ``Validated`` for a Model with
+``spec.validation`` (``controller/models/validation.py``: its user-given check
+passed, failed or timed out on the candidate artifact). ``lastTransitionTime``
+changes only when a condition's status does, as the API conventions ask.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Any
 
 PENDING, WAIT_FOR_UPLOAD, PUBLISHING = "Pending", "WaitForUpload", "Publishing"
 READY, FAILED, DELETING = "Ready", "Failed", "Deleting"
+VALIDATING = "Validating"  # published; the user's validation Job runs on the candidate
+# the Validated condition's reasons
+VALIDATION_RUNNING, VALIDATION_PASSED = "ValidationRunning", "ValidationPassed"
+VALIDATION_FAILED, VALIDATION_TIMEOUT = "ValidationFailed", "ValidationTimeout"
 
 
 def now() -> str:

@@ -36,11 +36,18 @@ The rules, in one place:
   an injected template: it passes through untouched. A Job's pod template is
   immutable after creation, so a Job's UPDATE passes through too (with a
   warning when its model annotations changed).
+* Sharing: ``ANN_MODELS`` may name ``<namespace>/<name>``, a Model another
+  namespace's owner shares with this one (``api/sharing.py``). It mounts at
+  ``MOUNT_ROOT/<namespace>.<name>`` (``Ref.directory``), so it never meets
+  the workload's own ``<name>``; two refs with one directory are refused.
+  One not shared (or absent) is a 403 with one message for both.
 * Delivery mode: ``ANN_DELIVERY`` on the workload, else the model's
   ``spec.delivery.mode``, else the controller default. The digest pinned is
   the model's servable artifact (``ModelView.servable_digest``): while a
   newer generation publishes, and after it failed, the last artifact
-  published, with a warning that says so. SharedPVC needs the digest at
+  published, with a warning that says so; ``name@sha256:<hex>`` asks for
+  that generation instead, refused unless it is one of the model's own
+  (``ModelView.generations``). SharedPVC needs the digest at
   admission (it names the PVC): a model with no servable artifact yet is
   refused for SharedPVC. One with none (even Failed) is admitted for
   NodeCache: the gate holds the pods until it has one, with a warning.
@@ -54,6 +61,7 @@ The rules, in one place:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -62,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api import names as c
+from api import sharing
 from api.podspec import (
     InjectError,
     Model,
@@ -86,6 +95,7 @@ TEMPLATE_PATH: dict[str, tuple[str, ...]] = {
 }
 KINDS = ("Pod", "Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_PIN = re.compile(r"^sha256:[0-9a-f]{64}$")  # name@<digest>: one generation of the model
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 @dataclass
@@ -96,7 +106,9 @@ class Result:
     planned: list[Planned] = field(default_factory=list)
 
 
-Lookup = Callable[[Ref], Obj | None]  # bound to the workload's namespace by the caller
+# bound to the workload's namespace by the caller: None for a Model that is absent, or is
+# another namespace's and not shared with this one (``api.sharing.granted``)
+Lookup = Callable[[Ref], Obj | None]
 
 # -- the request ----------------------------------------------------------------
 
@@ -110,20 +122,24 @@ def parse_refs(annotations: dict[str, str] | None) -> list[Ref]:
             name = raw.strip()
             if not name:
                 continue
-            if "/" in name:
-                raise InjectError(
-                    f"{key}: {name!r}: a model is named without a namespace "
-                    f"(Models are looked up in the workload's own namespace)")
+            name, at, pin = name.partition("@")
+            if at and not _PIN.match(pin):
+                raise InjectError(f"{key}: {raw.strip()!r}: a pin is @sha256:<64 hex digits>")
+            owner, slash, name = name.rpartition("/")
+            if slash and kind == "ClusterModel":
+                raise InjectError(f"{key}: {raw.strip()!r}: a ClusterModel has no namespace")
+            if slash and (len(owner) > 63 or not _DNS_LABEL.match(owner)):
+                raise InjectError(f"{key}: {raw.strip()!r}: {owner!r} is not a namespace name")
             if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
                 raise InjectError(f"{key}: {name!r} is not a valid {kind} name")
-            ref = Ref(kind, name)
+            ref = Ref(kind, name, owner, pin)
             if ref not in out:
                 out.append(ref)
-    names = [r.name for r in out]
-    clash = sorted({n for n in names if names.count(n) > 1})
+    dirs = [r.directory for r in out]
+    clash = sorted({d for d in dirs if dirs.count(d) > 1})
     if clash:
-        raise InjectError(f"{clash[0]!r} is both a Model and a ClusterModel in the "
-                          f"annotations: both would mount at {c.MOUNT_ROOT}/{clash[0]}")
+        who = " and ".join(f"{r.kind} {r.shown}" for r in out if r.directory == clash[0])
+        raise InjectError(f"{who} would both mount at {c.MOUNT_ROOT}/{clash[0]}")
     return out
 
 
@@ -136,13 +152,14 @@ def requested_mode(annotations: dict[str, str] | None) -> str:
 
 def volume_name(ref: Ref) -> str:
     """``modelcache-m-<name>`` / ``modelcache-c-<name>``, a DNS label of ≤ 63 chars; a name
-    that does not fit (too long, or with dots) is shortened and suffixed with a hash."""
+    that does not fit (too long, or with dots, as a shared Model's ``<ns>.<name>`` has) is
+    shortened and suffixed with a hash."""
     prefix = f"{c.VOLUME_PREFIX}{'m' if ref.kind == 'Model' else 'c'}-"
-    plain = prefix + ref.name
+    plain = prefix + ref.directory
     if len(plain) <= 63 and _DNS_LABEL.match(plain):
         return plain
-    h = hashlib.sha256(ref.name.encode()).hexdigest()[:8]
-    base = re.sub(r"[^a-z0-9-]", "-", ref.name)[:63 - len(prefix) - 9].strip("-")
+    h = hashlib.sha256(ref.directory.encode()).hexdigest()[:8]
+    base = re.sub(r"[^a-z0-9-]", "-", ref.directory)[:63 - len(prefix) - 9].strip("-")
     return f"{prefix}{base}-{h}" if base else f"{prefix}{h}"
 
 
@@ -151,35 +168,48 @@ def plan(refs: list[Ref], namespace: str, lookup: Lookup, *, workload_mode: str,
     """Resolve every ref; raises ``InjectError`` for what cannot be admitted."""
     out: list[Planned] = []
     warnings: list[str] = []
-    for ref in refs:
+    for ref in _own_as_own(refs, namespace):
         obj = lookup(ref)
+        if obj is None and ref.namespace:  # absent, or not shared with this namespace
+            raise InjectError(sharing.refusal(ref.namespace, ref.name, namespace), code=403)
         if obj is None:
             where = f" in namespace {namespace}" if ref.kind == "Model" else ""
             raise InjectError(f"{ref.kind} {ref.name} not found{where}", code=404)
         m = Model.from_object(ref, obj)
+        what = f"{ref.kind} {ref.shown}"
         if m.deleting:
-            raise InjectError(f"{ref.kind} {ref.name} is being deleted", code=409)
+            raise InjectError(f"{what} is being deleted", code=409)
         mode = workload_mode or m.mode or default_mode
         if mode == "SharedPVC" and not m.digest:
             raise InjectError(
-                f"{ref.kind} {ref.name} is not Ready yet (phase {m.phase}): SharedPVC delivery "
+                f"{what} is not Ready yet (phase {m.phase}): SharedPVC delivery "
                 f"needs the model's digest at admission; apply again once it is Ready, or use "
                 f"{c.ANN_DELIVERY}: NodeCache", code=409)
         if m.digest and m.phase != "Ready":
-            warnings.append(f"{ref.kind} {ref.name} is {m.phase}: pods get its last "
+            warnings.append(f"{what} is {m.phase}: pods get its last "
                             f"published artifact {m.digest} (see its Ready condition)")
         elif m.phase == "Failed":
-            warnings.append(f"{ref.kind} {ref.name} is Failed ({m.reason or 'see its status'}): "
+            warnings.append(f"{what} is Failed ({m.reason or 'see its status'}): "
                             f"pods wait at the scheduling gate {c.GATE} until it is Ready")
         elif m.phase != "Ready":
-            warnings.append(f"{ref.kind} {ref.name} is {m.phase}: pods wait at the scheduling "
+            warnings.append(f"{what} is {m.phase}: pods wait at the scheduling "
                             f"gate {c.GATE} until it is Ready")
-        out.append(Planned(m, mode, volume_name(ref), f"{c.MOUNT_ROOT}/{ref.name}"))
+        out.append(Planned(m, mode, volume_name(ref), f"{c.MOUNT_ROOT}/{ref.directory}"))
     return out, warnings
 
 
+def _own_as_own(refs: list[Ref], namespace: str) -> list[Ref]:
+    """``<own namespace>/<name>`` is the workload's own Model: one volume at ``<name>``."""
+    out: list[Ref] = []
+    for ref in refs:
+        ref = dataclasses.replace(ref, namespace="") if ref.namespace == namespace else ref
+        if ref not in out:
+            out.append(ref)
+    return out
+
+
 def fingerprint(planned: list[Planned]) -> str:
-    doc = [[p.model.ref.kind, p.model.ref.name, p.mode, p.model.digest, p.volume]
+    doc = [[p.model.ref.kind, p.model.ref.shown, p.mode, p.model.digest, p.volume]
            for p in planned]
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:16]
 

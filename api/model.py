@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from api import conditions
+from api import conditions, names
 
 MODEL, CLUSTER_MODEL = "Model", "ClusterModel"
 
@@ -92,6 +92,9 @@ class ModelView:
     catalog_digest: str  # status.catalog.digest: the remote digest an import is pinned to
     catalog_key: str  # status.catalog.key: what that pin is valid for (generation, reimport)
     conditions: tuple[Mapping[str, Any], ...] = field(default=())
+    # status.history: the generations published and still in the registry, newest first
+    # ({generation, digest, revision, publishedAt, sizeBytes, reference})
+    history: tuple[Mapping[str, Any], ...] = field(default=())
 
     @classmethod
     def of(cls, obj: Mapping[str, Any] | None) -> ModelView:
@@ -99,7 +102,7 @@ class ModelView:
         meta = _dict(obj.get("metadata"))
         status = _dict(obj.get("status"))
         art = _dict(status.get("artifact"))
-        conds = status.get("conditions")
+        conds, hist = status.get("conditions"), status.get("history")
         return cls(
             kind=model_kind(obj),
             name=str(meta.get("name") or ""),
@@ -123,6 +126,8 @@ class ModelView:
             catalog_key=str(_dict(status.get("catalog")).get("key") or ""),
             conditions=tuple(x for x in conds if isinstance(x, Mapping))
             if isinstance(conds, list) else (),
+            history=tuple(x for x in hist if isinstance(x, Mapping))
+            if isinstance(hist, list) else (),
         )
 
     @property
@@ -161,12 +166,37 @@ class ModelView:
         or Pending model whose Ready condition is False serves nothing: a
         failed first publish, or a status written before this rule (the
         reconciler rewrites that one).
+
+        The owner's pin (``modelcache.io/pin``) replaces the artifact by an
+        older (or newer) generation of ``status.history`` under the same rule;
+        a pin naming anything else is ignored (the controller says
+        ``PinNotFound``), so a pin can never make a model serve a digest it
+        did not publish.
         """
         if self.deleting or self.phase == conditions.DELETING or not self.has_artifact:
             return ""
         if self.phase == conditions.READY or self.condition_true("Ready"):
-            return self.digest
+            return self.pinned or self.digest
         return ""
+
+    @property
+    def generations(self) -> tuple[str, ...]:
+        """The digests this model published that are still in its repository: its
+        ``status.history``, and the current artifact (a status from before history)."""
+        digests = [str(h.get("digest") or "") for h in self.history]
+        return tuple(dict.fromkeys(d for d in (*digests, self.digest) if _DIGEST.match(d)))
+
+    @property
+    def pin_requested(self) -> str:
+        """The owner's ``modelcache.io/pin`` annotation, "" when none."""
+        return str(self.annotations.get(names.PIN) or "").strip()
+
+    @property
+    def pinned(self) -> str:
+        """The pinned generation's digest when the pin names one of ``generations``;
+        "" when there is no pin or it names something else (``PinNotFound``)."""
+        pin = self.pin_requested
+        return pin if pin and pin in self.generations else ""
 
     @property
     def serving(self) -> bool:

@@ -16,6 +16,9 @@ API_VERSION = "modelcache.io/v1alpha1"  # the CRDs' group and version
 FINALIZER = "modelcache.io/artifact"  # the artifact is deleted before the model goes
 REIMPORT = "modelcache.io/reimport"  # a new value asks for a fresh publish of the same spec
 UPSTREAM = "modelcache.io/upstream-revision"  # the schedule saw upstream move to this revision
+# "sha256:<hex>": serve this generation of the Model (one of status.history) instead of
+# the latest; removing it rolls forward. An annotation, not spec: a spec change is a publish
+PIN = "modelcache.io/pin"
 # ``modelcache import`` (air gap) pushed this digest itself: adopt it, run no Job
 IMPORTED = "modelcache.io/imported-digest"
 IMPORTED_REVISION = "modelcache.io/imported-revision"  # provenance: the source cluster's revision
@@ -51,7 +54,9 @@ LABEL_SECRET_USABLE = "modelcache.io/usable-by-cluster-models"
 
 
 # -- what a workload writes ---------------------------------------------------
-ANN_MODELS = "modelcache.io/models"  # "qwen,embedder": Models of the workload's namespace
+# "qwen,team-a/embedder": Models of the workload's namespace, or ``<namespace>/<name>`` of a
+# Model whose owner shares it with this namespace (spec.sharing, api/sharing.py)
+ANN_MODELS = "modelcache.io/models"
 ANN_CLUSTER_MODELS = "modelcache.io/cluster-models"  # "llama-3-8b": ClusterModels
 ANN_DELIVERY = "modelcache.io/delivery"  # NodeCache | SharedPVC (else the model's, else default)
 
@@ -62,7 +67,7 @@ ANN_INJECTED = "modelcache.io/injected"
 GATE = "modelcache.io/model-ready"  # the scheduling gate, lifted when every model is Ready
 MODES = ("NodeCache", "SharedPVC")
 
-MOUNT_ROOT = "/data/modelcache/models"  # each model at MOUNT_ROOT/<name>
+MOUNT_ROOT = "/data/modelcache/models"  # each at MOUNT_ROOT/<name>; a shared one <ns>.<name>
 ENV_DIR = "AI_MODELS_MODELS_DIR"
 ENV_MODELS = "AI_MODELS_MODELS"  # JSON list of {name, path, digest, family, format}
 VOLUME_PREFIX = "modelcache-"  # injected volume names: modelcache-<kind>-<name>, ≤ 63 chars
@@ -72,6 +77,8 @@ CSI_DRIVER = "nodecache.modelcache.io"
 # volumeAttributes of the inline volume
 ATTR_MODEL = "model"
 ATTR_CLUSTER_MODEL = "clusterModel"
+# the owner namespace of a shared Model; absent = the pod's own (the node re-checks the grant)
+ATTR_MODEL_NAMESPACE = "modelNamespace"
 ATTR_DIGEST = "digest"
 # a node that holds a model's tree carries this label (value "true"), so a
 # preferred node affinity can lean toward it; the name part is

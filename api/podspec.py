@@ -4,7 +4,7 @@ Where it sits: ``inject.py`` decides which models a workload gets and where
 its pod template lives, then calls ``strip_pod`` and ``inject_pod`` here on
 that template's metadata and spec. A ``Planned`` delivery is a volume (the
 node plugin's CSI volume, or the SharedPVC claim), a read-only mount at
-``MOUNT_ROOT/<name>`` in every container and init container, and an entry
+``MOUNT_ROOT/<Ref.directory>`` in every container and init container, and an entry
 of ``ENV_MODELS``; the pod (template) also gets the scheduling gate, its
 label, the injection fingerprint and, for cached digests, a preferred node
 affinity term. ``strip_pod`` removes exactly that, recognised by name and
@@ -40,6 +40,23 @@ class InjectError(Exception):
 class Ref:
     kind: str  # "Model" | "ClusterModel"
     name: str
+    # a Model's owner namespace when another namespace shares it (api/sharing.py);
+    # "" = the workload's own
+    namespace: str = ""
+    # ``name@sha256:<hex>``: this generation of the model (one of its status.history), not
+    # the one it serves now; "" = the servable one
+    pin: str = ""
+
+    @property
+    def shown(self) -> str:
+        """As the workload wrote it: ``name`` or ``namespace/name``."""
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    @property
+    def directory(self) -> str:
+        """Its directory under ``MOUNT_ROOT``: ``name``, or ``namespace.name`` for a shared
+        Model, so ``team-a/llama`` and the workload's own ``llama`` both fit."""
+        return f"{self.namespace}.{self.name}" if self.namespace else self.name
 
 
 
@@ -59,11 +76,16 @@ class Model:
 
     @classmethod
     def from_object(cls, ref: Ref, obj: Obj) -> Model:
+        """Raises ``InjectError`` for a pin that is not one of the model's generations: a
+        digest of another model (another namespace's, say) is never mounted by name."""
         view = ModelView.of(obj)
         phase = view.phase or "Pending"
         ready = view.condition("Ready") or {}
+        if ref.pin and ref.pin not in view.generations:
+            raise InjectError(f"{ref.kind} {ref.shown}@{ref.pin}: not one of the model's "
+                              f"published generations (see its status.history)", code=403)
         return cls(ref=ref, namespace=view.namespace,
-                   phase=phase, digest=view.servable_digest,
+                   phase=phase, digest=ref.pin or view.servable_digest,
                    family=str(view.resolved.get("family") or ""),
                    format=str(view.resolved.get("format") or ""),
                    mode=str((view.spec.get("delivery") or {}).get("mode") or ""),
@@ -85,6 +107,8 @@ class Planned:
                 "claimName": c.pvc_name(self.model.digest), "readOnly": True}}
         attr = c.ATTR_MODEL if self.model.ref.kind == "Model" else c.ATTR_CLUSTER_MODEL
         attrs = {attr: self.model.ref.name}
+        if self.model.ref.namespace:
+            attrs[c.ATTR_MODEL_NAMESPACE] = self.model.ref.namespace
         if self.model.digest:
             attrs[c.ATTR_DIGEST] = self.model.digest
         return {"name": self.volume, "csi": {"driver": c.CSI_DRIVER, "readOnly": True,
@@ -97,7 +121,7 @@ class Planned:
         return m
 
     def env_entry(self) -> Obj:
-        return {"name": self.model.ref.name, "path": self.path, "digest": self.model.digest,
+        return {"name": self.model.ref.shown, "path": self.path, "digest": self.model.digest,
                 "family": self.model.family, "format": self.model.format}
 
 
@@ -192,7 +216,7 @@ def inject_pod(meta: Obj, spec: Obj, planned: list[Planned], *, cached_labels: C
             for p in planned:
                 if p.path in taken:
                     raise InjectError(f"container {ctr.get('name')!r} already mounts something "
-                                      f"at {p.path}, where model {p.model.ref.name} goes")
+                                      f"at {p.path}, where model {p.model.ref.shown} goes")
             ctr.setdefault("volumeMounts", []).extend(p.mount() for p in planned)
             ctr.setdefault("env", []).extend(copy.deepcopy(env))
     if spec.get("nodeName"):

@@ -81,7 +81,7 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     dest.add_argument("--output", metavar="OCI_DIR", help="write an OCI image layout directory")
     pk.add_argument("--tag", default="latest", help="tag inside the OCI layout (default: latest)")
     pk.add_argument("--format", default="Auto",
-                    choices=["Auto", "Safetensors", "GGUF", "Diffusers"],
+                    choices=["Auto", "Safetensors", "GGUF", "Diffusers", "Raw"],
                     help="the format you expect; anything else is refused")
     pk.add_argument("--allow-pickle", action="store_true",
                     help="package pickle weights (.bin/.pt/.pth/.ckpt); they run code on load")

@@ -80,8 +80,10 @@ class Manager:
     def __init__(self, opts: Options, client: kube.Kube | None = None) -> None:
         self.opts = opts
         self.settings = opts.settings
+        # reconcile workers, gate lifts, watches and the rest, each on a kept connection
+        lifts = opts.delivery.gate_workers if opts.delivery is not None else 0
         self.client = client or kube.Kube.from_config(opts.kubeconfig,
-                                                      pool_size=opts.workers + 16)
+                                                      pool_size=opts.workers + lifts + 16)
         self.metrics = Metrics()
         self.queue = WorkQueue(name="models")
         s = self.settings

@@ -1,9 +1,10 @@
 """The one builder of the manager's Jobs: a batch/v1 Job of one container, by one recipe.
 
 Where it sits: the publish Job (``models/publishjob.py``), the SharedPVC
-materializer (``delivery/materializer.py``) and the ``source.pvc`` reader
-(``models/pvcsource.py``) differ in what they run, mount and carry; this
-module gives them the same frame. Every Job it makes:
+materializer (``delivery/materializer.py``), the ``source.pvc`` reader
+(``models/pvcsource.py``) and the ``spec.validation`` Job
+(``models/validation.py``, a user's image and command) differ in what they
+run, mount and carry; this module gives them the same frame. Every Job it makes:
 
 * runs once per attempt (``restartPolicy: Never``), up to ``backoffLimit``
   attempts, and fails at once on the Job result protocol's terminal exit
@@ -85,7 +86,8 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
           active_deadline: int | None = None, ttl_after_finished: int | None = None,
           service_account: str | None = None, read_only_root: bool = False,
           service_links: bool = True, fs_group: int | None = None,
-          secret: SecretFiles | None = None) -> Obj:
+          secret: SecretFiles | None = None, args: list[str] | None = None,
+          message_policy: str = "File") -> Obj:
     """The Job body.
 
     ``placement``: a Model's ``spec.publish`` (``resources`` for the container,
@@ -96,6 +98,9 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
     its root does not match yet, so a retried pod does not walk 100 GB again.
     ``secret``: the Job's secret material as mounted files (see the module doc);
     the pod's fsGroup becomes the worker's group, so the worker may read them.
+    ``args``: the container's args (a user's validation command keeps its own split).
+    ``message_policy``: ``FallbackToLogsOnError`` for a user's command that writes no
+    result document: the kubelet then puts the tail of its log in the termination message.
     """
     placement = placement or {}
     if secret is not None:
@@ -110,9 +115,11 @@ def build(*, name: str, namespace: str, labels: Mapping[str, str],
         "name": container, "image": image, "command": command, "env": env,
         "volumeMounts": mounts,
         "terminationMessagePath": jobresult.TERMINATION_LOG,
-        "terminationMessagePolicy": "File",
+        "terminationMessagePolicy": message_policy,
         "securityContext": security,
     }
+    if args:
+        box["args"] = list(args)
     if placement.get("resources"):
         box["resources"] = placement["resources"]
     pod: Obj = {"restartPolicy": "Never", "automountServiceAccountToken": False}

@@ -35,6 +35,7 @@ from jobs import materialize, publish, pvc_reader
 from jobs.publish import read_secret
 from kube import logs
 from kube.flags import size_arg
+from modelpack.oci import mirrors as oci_mirrors
 from modelpack.oci.registry import RegistryClient
 
 
@@ -186,6 +187,9 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--job-backoff-limit", type=int, default=3)
     p.add_argument("--job-ttl", type=int, default=24 * 3600,
                    help="ttlSecondsAfterFinished of publish Jobs (-1: none)")
+    p.add_argument("--history-keep", type=int, default=5,
+                   help="published generations each model keeps in status.history and the "
+                   "registry (1-50); older ones no pod mounts are deleted")
     p.add_argument("--job-active-deadline", default="24h",
                    help="activeDeadlineSeconds of publish Jobs, a duration like 24h or 90m "
                    "('0s': none); a Model's spec.publish.timeout replaces it")
@@ -270,6 +274,11 @@ def _manager_parser(sub: Any) -> None:
     p.add_argument("--pull-registry", default=env("MODELCACHE_PULL_REGISTRY"),
                    help="HOST:PORT materializer Jobs pull from instead of --registry (the "
                    "DMCR's read-only endpoint, which --registry-pull-secret opens)")
+    p.add_argument("--registry-mirror", action="append", default=[], metavar="HOST=URL",
+                   help="materializer Jobs ask URL first for HOST's blobs and pinned manifests "
+                   "(repeatable, in order; every byte is verified, the DMCR is the fallback)")
+    p.add_argument("--registry-hosts-dir", default=None, metavar="DIR",
+                   help="materializer mirrors in containerd's certs.d layout: DIR/HOST/hosts.toml")
     p.add_argument("--webhook-service", default=env("MODELCACHE_WEBHOOK_SERVICE"),
                    help="NAME:PORT of the Service in --namespace that reaches --webhook-listen: "
                    "turns on workload delivery (admission webhook + scheduling gates)")
@@ -312,9 +321,10 @@ def cmd_manager(args: argparse.Namespace) -> int:
         credentials_url=_credentials_url(args),
         backoff_limit=args.job_backoff_limit, service_account=args.job_service_account,
         ttl_after_finished=None if args.job_ttl < 0 else args.job_ttl,
-        active_deadline=_active_deadline(args),
+        active_deadline=_active_deadline(args), history_keep=args.history_keep,
         work_volume=_work_volume(args), extra_env=_source_policy_env(args),
-        publish_policy=_publish_policy(args))
+        publish_policy=_publish_policy(args),
+        registry_mirrors=oci_mirrors.load(args.registry_hosts_dir, args.registry_mirror))
     _install_source_policy(args)
     opts = app.Options(
         settings=settings, kubeconfig=args.kubeconfig, listen=(host or "0.0.0.0", int(port)),

@@ -35,6 +35,14 @@ class Metrics:
             "modelcache_publish_duration_seconds", "Publish Job start to completion, succeeded",
             ["kind"], buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
             registry=r)
+        self.validations = Counter("modelcache_validation_total",
+                                   "Validation Jobs finished (spec.validation), by result "
+                                   "(passed, failed, timeout)", ["result"], registry=r)
+        for result in ("passed", "failed", "timeout"):
+            self.validations.labels(result)
+        self.validation_seconds = Histogram(
+            "modelcache_validation_duration_seconds", "Validation Job start to finish",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
         self.artifacts_deleted = Counter("modelcache_artifacts_deleted_total",
                                          "Manifests deleted from the registry", registry=r)
         self.progress_reports = Counter("modelcache_progress_reports_total",

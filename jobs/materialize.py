@@ -265,8 +265,26 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--registry-mirror", action="append", default=[], metavar="HOST=URL",
                    help="ask URL first for HOST's blobs and pinned manifests (repeatable; "
                         "every byte is verified, the registry is the fallback)")
+    p.add_argument("--registry-hosts-file", default=None, metavar="FILE",
+                   help="a hosts.toml (containerd's format) with the mirrors of the "
+                        "reference's registry, asked before any --registry-mirror")
     p.add_argument("--lock-timeout", type=float, default=600.0,
                    help="seconds to wait for another materializer of the same volume")
+
+
+def mirrors_of(host: str, hosts_file: str | None, flags: list[str]) -> mirrors.Mirrors:
+    """The mirrors of ``host``: those of ``hosts_file`` (the manager's, from the Job's
+    Secret) first, then ``HOST=URL`` flags."""
+    config = mirrors.load(flags=flags)
+    if not hosts_file:
+        return config
+    try:
+        with open(hosts_file, encoding="utf-8") as f:
+            listed = mirrors.parse_hosts_toml(f.read(), hosts_file)
+    except OSError as e:
+        raise MaterializeError(f"{hosts_file}: {e.strerror}", reason="InvalidMirror",
+                               retryable=False) from e
+    return mirrors.Mirrors({**config.by_host, host: listed + config.of(host)})
 
 
 def main(args: Any) -> int:
@@ -285,7 +303,8 @@ def main(args: Any) -> int:
                                 username=os.environ.get("MODELCACHE_REGISTRY_USERNAME") or None,
                                 password=os.environ.get("MODELCACHE_REGISTRY_PASSWORD") or None)
         try:
-            mirrors.load(flags=args.registry_mirror).attach(client, ref.host)
+            mirrors_of(ref.host, args.registry_hosts_file,
+                       args.registry_mirror).attach(client, ref.host)
         except ModelPackError as e:
             raise MaterializeError(str(e), reason="InvalidMirror", retryable=False) from e
         result = materialize(client, ref, args.dest, args.digest, workers=args.workers,

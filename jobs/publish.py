@@ -75,7 +75,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--work-dir", default=None, help="staging directory (kept for resume)")
     p.add_argument("--progress-file", default="-", help="JSON lines of progress ('-' = stderr)")
     p.add_argument("--result-file", default="-", help="the result JSON ('-' = stdout)")
-    p.add_argument("--format", default="Auto", choices=["Auto", "Safetensors", "GGUF", "Diffusers"])
+    p.add_argument("--format", default="Auto",
+                   choices=["Auto", "Safetensors", "GGUF", "Diffusers", "Raw"])
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--include", action="append", default=[], help="HF include glob (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="HF exclude glob (repeatable)")

@@ -132,6 +132,11 @@ class Report:
     cpu: dict[str, float] = field(default_factory=dict)  # manager CPU seconds per phase
     requests: dict[str, collections.Counter[str]] = field(default_factory=dict)  # per phase
     node_events_s: float = 0.0
+    # TCP connections to the webhook after the pod phase: whether the API server keeps them
+    hook_sockets: dict[str, int] = field(default_factory=dict)
+    # urllib3's "Connection pool is full, discarding connection" in the manager's log: each a
+    # connection to the API server thrown away after one request (a new TLS handshake next)
+    pool_discards: int = 0
 
     def requests_per_pod(self) -> float:
         return sum(self.requests.get("pods", collections.Counter()).values()) / \
@@ -198,6 +203,22 @@ def proc_status(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(rest.split()[0])
     return out
+
+
+def sockets_on(port: int) -> dict[str, int]:
+    """TCP sockets with ``port`` at either end, by state (from /proc/net/tcp): ESTABLISHED
+    counts both ends of each kept connection; TIME_WAIT, the connections closed in the
+    last minute (a new TLS handshake each, had the API server not kept them)."""
+    states = {"01": "established", "06": "time_wait"}
+    out: collections.Counter[str] = collections.Counter()
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            ports = {int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16)}
+            if port in ports and cols[3] in states:
+                out[states[cols[3]]] += 1
+    return dict(out)
 
 
 def proc_cpu(pid: int) -> float:
@@ -351,6 +372,7 @@ class System:
     def _start_manager(self) -> None:
         sa = self.env.serviceaccount_kubeconfig(MANAGER_SA, SYSTEM_NS)
         self.port, hook = localcluster.free_port(), localcluster.free_port()
+        self.hook_port = hook
         self.manager_log = os.path.join(self.work, "manager.log")
         with open(self.manager_log, "wb") as log:
             self.manager = subprocess.Popen([
@@ -584,6 +606,7 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
     a, b, n2 = delta_quantiles(hook_mgr0, buckets_of(
         s.metrics(), "modelcache_webhook_admission_duration_seconds", lambda lb: True))
     rep.manager_webhook, rep.admissions = (a, b), int(n2)
+    rep.hook_sockets = sockets_on(s.hook_port)
     if lifted.at:
         raise ScaleError(f"{len(lifted.at)} pods lifted before any Model was Ready")
 
@@ -613,6 +636,8 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
     st = proc_status(pid)
     rep.rss_kib, rep.hwm_kib = st["VmRSS"], st["VmHWM"]
     rep.requests["pods"] = rep.requests["pods created"] + rep.requests["ready and lift"]
+    with open(s.manager_log, errors="replace") as f:
+        rep.pool_discards = sum("Connection pool is full" in line for line in f)
 
 
 _count_lock = threading.Lock()
@@ -643,6 +668,7 @@ def table(rep: Report) -> Iterator[str]:
           f"{ms(rep.apiserver_webhook[1])} |"
     yield f"| webhook p50 / p99 (manager's handler, {rep.admissions} admissions) | " \
           f"{ms(rep.manager_webhook[0])} / {ms(rep.manager_webhook[1])} |"
+    yield f"| webhook TCP sockets after the pods (both ends) | {rep.hook_sockets} |"
     yield f"| pod create p50 / p99 (bench client, whole round trip) | " \
           f"{ms(quantile(rep.create_latency, 0.5))} / {ms(quantile(rep.create_latency, 0.99))} |"
     yield f"| Model Ready → gate lifted p50 / p99 / max | {ms(quantile(rep.ready_to_lift, 0.5))}" \
@@ -650,6 +676,7 @@ def table(rep: Report) -> Iterator[str]:
           f"{ms(max(rep.ready_to_lift, default=float('nan')))} |"
     yield f"| manager RSS idle / end / peak | {rep.idle_rss_kib / 1024:.0f} / " \
           f"{rep.rss_kib / 1024:.0f} / {rep.hwm_kib / 1024:.0f} MiB |"
+    yield f"| manager's API connections discarded (pool full) | {rep.pool_discards} |"
     yield f"| manager API requests per pod | {rep.requests_per_pod():.2f} |"
     for phase, cnt in rep.requests.items():
         detail = ", ".join(f"{w} {n}" for w, n in cnt.most_common(6)) or "none"

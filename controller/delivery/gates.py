@@ -22,7 +22,16 @@ and, for NodeCache models that some node already caches, merges a
 *preferred* node affinity term (the API server allows changing preferred
 node affinity while a pod is gated). A missing model, or a Failed one with
 nothing to serve, keeps the gate and gets one Warning event on the pod per
-(model, reason).
+(model, reason). A shared Model (another namespace's, ``api/sharing.py``) is
+re-checked here: its grant revoked while a pod waits keeps the gate, with a
+``ModelNotShared`` Warning.
+
+At scale (bench/scale: 200 Models, 10,000 gated pods) a Model turning Ready
+must free its pods within a second or two: the pods are indexed by what they
+wait for (``_waiting``), so a Model event queues exactly its own pods without
+scanning the others, and ``workers`` lifts are in flight at once (each a
+blocking PATCH on the client's keep-alive pool, which must hold that many
+connections besides the watches: ``controller/app.py`` sizes it).
 """
 
 from __future__ import annotations
@@ -36,16 +45,19 @@ from collections.abc import Hashable
 from typing import Any
 
 from api import names as c
-from api import podspec
+from api import podspec, sharing
 from api.model import ModelView
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
+from kube.namespaces import NamespaceLabels
 from kube.workqueue import WorkerPool, WorkQueue
 
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
+PodKey = tuple[str, str]  # (namespace, name)
+Need = tuple[str, str, str]  # (Model|ClusterModel|PVC, namespace or "" for ClusterModel, name)
 _AFFINITY = "preferredDuringSchedulingIgnoredDuringExecution"
 
 
@@ -68,7 +80,9 @@ def requirements(pod: Obj) -> list[Obj]:
             kind = "Model" if attrs.get(c.ATTR_MODEL) else "ClusterModel"
             out.append({"kind": kind,
                         "name": attrs.get(c.ATTR_MODEL) or attrs.get(c.ATTR_CLUSTER_MODEL) or "",
-                        "digest": attrs.get(c.ATTR_DIGEST) or ""})
+                        "digest": attrs.get(c.ATTR_DIGEST) or "",
+                        # a shared Model's owner namespace; "" = the pod's own
+                        "namespace": attrs.get(c.ATTR_MODEL_NAMESPACE) or ""})
         else:
             sub = sub_paths.get(v["name"], "")
             out.append({"kind": "PVC", "name": v["persistentVolumeClaim"]["claimName"],
@@ -143,10 +157,18 @@ class NodeIndex:
 # -- the lifter ------------------------------------------------------------------------
 
 
+def needs(pod: Obj) -> frozenset[Need]:
+    """The objects whose change may free ``pod``: the keys of the lifter's index."""
+    ns = pod["metadata"].get("namespace") or ""
+    return frozenset((r["kind"], "" if r["kind"] == "ClusterModel"
+                      else r.get("namespace") or ns, r["name"])
+                     for r in pod["requires"])
+
+
 class GateLifter:
     def __init__(self, client: kube.Kube, *, pods: Informer, models: Informer,
                  cluster_models: Informer, pvcs: Informer | None, nodes: NodeIndex,
-                 recorder: Recorder, metrics: Any = None, workers: int = 2) -> None:
+                 recorder: Recorder, metrics: Any = None, workers: int = 16) -> None:
         self.client = client
         self.pods = pods
         self.models = models
@@ -158,6 +180,12 @@ class GateLifter:
         self.workers = workers
         self.queue = WorkQueue(name="gates")
         self._told: dict[str, set[tuple[str, str]]] = {}  # pod uid -> (what, reason) told
+        self.namespace_labels = NamespaceLabels(client)  # for spec.sharing.namespaceSelector
+        # gated pods by what they wait for, and back: fed by the pod informer's thread,
+        # read by the Model/ClusterModel/PVC informers' threads
+        self._index_lock = threading.Lock()
+        self._waiting: dict[Need, set[PodKey]] = {}
+        self._needs_of: dict[PodKey, frozenset[Need]] = {}
         self._pool = WorkerPool(self.queue, self._handle, workers=self.workers, name="gates")
         pods.handlers.append(self._on_pod)
         models.handlers.append(self._on_model("Model"))
@@ -169,21 +197,42 @@ class GateLifter:
 
     def _on_pod(self, event: str, obj: Obj, old: Obj | None) -> None:
         meta = obj["metadata"]
+        key = (meta.get("namespace") or "", meta["name"])
         if event == "DELETED":
             self._told.pop(str(meta.get("uid")), None)
+            self._index(key, frozenset())
             return
-        self.queue.add((meta.get("namespace") or "", meta["name"]))
+        self._index(key, needs(obj))
+        self.queue.add(key)
 
-    def _requeue(self, match: Any) -> None:
-        for pod in self.pods.items():
-            if any(match(pod["metadata"].get("namespace") or "", r) for r in pod["requires"]):
-                self.queue.add((pod["metadata"].get("namespace") or "", pod["metadata"]["name"]))
+    def _index(self, key: PodKey, now: frozenset[Need]) -> None:
+        with self._index_lock:
+            before = self._needs_of.pop(key, frozenset())
+            for need in before - now:
+                keys = self._waiting.get(need)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._waiting[need]
+            for need in now - before:
+                self._waiting.setdefault(need, set()).add(key)
+            if now:
+                self._needs_of[key] = now
+
+    def waiting_for(self, need: Need) -> list[PodKey]:
+        """The gated pods that mount ``need`` (from the index, no scan)."""
+        with self._index_lock:
+            return list(self._waiting.get(need, ()))
+
+    def _requeue(self, need: Need) -> None:
+        for key in self.waiting_for(need):
+            self.queue.add(key)
 
     def _on_model(self, kind: str) -> Any:
         def handler(event: str, obj: Obj, old: Obj | None) -> None:
-            def state(o: Obj | None) -> tuple[str, str]:
-                view = ModelView.of(o)
-                return (view.phase, view.servable_digest)
+            def state(o: Obj | None) -> tuple[str, str, str]:
+                view = ModelView.of(o)  # a grant given or revoked counts too
+                return (view.phase, view.servable_digest, repr(view.spec.get("sharing")))
             # the same resourceVersion: ``old`` is our own write, put in the cache by
             # ``Informer.observe`` (no handler saw it), so this event is the change itself
             same_rv = old is not None and old["metadata"].get("resourceVersion") == \
@@ -191,15 +240,12 @@ class GateLifter:
             if old is not None and event == "MODIFIED" and state(old) == state(obj) \
                     and not same_rv:
                 return  # progress writes, every second while publishing: nothing for us
-            ns, name = obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
-            self._requeue(lambda pod_ns, r: r["kind"] == kind and r["name"] == name
-                          and (kind == "ClusterModel" or pod_ns == ns))
+            ns = "" if kind == "ClusterModel" else obj["metadata"].get("namespace") or ""
+            self._requeue((kind, ns, obj["metadata"]["name"]))
         return handler
 
     def _on_pvc(self, event: str, obj: Obj, old: Obj | None) -> None:
-        ns, name = obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
-        self._requeue(lambda pod_ns, r: r["kind"] == "PVC" and r["name"] == name
-                      and pod_ns == ns)
+        self._requeue(("PVC", obj["metadata"].get("namespace") or "", obj["metadata"]["name"]))
 
     # -- one pass ---------------------------------------------------------------
 
@@ -213,14 +259,20 @@ class GateLifter:
         ns = pod["metadata"].get("namespace") or ""
         out: list[tuple[str, str, str]] = []
         for r in pod["requires"]:
-            what = f"{r['kind']} {r['name']}"
+            owner = r.get("namespace") or ns  # a shared Model's, else the pod's
+            what = f"{r['kind']} {owner}/{r['name']}" if owner != ns else \
+                f"{r['kind']} {r['name']}"
             if r["kind"] == "PVC":
                 pvc = self.pvcs.get((ns, r["name"])) if self.pvcs is not None else None
                 ann = ((pvc or {}).get("metadata") or {}).get("annotations") or {}
                 if not r["digest"] or ann.get(c.ANN_PVC_MATERIALIZED) != r["digest"]:
                     out.append((what, "", f"waiting for {what} to be materialized"))
                 continue
-            m = self._model(r["kind"], ns, r["name"])
+            m = self._model(r["kind"], owner, r["name"])
+            if owner != ns and (m is None or not sharing.granted(m, ns, self.namespace_labels)):
+                out.append((what, "ModelNotShared", sharing.refusal(owner, r["name"], ns) +
+                            f": the pod stays gated ({c.GATE})"))
+                continue
             if m is None:
                 where = f" in namespace {ns}" if r["kind"] == "Model" else ""
                 out.append((what, "ModelNotFound", f"{what} not found{where}: the pod stays "
@@ -291,7 +343,7 @@ class GateLifter:
             if r["kind"] == "PVC":
                 continue
             digest = r["digest"] or ModelView.of(
-                self._model(r["kind"], ns, r["name"])).servable_digest
+                self._model(r["kind"], r.get("namespace") or ns, r["name"])).servable_digest
             if digest and c.node_label(digest) in self.nodes:
                 labels.append(c.node_label(digest))
         spec = {"affinity": pod["spec"].get("affinity")} if pod["spec"].get("affinity") else {}

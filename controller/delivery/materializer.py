@@ -21,7 +21,12 @@ username ``materializer`` and a ticket that opens only the reference's
 repository, for ``TICKET_TTL`` (made afresh with each Job, so a Job recreated
 after a failure gets a new one); without it, the two keys of
 ``--registry-pull-secret`` copied (a pull-only account that reads every
-repository). Plus the DMCR's CA bundle when it serves TLS.
+repository). Plus the DMCR's CA bundle when it serves TLS, and the registry
+mirrors the manager was given (``--registry-mirror``, ``--registry-hosts-dir``,
+as the node plugin takes them): the mirrors of the DMCR's host as
+``registry-hosts.toml`` (``mirrors.to_hosts_toml``; a Secret, as a mirror's
+``header`` may hold its credentials) with each ``ca``/``client`` file beside
+it, which the Job reads with ``--registry-hosts-file``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from controller.models.reconciler import job_transform
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
+from modelpack.oci import mirrors
 from modelpack.oci import reference as ref
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 MOUNT = "/var/lib/modelcache/pvc"  # where the materializer sees the PVC
 CONTAINER = "materialize"
 TICKET_TTL = registrytokens.MAX_TICKET_TTL  # a materializer's ticket: one hour at most
+MIRRORS_KEY = "registry-hosts.toml"  # the Job Secret's key with the DMCR's mirrors
 
 Obj = dict[str, Any]
 
@@ -83,6 +90,29 @@ def parse_ts(text: str | None) -> float | None:
         return None
 
 
+def mirrors_of(settings: jobs.Settings, reference: str) -> tuple[mirrors.Mirror, ...]:
+    """The mirrors a materializer of ``reference`` asks: keyed by the host Models name
+    (``settings.registry``) as the node plugin's are, else by the reference's own host."""
+    config = settings.registry_mirrors
+    return config.of(settings.registry) or config.of(ref.parse(reference).host)
+
+
+def mirror_files(listed: tuple[mirrors.Mirror, ...]) -> dict[str, bytes]:
+    """The Job Secret's keys that carry ``listed``: the hosts.toml and each file it names."""
+    files: dict[str, bytes] = {}
+    keys: dict[str, str] = {}
+
+    def relocate(path: str) -> str:
+        if path not in keys:
+            keys[path] = f"registry-mirror-{len(keys)}"
+            with open(path, "rb") as f:
+                files[keys[path]] = f.read()
+        return jobspec.path(keys[path])
+
+    files[MIRRORS_KEY] = mirrors.to_hosts_toml(listed, relocate).encode()
+    return files
+
+
 def build_job(pvc: Obj, digest: str, reference: str, settings: jobs.Settings,
               with_pull_secret: bool) -> Obj:
     """The materializer Job: the PVC mounted read-write, ``modelcache-controller materialize``.
@@ -95,6 +125,8 @@ def build_job(pvc: Obj, digest: str, reference: str, settings: jobs.Settings,
            "--digest", digest, "--result-file", jobresult.TERMINATION_LOG]
     if settings.registry_insecure:
         cmd.append("--insecure")
+    if with_pull_secret and mirrors_of(settings, reference):
+        cmd += ["--registry-hosts-file", jobspec.path(MIRRORS_KEY)]
     # the pull credential (and the DMCR's CA) as files of its Secret, never an env value
     # (jobspec.SecretFiles)
     keys = jobspec.REGISTRY_LOGIN + ((jobspec.REGISTRY_CA,) if settings.registry_ca else ())
@@ -201,10 +233,17 @@ class Materializer:
             answer = self.client.get(kube.JOBS, body["metadata"]["name"], ns)
         self.jobs.observe(job_transform(answer))
 
+    def has_secret(self, reference: str | None = None) -> bool:
+        """Whether a Job (of ``reference``; None: of any) gets a Secret next to it."""
+        listed = mirrors_of(self.settings, reference) if reference else \
+            bool(self.settings.registry_mirrors)
+        return bool(self.pull_secret or self.ticket_secret or self.settings.registry_ca
+                    or listed)
+
     def ensure_pull_secret(self, pvc: Obj, reference: str) -> bool:
         """Copy the pull-only credential's two keys (and the DMCR's CA bundle, when the
-        registry is served over TLS) next to the Job; False if there is neither."""
-        if not (self.pull_secret or self.ticket_secret or self.settings.registry_ca):
+        registry is served over TLS, and its mirrors) next to the Job; False if none."""
+        if not self.has_secret(reference):
             return False
         ns, claim = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
         data: dict[str, str] = {}
@@ -222,6 +261,8 @@ class Materializer:
         ca = dmcrtls.read_ca(self.settings.registry_ca)
         if ca:
             data[jobspec.REGISTRY_CA[1]] = base64.b64encode(ca).decode()
+        for key, raw in mirror_files(mirrors_of(self.settings, reference)).items():
+            data[key] = base64.b64encode(raw).decode()
         body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                 "metadata": {"name": pull_secret_name(claim), "namespace": ns,
                              "labels": labels(claim), "ownerReferences": owned_by(pvc)},
@@ -233,10 +274,11 @@ class Materializer:
         return True
 
     def delete_pull_secret(self, namespace: str, claim: str) -> None:
-        if self.pull_secret or self.ticket_secret or self.settings.registry_ca:
+        if self.has_secret():
             self.client.delete(kube.SECRETS, pull_secret_name(claim), namespace,
                                propagation=None)
 
 
-__all__ = ["MOUNT", "Materializer", "build_job", "labels", "parse_ts",
+__all__ = ["MIRRORS_KEY", "MOUNT", "Materializer", "build_job", "labels", "mirror_files",
+           "mirrors_of", "parse_ts",
            "pull_secret_name", "ts"]

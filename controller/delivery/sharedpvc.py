@@ -28,7 +28,8 @@ the PVC and Job it made before; creates that race answer 409 and are taken
 as found.
 
 Trust: what fills a claim (digest and registry reference) comes only from a
-Model of the claim's namespace or a ClusterModel whose servable digest the
+Model of the claim's namespace, a Model whose owner shares it with that
+namespace (``api.sharing``), or a ClusterModel, whose servable digest the
 claim is named for (``backing``), never from the PVC: a tenant may create a
 PVC with our name, labels and annotations in its own namespace. A claim no
 such model backs gets no Job and no credential; a PVC present whose
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api import names as contract
+from api import sharing
 from api.model import ModelView, repository
 from controller.delivery import materializer
 from controller.delivery.materializer import parse_ts, ts
@@ -65,6 +67,7 @@ from controller.models.reconciler import job_transform
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
+from kube.namespaces import NamespaceLabels
 from kube.workqueue import WorkerPool, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -200,6 +203,7 @@ class SharedPVC:
         self._claims: dict[tuple[str, str, str], list[str]] = {}  # (kind, ns, name) -> claims
         self._pool = WorkerPool(self.queue, self._handle, workers=self.config.workers,
                                 name="sharedpvc")
+        self.namespace_labels = NamespaceLabels(client)  # for spec.sharing.namespaceSelector
         self.materializer = materializer.Materializer(
             client, settings, jobs_cache=self.jobs, recorder=recorder, metrics=metrics,
             annotate=self.annotate, pull_secret=config.pull_secret,
@@ -254,9 +258,8 @@ class SharedPVC:
             if event == "DELETED" or not digest.startswith("sha256:"):
                 return
             claim = contract.pvc_name(digest)
-            ns = obj["metadata"].get("namespace")
-            with self._lock:
-                keys = [k for k in self._users if k[1] == claim and (not ns or k[0] == ns)]
+            with self._lock:  # every namespace: a Model may be shared with others
+                keys = [k for k in self._users if k[1] == claim]
             for k in keys:
                 self.queue.add(k)
 
@@ -339,17 +342,30 @@ class SharedPVC:
 
     def backing(self, namespace: str, claim: str) -> list[tuple[Obj, str, str]]:
         """``(model, digest, reference)`` of every Model of ``namespace`` (first, by name),
-        then every ClusterModel, whose servable artifact this claim is for; the reference
-        is where the materializer pulls from (the read-only registry when one is set)."""
+        then every Model another namespace shares with it (``api.sharing``), then every
+        ClusterModel, whose servable artifact this claim is for; the reference is where
+        the materializer pulls from (the read-only registry when one is set)."""
         out = []
-        for inf, ns in ((self.models, namespace), (self.cluster_models, "")):
-            found = [m for m in inf.items() if (m["metadata"].get("namespace") or "") == ns]
-            for m in sorted(found, key=lambda m: str(m["metadata"].get("name"))):
+        for inf, own in ((self.models, True), (self.models, False), (self.cluster_models, True)):
+            found = [m for m in inf.items() if self._backs(m, namespace, claim, own)]
+            for m in sorted(found, key=lambda m: (str(m["metadata"].get("namespace")),
+                                                  str(m["metadata"].get("name")))):
                 digest = ModelView.of(m).servable_digest
                 if digest and contract.pvc_name(digest) == claim:
                     model = dict(m, kind=inf.res.kind)
                     out.append((model, digest, self.reference(model, digest)))
         return out
+
+    def _backs(self, model: Obj, namespace: str, claim: str, own: bool) -> bool:
+        """``own``: a model of ``namespace`` (or a ClusterModel); else another namespace's
+        Model shared with ``namespace``, asked only of one whose digest names the claim."""
+        ns = model["metadata"].get("namespace") or ""
+        if own:
+            return ns in ("", namespace)
+        digest = ModelView.of(model).servable_digest
+        return ns not in ("", namespace) and bool(digest) and \
+            contract.pvc_name(digest) == claim and \
+            sharing.granted(model, namespace, self.namespace_labels)
 
     def reference(self, model: Obj, digest: str) -> str:
         reference = ModelView.of(model).reference

@@ -14,6 +14,11 @@ object asked for is a 503 denial (retry later), never an admission, and
 nothing of it is kept. A webhook that cannot be reached at all is the API
 server's ``failurePolicy: Fail`` (webhookconfig.py): the object is refused.
 
+A ``<namespace>/<name>`` ref to another namespace's Model is looked up in
+that namespace and answered only if its owner shares it with the request's
+namespace (``api.sharing.granted``; namespace labels by a cached GET,
+failing closed as a 503); else it is as absent (``inject.plan`` refuses).
+
 Models themselves come here too, only to be checked, never patched: one
 that names a Secret its author may not read is refused
 (``secretaccess.py``: a SubjectAccessReview for each Secret a new or
@@ -32,6 +37,7 @@ import contextlib
 import json
 import logging
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from api import inject
+from api import inject, sharing
 from api import names as c
 from controller.delivery import gates, secretaccess, webhookconfig
 from kube import certs
@@ -47,6 +53,7 @@ from kube import client as kube
 from kube.events import Recorder
 from kube.httpreply import reply
 from kube.informer import Informer
+from kube.namespaces import NamespaceLabels
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,11 @@ Obj = dict[str, Any]
 MAX_BODY = 4 << 20
 MAX_CONCURRENT = 32  # requests in flight; beyond it a fast 429 instead of another thread
 MODEL_GROUP = c.API_VERSION.partition("/")[0]
+# the GIL's switch interval while the webhook serves (Python's default is 5 ms): an
+# admission thread woken by the API server's request waits up to one interval for each
+# of its socket reads and writes while the manager's other threads compute (watch
+# events, reconciles, gate lifts); bench/scale measured it at the API server
+SWITCH_INTERVAL = 0.0005
 LOOKUP_TIMEOUT = 2.0  # a live GET on a cache miss; the API server gives us TIMEOUT_SECONDS
 _REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
             500: "InternalError", 503: "ServiceUnavailable"}
@@ -72,7 +84,8 @@ class Config:
     config_name: str = "modelcache"  # the MutatingWebhookConfiguration
     default_mode: str = "NodeCache"  # when neither the workload nor the model says
     cert_check_interval: float = 3600.0
-    gate_workers: int = 2
+    # gate lifts in flight at once: a Model turning Ready frees all its pods together
+    gate_workers: int = 16
 
     def __post_init__(self) -> None:
         if bool(self.url) == bool(self.service):
@@ -95,11 +108,22 @@ class Admission:
         self.default_mode = default_mode
         self.metrics = metrics
         self.secrets = secretaccess.Checker(client)
+        self.namespace_labels = NamespaceLabels(client)  # for spec.sharing.namespaceSelector
 
     def lookup(self, namespace: str) -> inject.Lookup:
         def look(ref: inject.Ref) -> Obj | None:
+            obj = find(ref)
+            if obj is None or not ref.namespace:
+                return obj
+            try:  # another namespace's Model: only if its owner shares it with this one
+                return obj if sharing.granted(obj, namespace, self.namespace_labels) else None
+            except kube.ApiError as e:
+                raise inject.InjectError(f"cannot read the labels of namespace {namespace} "
+                                         f"now ({_cause(e)}); retry", code=503) from e
+
+        def find(ref: inject.Ref) -> Obj | None:
             if ref.kind == "Model":
-                inf, res, ns = self.models, kube.MODELS, namespace
+                inf, res, ns = self.models, kube.MODELS, ref.namespace or namespace
             else:
                 inf, res, ns = self.cluster_models, kube.CLUSTER_MODELS, ""
             obj = inf.get((ns, ref.name))
@@ -327,6 +351,7 @@ class Delivery:
                                             webhookconfig.webhooks(self.client_config(bundle)))
         self.server, self._ctx = create_server(self.cfg.listen, self.admission, bundle)
         self._served = bundle.cert
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         threading.Thread(target=self.server.serve_forever, daemon=True, name="webhook").start()
         threading.Thread(target=self._keep, daemon=True, name="webhook-certs").start()
         log.info("webhook listening", extra={"listen": f"{self.cfg.listen[0]}:{self.port}",

@@ -32,6 +32,16 @@ cluster would show it:
   deleted and no running pod uses it, its directory is removed and the
   ``kubernetes.io/pvc-protection`` finalizer dropped (``claims.py``).
 
+Also the Job controller's ``activeDeadlineSeconds`` (counted from the
+Job's ``startTime``: the running attempt is killed and the Job Failed with
+reason ``DeadlineExceeded``), and the kubelet's ``FallbackToLogsOnError``
+(a failed container that wrote no termination message gets the tail of its
+log: the last 80 lines, at most 2048 bytes, of its stdout then stderr).
+``csi`` volumes are mapped only when the runner is given ``csi``, a
+function of (the volume's ``csi`` source, the pod's namespace) returning
+the directory to show (the node plugin's part; tests resolve and pull the
+model there); if it raises, the pod fails with ``FailedMount``.
+
 What is not done: the image is not pulled (a command whose first word is
 ``modelcache-controller`` runs as ``python -m controller.main`` of this
 install, which is that image's entrypoint); the process runs in its pod's
@@ -56,6 +66,7 @@ reach into the other's state.
 from __future__ import annotations
 
 import base64
+import datetime
 import logging
 import os
 import secrets
@@ -64,6 +75,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from api import jobresult, names
@@ -77,6 +90,8 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 SELECTOR = f"{names.LABEL_MANAGED}={names.MANAGER}"
 SETPRIV = shutil.which("setpriv")  # util-linux: sets the parent-death signal, then execs
 SERVICE_ACCOUNTS = kube.Resource("", "v1", "serviceaccounts", True, "ServiceAccount")
+LOG_LINES, LOG_BYTES = 80, 2048  # the kubelet's FallbackToLogsOnError tail
+CsiMount = Callable[[dict[str, Any], str], str]  # (csi volume source, namespace) -> directory
 
 
 class JobRunner:
@@ -87,7 +102,7 @@ class JobRunner:
 
     def __init__(self, client: kube.Kube, namespace: str, *, work_root: str | None = None,
                  base_env: dict[str, str] | None = None,
-                 label_selector: str | None = SELECTOR) -> None:
+                 label_selector: str | None = SELECTOR, csi: CsiMount | None = None) -> None:
         self.client = client
         self.namespace = namespace
         self.label_selector = label_selector
@@ -102,6 +117,9 @@ class JobRunner:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # Job uid -> its running attempt
         self._deleted: set[str] = set()  # uids of Jobs whose running attempt was killed
         self.claims = Claims(client, namespace, os.path.join(self.root, "pvcs", namespace))
+        self.csi = csi
+        self._deadlines: dict[str, float] = {}  # Job uid -> activeDeadlineSeconds, as epoch
+        self._expired: set[str] = set()  # uids of Jobs killed at their deadline
         self._thread: threading.Thread | None = None
 
     # -- control ------------------------------------------------------------
@@ -223,11 +241,23 @@ class JobRunner:
             if rule.get("action") == "FailJob" and codes.get("operator") == "In":
                 fail_codes.update(int(v) for v in codes.get("values") or [])
         failed = int(st.get("failed") or 0)
+        uid = job["metadata"]["uid"]
+        if spec.get("activeDeadlineSeconds"):
+            self._deadlines[uid] = _epoch(started) + int(spec["activeDeadlineSeconds"])
         while not self._stop.is_set():
             self._gate.wait()
             if self._stop.is_set() or not self._exists(job):
                 return
-            code = self._run_pod(job)
+            code = None if self._past_deadline(uid) else self._run_pod(job)
+            if self._stop.is_set():
+                return
+            if code != 0 and (uid in self._expired or self._past_deadline(uid)):
+                done = _now()
+                self._job_status(job, {
+                    "startTime": started, "active": 0, "failed": failed + (code is not None),
+                    "conditions": [_cond("FailureTarget", "DeadlineExceeded", done),
+                                   _cond("Failed", "DeadlineExceeded", done)]})
+                return
             if code is None:
                 return
             if code == 0:
@@ -251,6 +281,21 @@ class JobRunner:
             self._job_status(job, {"startTime": started, "active": 1, "failed": failed})
             # the Job controller's back-off between attempts, shortened
             self._stop.wait(min(0.2 * 2 ** failed, 2.0))
+
+    def _past_deadline(self, uid: str) -> bool:
+        deadline = self._deadlines.get(uid)
+        return deadline is not None and time.time() >= deadline
+
+    def _wait(self, proc: subprocess.Popen[bytes], uid: str) -> int:
+        """The process's exit status; killed at its Job's deadline (``_expired``)."""
+        while True:
+            deadline = self._deadlines.get(uid)
+            try:
+                return proc.wait(None if deadline is None else max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                with self._lock:
+                    self._expired.add(uid)
+                proc.kill()
 
     def _fail_orphans(self, job: dict[str, Any]) -> None:
         """Mark Failed the pods of ``job`` still shown running by a runner that is gone.
@@ -323,15 +368,18 @@ class JobRunner:
 
     def _run_container(self, jmeta: dict[str, Any], name: str, pod_spec: dict[str, Any],
                        container: dict[str, Any], pod_dir: str, start: str) -> int | None:
+        why = "CreateContainerConfigError"
         try:
             mapping: dict[str, str] | None = self._mounts(pod_spec, container, pod_dir)
         except _SecretMissing:
             mapping = None
+        except _MountFailed:
+            mapping, why = None, "FailedMount"
         env = None if mapping is None else self._env(container, mapping)
         if mapping is None or env is None:
             # a missing Secret: the kubelet would report CreateContainerConfigError
             self._pod_status(name, {"phase": "Failed", "containerStatuses": [_cstatus(
-                container, {"terminated": {"exitCode": 1, "reason": "CreateContainerConfigError",
+                container, {"terminated": {"exitCode": 1, "reason": why,
                                            "startedAt": start, "finishedAt": _now()}})]})
             return 1
         term_path = container.get("terminationMessagePath") or jobresult.TERMINATION_LOG
@@ -359,7 +407,7 @@ class JobRunner:
             else:
                 with self._lock:
                     self._procs[jmeta["uid"]] = proc
-                code = proc.wait()
+                code = self._wait(proc, jmeta["uid"])
                 if code < 0:  # killed by signal -N: a container runtime reports 128+N
                     code = 128 - code
                 with self._lock:
@@ -368,6 +416,9 @@ class JobRunner:
             return None
         with open(host_term, "rb") as f:
             message = f.read(jobresult.MESSAGE_LIMIT).decode(errors="replace")
+        if code != 0 and not message.strip() \
+                and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            message = _log_tail(pod_dir)
         with self._lock:
             deleted = jmeta["uid"] in self._deleted
         # "deleted": killed because its Job was deleted (as kubelet kills the pod's
@@ -416,6 +467,12 @@ class JobRunner:
             return self._secret_dir(volume, pod_dir)
         if "persistentVolumeClaim" in volume:
             return self.claims.dir(volume["persistentVolumeClaim"]["claimName"])
+        if "csi" in volume and self.csi is not None:
+            try:
+                return self.csi(volume["csi"], self.namespace)
+            except Exception as e:  # the kubelet's FailedMount: the container never starts
+                log.info("csi volume not mounted", extra={"error": str(e)[:300]})
+                raise _MountFailed(str(e)) from e
         return None
 
     def _secret_dir(self, volume: dict[str, Any], pod_dir: str) -> str:
@@ -473,6 +530,24 @@ class JobRunner:
 
 class _SecretMissing(Exception):
     """A Secret volume's Secret or key is absent: the container cannot be configured."""
+
+
+class _MountFailed(Exception):
+    """A ``csi`` volume could not be mounted (the ``csi`` function raised)."""
+
+
+def _log_tail(pod_dir: str) -> str:
+    """The kubelet's FallbackToLogsOnError message: the log's last lines and bytes."""
+    data = b""
+    for name in ("stdout", "stderr"):
+        with open(os.path.join(pod_dir, name), "rb") as f:
+            data += f.read()
+    lines = data.splitlines(keepends=True)[-LOG_LINES:]
+    return b"".join(lines)[-LOG_BYTES:].decode(errors="replace")
+
+
+def _epoch(ts: str) -> float:
+    return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 def _rewrite(value: str, mapping: dict[str, str]) -> str:

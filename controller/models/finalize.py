@@ -67,7 +67,8 @@ def finalize(host: Host, obj: dict[str, Any]) -> None:
     if "pvc" in source:
         pvcsource.cleanup(host.client, obj)  # a running reader would go on uploading
     repo = model.repository(obj)
-    deleted = artifacts.delete_all(host.registry(), repo, [view.digest])
+    # the history's too: a re-publish of one generation re-tags gen-N, untagging the last
+    deleted = artifacts.delete_all(host.registry(), repo, list(view.generations))
     host.metrics.artifacts_deleted.inc(len(deleted))
     if deleted:
         host.recorder.record(obj, "Normal", "ArtifactDeleted",

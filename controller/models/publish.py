@@ -5,7 +5,8 @@ key names; absent → it is created (its own Secret beside it: no source credent
 which the Job borrows at start, ``credentials.py``) and the
 pass stops, asking for a follow-up; active → Publishing; Complete → the result
 the worker left in its pod's termination message → Ready (``apply_result``,
-which the upload and PVC sources use too); Failed → Failed with the worker's
+which the upload and PVC sources use too; a Model with ``spec.validation``
+passes its check first, ``validation.py``); Failed → Failed with the worker's
 reason, and an event (the previous artifact, if any, still served:
 ``api.model.ready_condition``). The Job's Secret (its source URI and the registry
 login, ``jobs.job_secret``) goes once
@@ -17,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from api import conditions as c
@@ -25,11 +27,12 @@ from api.model import ModelView
 from controller import dmcrtls
 from controller.errors import Result, TemporaryError
 from controller.metrics import Metrics
-from controller.models import policy, workvolume
+from controller.models import history, policy, validation, workvolume
 from controller.models import publishjob as jobs
 from kube import client as kube
 from kube.events import Recorder
 from kube.informer import Informer
+from modelpack.oci.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class Host(Protocol):
     recorder: Recorder
     metrics: Metrics
     completed_without_result: dict[str, float]
+    registry: Callable[[], RegistryClient]  # old generations are deleted (history.py)
 
     def write_status(self, obj: dict[str, Any], patch: dict[str, Any],
                      what: str = "status") -> dict[str, Any]: ...
@@ -55,6 +59,9 @@ class Host(Protocol):
                    job: str | None = "") -> None: ...
 
     def check_upstream(self, obj: dict[str, Any], first: bool = False) -> Result: ...
+
+    def apply_result(self, obj: dict[str, Any], result: dict[str, Any], key: str,
+                     jname: str | None) -> Result: ...
 
 
 def job_transform(obj: dict[str, Any]) -> dict[str, Any]:
@@ -177,10 +184,16 @@ def on_complete(host: Host, obj: dict[str, Any], job: dict[str, Any], key: str) 
         return Result()
     host.completed_without_result.pop(jname, None)
     seconds, view = job_seconds(job), ModelView.of(obj)
-    if seconds is not None and not (view.phase == c.READY and view.publish_key == key):
+    # the passes that follow a validation's progress find this Job again: counted once
+    first = not (view.phase in (c.READY, c.VALIDATING) and view.publish_key == key)
+    if seconds is not None and first:
         host.metrics.publish_seconds.labels(model.model_kind(obj)).observe(seconds)
-    res = apply_result(host, obj, dict(result), key, jname)
-    cleanup_secret_copy(host.client, host.settings, jname)
+    if validation.wanted(obj):  # published, not yet servable: the user's check first
+        res = validation.ensure(host, obj, dict(result), key, jname)
+    else:
+        res = apply_result(host, obj, dict(result), key, jname)
+    if first:
+        cleanup_secret_copy(host.client, host.settings, jname)
     return res
 
 
@@ -210,6 +223,9 @@ def apply_result(host: Host, obj: dict[str, Any], result: dict[str, Any], key: s
         "resolved": resolved,
         "source": {"resolvedRevision": revision},
         "publish": {"key": key, "jobName": jname},
+        # newest first; older generations are collected by the steady-state pass (history.py)
+        "history": history.record(view.history, history.entry(view.generation, result,
+                                                              c.now())),
         "upload": None,  # a finished session's URL and token are of no more use
         "conditions": [
             c.condition("SourceResolved", True, "Resolved", f"revision {revision}"),
@@ -224,7 +240,9 @@ def apply_result(host: Host, obj: dict[str, Any], result: dict[str, Any], key: s
             int(result.get("sizeBytes") or 0))
         host.recorder.record(obj, "Normal", "Published",
                              f"{result.get('reference')} ({result.get('sizeBytes')} bytes)")
-    return host.check_upstream(obj, first=True)
+    # our own status write brings no pass: the pin and retention are seen to now
+    obj, wait = history.ensure(host, obj)
+    return history.sooner(host.check_upstream(obj, first=True), wait)
 
 
 def on_failed(host: Host, obj: dict[str, Any], job: dict[str, Any], key: str) -> None:

@@ -46,6 +46,7 @@ from controller.errors import PermanentError
 from controller.models import policy
 from ingest.sources.catalog import build_uri
 from kube import client as kube
+from modelpack.oci import mirrors
 
 WORK_DIR = "/var/lib/modelcache/work"
 WORKER_GID = jobspec.WORKER_GID
@@ -95,6 +96,11 @@ class Settings:
     extra_env: dict[str, str] = field(default_factory=dict)
     work_volume: WorkVolume | None = None  # None: an emptyDir, gone with each pod
     publish_policy: policy.Policy = policy.DEFAULT  # what a Model's spec.publish may ask
+    # generations a model keeps in status.history and the registry (--history-keep;
+    # controller/models/history.py collects older ones no pod mounts)
+    history_keep: int = 5
+    # registry mirrors the materializer Jobs ask first (controller/delivery/materializer.py)
+    registry_mirrors: mirrors.Mirrors = field(default_factory=mirrors.Mirrors)
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,8 @@ def ensure(host: Host, obj: dict[str, Any], key: str) -> float | None:
             return _pending(host, obj, "PVCNotFound",
                             f"PersistentVolumeClaim {ns}/{claim} not found", poll)
         delete_readers(host.client, obj)  # a reader of an older session has a stale token
-        created = gw.create(uploads.model_name(obj), jobs.target(obj, host.settings))
+        created = gw.create(uploads.model_name(obj), jobs.target(obj, host.settings),
+                            uploads.expected_format(obj))
         body = uploads.token_secret(obj, host.settings, created)
         body["metadata"]["labels"].update({names.LABEL_KEY: key,
                                            "app.kubernetes.io/component": COMPONENT})

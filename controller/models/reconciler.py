@@ -22,12 +22,16 @@ One pass, from the object as the cache has it:
    is Ready or Failed, nothing is owed (an unchanged spec never re-publishes);
    a model with ``spec.updatePolicy.schedule`` gets its upstream check
    (``schedule.py`` says when, ``upstream.py`` probes; Failed ones too, once
-   published or moved);
+   published or moved), and the owner's pin and old generations out of
+   retention are seen to (``history.py``);
 5. else the Job named by the key (``publish.py``): absent → create it and
    stop there, asking for a follow-up pass (``Result.follow_up``) in the
    normal lane; active →
    Publishing; Complete → read the result from the pod's termination message
-   → Ready with artifact, resolved metadata, revision, progress 100 %;
+   → Ready with artifact, resolved metadata, revision, progress 100 %
+   (a Model with ``spec.validation``: Validating first, while its check runs
+   as a Job in the Model's namespace on the candidate, ``validation.py``;
+   a failed check is Failed under this key, the last artifact still served);
    Failed → Failed with the worker's reason, and an event.
 
 While a newer publish runs, waits or has failed, ``status.artifact`` keeps the
@@ -59,7 +63,7 @@ from api.model import ModelView
 from controller.catalog import sources as catalogsources
 from controller.errors import PermanentError, Result
 from controller.metrics import Metrics
-from controller.models import adopt, finalize, publish, pvcsource, schedule, upstream
+from controller.models import adopt, finalize, history, publish, pvcsource, schedule, upstream
 from controller.models import publishjob as jobs
 from controller.models.publish import job_transform
 from controller.models.secretreader import SecretSource, secret_transform
@@ -141,8 +145,10 @@ class Reconciler:
                 self.write_status(obj, {"conditions": [model.ready_condition(
                     view, "", f"the new publish failed ({failed.get('reason')}): "
                     f"{failed.get('message')}")]})
+            # the owner's pin, and old generations out of retention (history.py)
+            obj, wait = history.ensure(self, self.fresh(obj))
             # Failed too: a later upstream commit may repair what a moved one broke
-            return self.check_upstream(obj)
+            return history.sooner(self.check_upstream(obj), wait)
         if p.kind == "upload":
             return uploadsource.ensure(self, obj, p, key)
         if p.kind == "pvc":  # a reader Job in the Model's namespace → the upload gateway
@@ -162,6 +168,13 @@ class Reconciler:
         """Put an API answer into the cache (if newer) and return it with our kind."""
         self.informers[model.model_kind(obj)].observe(answer)
         return dict(answer, kind=model.model_kind(obj))
+
+    def fresh(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """The cache's copy of ``obj`` (a status write of this pass observed), else ``obj``."""
+        meta = obj["metadata"]
+        got = self.informers[model.model_kind(obj)].get((meta.get("namespace") or "",
+                                                          meta["name"]))
+        return dict(got, kind=model.model_kind(obj)) if got is not None else obj
 
     def ensure_finalizer(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -69,10 +69,13 @@ class Gateway:
             raise TemporaryError(f"upload gateway unreachable: {type(e).__name__}",
                                  reason="UploadGatewayUnavailable") from e
 
-    def create(self, model: str, reference: str) -> dict[str, Any]:
-        """A new session: ``{id, url, token, expiresAt}``."""
+    def create(self, model: str, reference: str, expected_format: str = "Auto"
+               ) -> dict[str, Any]:
+        """A new session: ``{id, url, token, expiresAt}``; the publish verifies
+        ``expected_format`` (the Model's spec.format) as a publish Job does."""
         resp = self._call("POST", "/v1/sessions", {
-            "model": model, "reference": reference, "ttlSeconds": self.config.ttl_seconds})
+            "model": model, "reference": reference, "ttlSeconds": self.config.ttl_seconds,
+            "format": expected_format})
         if resp.status_code != 201:
             raise _error(resp, "creating an upload session")
         out: dict[str, Any] = resp.json()
@@ -104,6 +107,11 @@ def model_name(obj: dict[str, Any]) -> str:
     meta = obj["metadata"]
     return str(meta["name"]) if model.model_kind(obj) == "ClusterModel" \
         else f"{meta['namespace']}/{meta['name']}"
+
+
+def expected_format(obj: dict[str, Any]) -> str:
+    """The Model's declared spec.format, which the gateway's publish verifies."""
+    return str((obj.get("spec") or {}).get("format") or "Auto")
 
 
 def secret_namespace(obj: dict[str, Any], settings: jobs.Settings) -> str:

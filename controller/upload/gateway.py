@@ -2,9 +2,9 @@
 
 Protocol (every upload route needs ``Authorization: Bearer <session token>``):
 
-* ``POST /v1/sessions`` (admin token) ``{model, reference, ttlSeconds, maxBytes}``
-  → ``{id, url, token, expiresAt}``; the controller calls this for a Model
-  with ``source.upload``.
+* ``POST /v1/sessions`` (admin token) ``{model, reference, ttlSeconds, maxBytes,
+  format}`` → ``{id, url, token, expiresAt}``; the controller calls this for a
+  Model with ``source.upload`` (or ``pvc``), ``format`` being its spec.format.
 * ``HEAD /v1/uploads/<id>/files/<path>`` → ``Upload-Offset`` (bytes received),
   ``Upload-Complete``; a client resumes from there.
 * ``PUT /v1/uploads/<id>/files/<path>`` one file, whole or a piece with
@@ -31,6 +31,7 @@ staging root takes writes and has room; else 503 with a reason).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -48,6 +49,7 @@ from controller.upload.sessions import ARCHIVE, Session, SessionError, SessionSt
 from ingest.publish import Options, PublishError, publish
 from ingest.sources import base
 from kube.httpreply import reply
+from modelpack import formats
 from modelpack.errors import IntegrityError, ModelPackError, StoreError, UnsafePathError
 from modelpack.oci import reference as oci_reference
 from modelpack.oci.registry import RegistryClient
@@ -129,9 +131,13 @@ class Gateway:
         return True, {"ok": True, "freeBytes": free}
 
     def create_session(self, model: str, reference: str, ttl_seconds: float = 3600,
-                       max_bytes: int = 1 << 40) -> dict[str, Any]:
+                       max_bytes: int = 1 << 40, expected_format: str = "Auto"
+                       ) -> dict[str, Any]:
         oci_reference.parse(reference)  # refuse a bad reference now, not at publish time
-        session, token = self.sessions.create(model, reference, ttl_seconds, max_bytes)
+        if expected_format not in formats.EXPECTABLE:
+            raise ValueError(f"format must be one of {formats.EXPECTABLE}")
+        session, token = self.sessions.create(model, reference, ttl_seconds, max_bytes,
+                                              expected_format)
         return {"id": session.state.id, "url": f"{self.public_url}/v1/uploads/{session.state.id}",
                 "token": token, "expiresAt": session.state.expires_at}
 
@@ -249,7 +255,8 @@ class Gateway:
         try:
             client = self.client_factory(ref.host)
             result = publish(UploadSource(session), client, ref, work_dir=session.root,
-                             sink=sink, options=self.options, store=session.store)
+                             sink=sink, store=session.store, options=dataclasses.replace(
+                                 self.options, expected_format=session.state.format))
             session.state.result = result.to_json()
             session.state.phase = "Ready"
             # the registry holds the model now: the uploaded bytes are not kept twice
@@ -363,7 +370,8 @@ class _Handler(BaseHTTPRequestHandler):
             req = json.loads(self.rfile.read(length) or b"{}")
             out = self.gateway.create_session(
                 str(req["model"]), str(req["reference"]),
-                float(req.get("ttlSeconds", 3600)), int(req.get("maxBytes", 1 << 40)))
+                float(req.get("ttlSeconds", 3600)), int(req.get("maxBytes", 1 << 40)),
+                str(req.get("format", "Auto")))
         except (KeyError, ValueError, TypeError, ModelPackError) as e:
             raise SessionError(f"bad session request: {e}", status=400,
                                reason="BadRequest") from e

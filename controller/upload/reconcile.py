@@ -76,7 +76,8 @@ def ensure(host: Host, obj: dict[str, Any], p: jobs.Plan, key: str) -> Result:
 
 def new_session(host: Host, obj: dict[str, Any], key: str, renewed: bool) -> Result:
     assert host.uploads is not None
-    session = host.uploads.create(uploads.model_name(obj), jobs.target(obj, host.settings))
+    session = host.uploads.create(uploads.model_name(obj), jobs.target(obj, host.settings),
+                                  uploads.expected_format(obj))
     uploads.ensure_secret(host.client, uploads.token_secret(obj, host.settings, session))
     up = {"url": str(session["url"]),
           "tokenSecretRef": {"name": uploads.secret_name(obj)},

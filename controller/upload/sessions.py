@@ -56,6 +56,7 @@ class SessionState:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     progress: dict[str, Any] = field(default_factory=dict)
+    format: str = "Auto"  # the Model's spec.format, verified at publish
 
 
 class Session:
@@ -151,12 +152,12 @@ class SessionStore:
                 state.phase = "WaitForUpload"
             self.sessions[state.id] = Session(os.path.join(root, name), state)
 
-    def create(self, model: str, reference: str, ttl_seconds: float, max_bytes: int
-               ) -> tuple[Session, str]:
+    def create(self, model: str, reference: str, ttl_seconds: float, max_bytes: int,
+               expected_format: str = "Auto") -> tuple[Session, str]:
         token = secrets.token_urlsafe(32)
         sid = secrets.token_hex(12)
         state = SessionState(sid, model, reference, _hash_token(token),
-                             time.time() + ttl_seconds, max_bytes)
+                             time.time() + ttl_seconds, max_bytes, format=expected_format)
         session = Session(os.path.join(self.root, sid), state)
         os.makedirs(session.root, exist_ok=True)
         session.save()

@@ -7,8 +7,12 @@ volume_context into a ``Volume`` here, then asks its ``Resolver``
 ``csi.resolvers.kube.KubeResolver`` (Model/ClusterModel status from the API
 server); ``NoResolver`` answers when neither is configured.
 
-Rules every resolver keeps: a ``model`` is looked up only in the pod's own
-namespace, so a name that exists elsewhere is still NOT_FOUND; a pinned
+Rules every resolver keeps: a ``model`` is looked up in the pod's own
+namespace, so a name that exists elsewhere is still NOT_FOUND, unless the
+volume names its owner (``modelNamespace``): then only a Model that owner
+shares with the pod's namespace is served (``api.sharing``; the kube
+resolver checks, PERMISSION_DENIED otherwise; the file resolver serves no
+shared Model); a pinned
 ``digest`` stays in the model's own repository. The volume attribute names
 are the delivery contract's (``api.names``); the pod's namespace is
 kubelet's (``podInfoOnMount``).
@@ -16,6 +20,7 @@ kubelet's (``podInfoOnMount``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +33,7 @@ from modelpack.oci.reference import Reference
 NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"  # kubelet's, with podInfoOnMount
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"  # kubelet's, for an inline (pod) volume
 POD_UID_KEY = "csi.storage.k8s.io/pod.uid"  # kubelet's, with podInfoOnMount
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def require_inline(ctx: dict[str, str]) -> None:
@@ -53,10 +59,16 @@ def describe(cluster: bool, name: str | None, namespace: str | None) -> str:
 class Volume:
     """What a volume asks for, from its volume_context."""
 
-    namespace: str | None
+    namespace: str | None  # the pod's (kubelet's)
     model: str | None = None
     cluster_model: str | None = None
     digest: str | None = None
+    model_namespace: str | None = None  # a shared Model's owner; None = the pod's own
+
+    @property
+    def owner(self) -> str | None:
+        """The namespace the Model is looked up in."""
+        return self.model_namespace or self.namespace
 
     @property
     def key(self) -> str:
@@ -64,14 +76,14 @@ class Volume:
         if self.cluster_model:
             name = f"clusterModel/{self.cluster_model}"
         else:
-            name = f"model/{self.namespace}/{self.model}"
+            name = f"model/{self.owner}/{self.model}"
         return name + (f"@{self.digest}" if self.digest else "")
 
     @property
     def what(self) -> str:
         if self.cluster_model:
             return describe(True, self.cluster_model, None)
-        return describe(False, self.model, self.namespace)
+        return describe(False, self.model, self.owner)
 
     @classmethod
     def from_context(cls, ctx: dict[str, str]) -> Volume:
@@ -84,13 +96,18 @@ class Volume:
         if model and not namespace:
             raise errors.invalid(f"{names.ATTR_MODEL!r} needs the pod's namespace "
                                  f"({NAMESPACE_KEY}); is podInfoOnMount set on the CSIDriver?")
+        owner = ctx.get(names.ATTR_MODEL_NAMESPACE, "").strip() or None
+        if owner and (not model or len(owner) > 63 or not _DNS_LABEL.match(owner)):
+            raise errors.invalid(f"{names.ATTR_MODEL_NAMESPACE!r} must be a namespace name, "
+                                 f"with {names.ATTR_MODEL!r}")
         digest = ctx.get(names.ATTR_DIGEST, "").strip() or None
         if digest:
             try:
                 dg.validate(digest)
             except ModelPackError as e:
                 raise errors.invalid(f"invalid digest {digest!r}: {e}") from e
-        return cls(namespace, model, cluster, digest)
+        return cls(namespace, model, cluster, digest,
+                   owner if owner and owner != namespace else None)
 
 
 @dataclass(frozen=True)

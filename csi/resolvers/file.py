@@ -89,6 +89,8 @@ class FileResolver:
             self._reload()
             if volume.cluster_model:
                 found = self._cluster.get(volume.cluster_model)
+            elif volume.model_namespace:
+                found = None  # the file knows no grants (api.sharing): no shared Model
             else:
                 found = self._models.get(f"{volume.namespace}/{volume.model}")
         if found is None:

@@ -9,21 +9,37 @@ connection), trimmed to what a publish needs (``trim``), and ``resolve`` is
 a dict lookup read through ``api.model.ModelView`` (``model_entry``).
 
 Rules (the delivery contract, ``api/names.py``):
-- ``model`` is looked up only in the pod's namespace (kubelet passes it as
+- ``model`` is looked up in the pod's namespace (kubelet passes it as
   ``csi.storage.k8s.io/pod.namespace``; podInfoOnMount is set on the
   CSIDriver); ``clusterModel`` among ClusterModels. Absent: NOT_FOUND (a
   final answer), never a model of another namespace.
+- ``modelNamespace`` names another namespace's Model (``team-a/llama`` in
+  the workload's annotation): served only if its owner shares it with the
+  pod's namespace (``api.sharing.granted``), checked here at every publish,
+  since a pod spec can carry any volume attributes without the webhook's
+  say. Not shared, or absent: PERMISSION_DENIED, one message for both.
+  Namespace labels (for a selector grant) by a cached GET; unreadable:
+  UNAVAILABLE. A revoked grant refuses new publishes; a mount already made
+  is answered from the node's records without asking (``csi.node``).
 - Present but without a servable artifact (``ModelView.servable_digest``:
   a first publish running or failed, the model being deleted): UNAVAILABLE,
   which kubelet retries; the watch brings the artifact when it comes. Not
   the phase: a model whose newer generation is publishing, or failed to,
   keeps serving its last published artifact.
+- A Model being validated (phase Validating, ``controller/models/validation.py``)
+  also resolves a volume that pins the candidate its status names
+  (``status.validation.digest``): the validation Job's pod, in the model's
+  own namespace, mounts the tree before it is servable. Any other pod of that
+  namespace could name it too: its own model's artifact, nothing more; a pod
+  of a namespace the model is shared with never gets an unvalidated candidate.
 - The answer is always by digest (``<repository>@<servable digest>``),
   never a tag: the node pulls exactly what the controller verified.
 - A volume may pin ``digest`` (the webhook pins the digest a workload was
   admitted with, so its pods keep one version while the Model moves on).
   It resolves to ``<the model's own repository>@<pinned digest>``, and a
-  pinned digest other than the current one is first confirmed to be in that
+  pinned digest other than the current one must be one of the model's
+  generations (``status.history``; a status from before it lists none), and
+  is first confirmed to be in that
   repository (one manifest GET per repository and digest, remembered):
   the node cache is keyed by digest alone, so without the check a pod could
   name the digest of another namespace's model and be shown that tree from
@@ -56,12 +72,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from api import conditions
+import grpc
+
+from api import conditions, names, sharing
 from api.model import CLUSTER_MODEL, MODEL, ModelView
+from api.model import repository as model_repository
 from csi import errors, metrics
 from csi.resolvers.base import Resolved, Volume, describe
 from kube import client as kube
 from kube.informer import Informer, Key, Obj
+from kube.namespaces import NamespaceLabels
+from modelpack import digest as dg
 from modelpack.errors import ModelPackError, NotFoundError
 from modelpack.oci import reference
 from modelpack.oci.reference import Reference
@@ -79,19 +100,31 @@ def connection_gauge(resource: str) -> Callable[[bool], None]:
 def trim(obj: Obj) -> Obj:
     """What a publish or a prefetch reads of a Model/ClusterModel (the informers'
     transform): names, ``spec.delivery.nodeCache``, the phase, the artifact and the
-    Ready condition (what ``ModelView.servable_digest`` reads). Nothing else of the spec is kept, nor ever logged."""
+    Ready condition (what ``ModelView.servable_digest`` reads), and ``spec.sharing``
+    (``api.sharing``). Nothing else of the spec is kept, nor ever logged."""
     view = ModelView.of(obj)
     meta = obj.get("metadata") or {}
     node_cache = (view.spec.get("delivery") or {}).get("nodeCache")
     artifact = {k: v for k, v in (("digest", view.digest), ("reference", view.reference)) if v}
+    spec: Obj = {"delivery": {"nodeCache": node_cache}} if node_cache is not None else {}
+    if view.spec.get("sharing") is not None:
+        spec["sharing"] = view.spec["sharing"]
+    candidate = (obj.get("status") or {}).get("validation") or {}
     return {
         "kind": obj.get("kind") or (MODEL if meta.get("namespace") else CLUSTER_MODEL),
-        "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion",
-                                          "deletionTimestamp") if k in meta},
-        "spec": {"delivery": {"nodeCache": node_cache}} if node_cache is not None else {},
+        "metadata": {**{k: meta[k] for k in ("name", "namespace", "resourceVersion",
+                                             "deletionTimestamp") if k in meta},
+                     # the owner's pin and the history it may name (ModelView.pinned)
+                     "annotations": {names.PIN: view.pin_requested} if view.pin_requested
+                     else {}},
+        "spec": spec,
         "status": {"phase": view.phase or None, "artifact": artifact,
+                   "history": [{"digest": h.get("digest")} for h in view.history],
                    "conditions": [dict(c) for c in view.conditions
-                                  if c.get("type") == conditions.READY]},
+                                  if c.get("type") == conditions.READY],
+                   "validation": {k: candidate.get(k) for k in ("digest", "reference")}
+                   if view.phase == conditions.VALIDATING and isinstance(candidate, dict)
+                   else None},
     }
 
 
@@ -108,6 +141,9 @@ class ModelEntry:
     pin: bool
     prefetch: dict[str, str] | None  # spec.delivery.nodeCache.prefetch.nodeSelector
     problem: str  # why it cannot be served now; "" when it can
+    candidate: Reference | None = None  # a Validating model's candidate, by digest
+    # status.history's digests (ModelView.generations); () for a status from before it
+    generations: tuple[str, ...] = ()
 
     @property
     def what(self) -> str:
@@ -157,7 +193,25 @@ def model_entry(obj: Obj) -> ModelEntry:
     return ModelEntry(kind=view.kind, namespace=view.namespace, name=view.name, phase=phase,
                       repository=repo, digest=digest or None,
                       pin=bool(node_cache.get("pin", False)), prefetch=selector,
-                      problem=problem)
+                      problem=problem, candidate=_candidate(obj),
+                      generations=view.generations if view.history else ())
+
+
+def _candidate(obj: Obj) -> Reference | None:
+    """A Validating model's candidate (``status.validation``) as ``<its repository>@<digest>``;
+    None otherwise, or when the reference is not in the model's own repository."""
+    found = ((obj.get("status") or {}).get("validation") or {})
+    if (obj.get("status") or {}).get("phase") != conditions.VALIDATING or not found:
+        return None
+    digest, ref = str(found.get("digest") or ""), str(found.get("reference") or "")
+    try:
+        parsed = reference.parse(ref)
+        dg.validate(digest)
+    except ModelPackError:
+        return None
+    if parsed.repository != model_repository(obj):
+        return None
+    return Reference(parsed.host, parsed.repository, None, digest)
 
 
 class KubeResolver:
@@ -172,6 +226,7 @@ class KubeResolver:
         self.verified = verified
         self.max_stale = max_stale
         self._confirmed: set[str] = set()  # "<repository>@<digest>" found in the registry
+        self.namespace_labels = NamespaceLabels(client)  # for spec.sharing.namespaceSelector
         self.models = Informer(client, kube.MODELS, transform=trim, watch_timeout=watch_timeout,
                                on_connection=connection_gauge("models"))
         self.cluster_models = Informer(client, kube.CLUSTER_MODELS, transform=trim,
@@ -195,8 +250,8 @@ class KubeResolver:
         if volume.cluster_model:
             informer, key = self.cluster_models, ("", volume.cluster_model)
         else:
-            assert volume.namespace and volume.model  # Volume.from_context checked
-            informer, key = self.models, (volume.namespace, volume.model)
+            assert volume.owner and volume.model  # Volume.from_context checked
+            informer, key = self.models, (volume.owner, volume.model)
         what = volume.what
         if not informer.synced.is_set():
             raise errors.unavailable(f"{what}: not yet synced with the API server")
@@ -205,7 +260,14 @@ class KubeResolver:
             raise errors.unavailable(
                 f"{what}: the API server has been unreachable for {stale:.0f}s")
         obj = informer.get(key)
-        entry = model_entry(obj) if obj is not None else self._confirm(key, what)
+        if obj is None:
+            obj = self._fetch(key, volume)
+        if volume.model_namespace:
+            self._check_shared(volume, obj)
+        entry = model_entry(obj)
+        if volume.digest and entry.candidate is not None and volume.owner == volume.namespace \
+                and volume.digest == entry.candidate.digest:
+            return Resolved(entry.candidate, entry.pin)  # a validation Job's pod
         if entry.problem:
             raise errors.unavailable(f"{entry.what} is not ready: {entry.problem}")
         ref = entry.reference(volume.digest)
@@ -214,7 +276,11 @@ class KubeResolver:
         return Resolved(ref, entry.pin)
 
     def _confirm_pinned(self, ref: Reference, entry: ModelEntry) -> None:
-        """Is a pinned (older) digest in the model's own repository? Raises if not."""
+        """Is a pinned (older) digest one of the model's generations, and in its own
+        repository? Raises if not."""
+        if entry.generations and ref.digest not in entry.generations:
+            raise errors.not_found(f"{ref.digest} is not one of the generations of "
+                                   f"{entry.what} (its status.history)")
         if str(ref) in self._confirmed:
             return
         try:
@@ -233,15 +299,34 @@ class KubeResolver:
             return
         self._confirmed.add(str(ref))
 
-    def _confirm(self, key: Key, what: str) -> ModelEntry:
+    def _check_shared(self, volume: Volume, obj: Obj) -> None:
+        """Another namespace's Model: raises PERMISSION_DENIED unless its owner shares it
+        with the pod's namespace."""
+        assert volume.namespace
+        try:
+            ok = sharing.granted(obj, volume.namespace, self.namespace_labels)
+        except kube.ApiError as e:
+            raise errors.unavailable(f"cannot read the labels of namespace "
+                                     f"{volume.namespace!r} ({kube.brief(e)})") from None
+        if not ok:
+            raise _not_shared(volume)
+
+    def _fetch(self, key: Key, volume: Volume) -> Obj:
         """A miss in the cache: one GET decides between NOT_FOUND and a lagging watch."""
         namespace, name = key
         res = kube.MODELS if namespace else kube.CLUSTER_MODELS
         try:
             obj: Any = self.client.get(res, name, namespace or None, timeout=(3, 5))
         except kube.NotFound:  # the answer
-            raise errors.not_found(f"{what} not found") from None
+            if volume.model_namespace:  # as a refusal: absence elsewhere is not told
+                raise _not_shared(volume) from None
+            raise errors.not_found(f"{volume.what} not found") from None
         except kube.ApiError as e:  # absence is unknown
             raise errors.unavailable(
-                f"{what}: cannot ask the API server ({kube.brief(e)})") from None
-        return model_entry(trim(obj))
+                f"{volume.what}: cannot ask the API server ({kube.brief(e)})") from None
+        return trim(obj)
+
+
+def _not_shared(volume: Volume) -> errors.CsiError:
+    return errors.CsiError(grpc.StatusCode.PERMISSION_DENIED, sharing.refusal(
+        str(volume.model_namespace), str(volume.model), str(volume.namespace)))

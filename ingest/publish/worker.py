@@ -39,7 +39,7 @@ from ingest.publish.progress import Sink, Tracker, null_sink
 from ingest.publish.stage import stage_file
 from ingest.sources import archive, base
 from modelpack.errors import ModelPackError
-from modelpack.formats import ModelInfo, classify, gguf, inspect_files, safetensors
+from modelpack.formats import ModelInfo, classify, gguf, inspect_files, raw, safetensors
 from modelpack.oci import reference
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
@@ -114,10 +114,10 @@ def _retry(fn: Callable[[], Any], attempts: int, what: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def _verify_one(path: str, blob: str, allow_pickle: bool) -> None:
+def _verify_one(path: str, blob: str, options: Options) -> None:
     """One file's own format check, before its blob may leave the machine."""
-    if classify(path, allow_pickle) != "weight":
-        return
+    if classify(path, options.allow_pickle) != "weight" or options.expected_format == raw.NAME:
+        return  # a declared Raw model is not parsed (pickle is still refused above)
     if path.endswith(".safetensors"):
         safetensors.verify(blob)
     elif path.endswith(".gguf"):
@@ -181,7 +181,7 @@ class _Run:
         size = os.path.getsize(self.store.path(digest))
         self._add(f.path, digest, size)
         if self.options.early_push and self.client is not None:
-            _verify_one(f.path, self.store.path(digest), self.options.allow_pickle)
+            _verify_one(f.path, self.store.path(digest), self.options)
             with self.lock:
                 self.push_futures.append(self.push_pool.submit(self.push_one, digest, size))
 

@@ -4,7 +4,8 @@
 classifies every file (weight, config, doc, code), verifies every weight
 file by its own rules (safetensors, GGUF, diffusers layout), refuses
 pickle unless allowed, and returns a ``ModelInfo`` whose parameter count
-is summed from tensor shapes.
+is summed from tensor shapes. A declared ``Raw`` model (``formats.raw``) is
+walked and classified the same way but none of its files is parsed.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from modelpack.errors import FormatError, PickleRefusedError
-from modelpack.formats import diffusers, gguf, hfconfig, safetensors
+from modelpack.formats import diffusers, gguf, hfconfig, raw, safetensors
 from modelpack.paths import LocalFile, walk_model_dir
 
-FORMATS = ("Safetensors", "GGUF", "Diffusers", "Pickle")
+FORMATS = ("Safetensors", "GGUF", "Diffusers", "Pickle", raw.NAME)
+# what an owner may declare: Auto detects one of the first four, never Raw
+EXPECTABLE = ("Auto", "Safetensors", "GGUF", "Diffusers", raw.NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 CODE_SUFFIXES = (".py", ".ipynb", ".sh")
@@ -87,6 +90,10 @@ def inspect_files(root: str, local: list[LocalFile], expected: str = "Auto",
     """Verify and describe the given files of a model rooted at ``root``."""
     if not local:
         raise FormatError("the model has no files", reason="EmptyModel")
+    if expected == raw.NAME:  # declared, never detected: described, not parsed
+        return ModelInfo(format=raw.NAME, files=tuple(
+            ModelFile(f.path, f.abspath, f.size, raw.kind(classify(f.path, allow_pickle)))
+            for f in local))
     files = tuple(ModelFile(f.path, f.abspath, f.size, classify(f.path, allow_pickle))
                   for f in local)
     present = {f.path for f in files}
@@ -103,7 +110,9 @@ def inspect_files(root: str, local: list[LocalFile], expected: str = "Auto",
     elif pk:
         fmt = "Pickle"
     else:
-        raise FormatError("no weight files (.safetensors, .gguf) found", reason="NoWeights")
+        raise FormatError("no weight files (.safetensors, .gguf) found; a runtime's own "
+                          "files are delivered unparsed only with format Raw declared",
+                          reason="NoWeights")
     if expected not in ("Auto", "", None) and expected != fmt:
         raise FormatError(f"expected format {expected}, found {fmt}", reason="FormatMismatch")
 

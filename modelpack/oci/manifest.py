@@ -86,7 +86,7 @@ class ModelPack:
 
 
 _FORMAT_NAMES = {"safetensors": "Safetensors", "gguf": "GGUF", "diffusers": "Diffusers",
-                 "pickle": "Pickle"}
+                 "pickle": "Pickle", "raw": "Raw"}
 
 
 def _int(v: object) -> int | None:

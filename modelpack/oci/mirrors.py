@@ -34,6 +34,7 @@ As containerd does, each mirror request carries ``?ns=<registry host>``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -155,6 +156,41 @@ def parse_hosts_toml(text: str, where: str = "hosts.toml") -> tuple[Mirror, ...]
                           headers=tuple(headers),
                           forward_credentials=bool(spec.get("forward_credentials", False))))
     return tuple(out)
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a TOML basic string
+
+
+def to_hosts_toml(listed: tuple[Mirror, ...],
+                  relocate: Callable[[str], str] = lambda path: path) -> str:
+    """A ``hosts.toml`` that ``parse_hosts_toml`` reads back as ``listed``, in order.
+
+    Why: a materializer Job runs in another pod, so the manager hands it the
+    mirrors of its one registry as a file (of the Job's Secret: ``header``
+    may carry a mirror's credentials). ``relocate`` maps each ``ca`` or
+    ``client`` file to the path the reader will find it at.
+    """
+    lines = []
+    for m in listed:
+        table = f"host.{_toml_str(m.base + '/v2/' + m.repo_prefix)}"
+        lines += [f"[{table}]", "  override_path = true",
+                  f"  capabilities = [{', '.join(_toml_str(c) for c in sorted(m.capabilities))}]",
+                  f"  skip_verify = {str(m.skip_verify).lower()}",
+                  f"  forward_credentials = {str(m.forward_credentials).lower()}"]
+        if m.ca:
+            lines.append(f"  ca = {_toml_str(relocate(m.ca))}")
+        if m.client_cert:
+            cert, key = (_toml_str(relocate(p)) for p in m.client_cert)
+            lines.append(f"  client = [[{cert}, {key}]]")
+        if m.headers:
+            lines.append(f"[{table}.header]")
+            values: dict[str, list[str]] = {}
+            for name, value in m.headers:
+                values.setdefault(name, []).append(value)
+            lines += [f"  {_toml_str(name)} = [{', '.join(_toml_str(v) for v in vs)}]"
+                      for name, vs in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,18 @@ Called by ``RegistryClient.download_blob`` for a blob of at least
 caps each connection (tens to a few hundred MB/s), so one 40 GB file on one
 stream is the whole pull time; N streams divide it by up to N.
 
+Only where one stream is slow: the blob starts as one stream, written with
+O_DIRECT and hashed as it comes (no second pass), and ``Probe`` times its
+first ``RangePolicy.probe`` bytes. A stream at ``RangePolicy.fast`` or more
+goes on alone, and so does a slower one while the machine has no CPU to
+spare (``spare_cpu``: there the stream is slow because the cores are busy,
+and more connections only add work); otherwise it stops there and the rest
+is split into ranges from its hashed prefix. Why not always split: ranges cost CPU that one stream
+does not (buffered writes, each byte read back to be hashed in order, a
+registry serving N connections): on a fast link, 2 GiB in 8 shards of 256 MiB
+took 5.4–6.9 CPU-seconds ranged against 1.9–2.1 in one stream each, for no
+gain in wall time on 2 cores (bench/RESULTS.md, "cold path").
+
 How it stays a verified download:
 
 - The ``.part`` is preallocated to the blob's size and each range's worker
@@ -31,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import re
 import threading
 import time
@@ -62,19 +75,56 @@ class RangePolicy:
 
     streams: int = 8
     min_size: int = 256 << 20
+    probe: int = 32 << 20  # bytes one stream gets to show its rate; 0: split at once
+    fast: float = 150e6  # bytes/s from which one stream goes on alone
 
     def applies(self, size: int) -> bool:
         return self.streams > 1 and size >= max(self.min_size, 2 * ALIGN)
 
 
+def spare_cpu() -> bool:
+    """Whether the node has idle cores: its 1-minute load average is below its core count
+    (threads blocked on a capped connection sleep, so they do not count)."""
+    return os.getloadavg()[0] < (os.cpu_count() or 1)
+
+
+class Probe:
+    """Times one stream from its first byte on; ``slow`` says, once, whether to split."""
+
+    def __init__(self, policy: RangePolicy) -> None:
+        self.policy = policy
+        self.decided = False
+        self._t0 = 0.0
+        self._start = -1
+
+    def slow(self, offset: int) -> bool:
+        """True once ``policy.probe`` bytes came slower than ``policy.fast``; then never."""
+        if self.decided:
+            return False
+        now = time.monotonic()
+        if self._start < 0:  # the first chunk: the clock starts after the first byte
+            self._t0, self._start = now, offset
+            return False
+        got = offset - self._start
+        if got < self.policy.probe:
+            return False
+        self.decided = True
+        return got < self.policy.fast * (now - self._t0) and spare_cpu()
+
+
 def plan(size: int, streams: int, prefix: int) -> list[list[int]]:
-    """[start, end, done] ranges tiling [0, size): a written ``prefix`` is one done range."""
+    """[start, end, done] ranges tiling [0, size): a written ``prefix`` is one done range.
+
+    Every boundary past the prefix is on ``ALIGN``, so the ranges' writes can
+    go with O_DIRECT (``PartialBlob.write_at``)."""
     out = [[0, prefix, prefix]] if prefix else []
     rest = size - prefix
     step = max(ALIGN, rest // streams // ALIGN * ALIGN)
     at = prefix
     while at < size:
-        end = size if size - at < 2 * step else at + step
+        end = at - at % ALIGN + step
+        if size - end < step:
+            end = size
         out.append([at, end, 0])
         at = end
     return out
@@ -209,7 +259,8 @@ def _fetch(client: RegistryClient, repository: str, digest: str, size: int,
         at = start
         window = at // partial.WRITEBACK_WINDOW
         while at < end and not job.stop:
-            want = view[:min(len(view), end - at)]
+            # a start off the page grid reads up to it first: the rest is written aligned
+            want = view[:min(len(view), end - at, (-at) % partial.DIRECT_ALIGN or len(view))]
             if fp is not None and not raw.headers.get("Content-Encoding"):
                 n = fp.readinto(want) or 0
             else:

@@ -383,15 +383,22 @@ class RegistryClient:
         Bytes already in ``part`` (from a crash or an earlier attempt) are kept
         and reported to ``progress`` first. A blob of ``self.ranges.min_size``
         or more goes over ``self.ranges.streams`` byte ranges at once
-        (``modelpack.oci.ranged``), unless the server ignores Range. With
-        ``mirrors``, they are asked first (``modelpack.oci.mirrors``).
+        (``modelpack.oci.ranged``) where one stream proves slow (or at once
+        with ``probe=0``, or to resume recorded ranges), unless the server
+        ignores Range. With ``mirrors``, they are asked first
+        (``modelpack.oci.mirrors``).
         """
         if self.mirrors is not None and not part.present and \
                 self.mirrors.download_blob(repository, digest, size, part, progress):
             return
-        if not part.present and self.ranges.applies(size) and \
-                ranged.download(self, repository, digest, size, part, self.ranges, progress):
-            return
+        probe = None
+        if not part.present and self.ranges.applies(size):
+            if part.ranges is not None or not self.ranges.probe:
+                if ranged.download(self, repository, digest, size, part, self.ranges,
+                                   progress):
+                    return
+            else:
+                probe = ranged.Probe(self.ranges)
         part.drop_ranges()  # one stream continues the hashed prefix
         if part.offset:
             progress(part.offset)
@@ -406,7 +413,15 @@ class RegistryClient:
                 if start and resp.status_code == 200:
                     progress(-start)
                     part.restart()  # the server ignored Range: take it from the top
-                self._drain(resp, part, size, progress)
+                if not self._drain(resp, part, size, progress, probe):
+                    # one stream is slow: the rest in ranges, from its hashed prefix
+                    probe = None
+                    progress(-part.offset)  # ranged.download reports the prefix itself
+                    if ranged.download(self, repository, digest, size, part, self.ranges,
+                                       progress):
+                        return
+                    progress(part.offset)  # Range ignored: on with one stream
+                    continue
                 if size == 0:
                     break
             except RegistryError as e:
@@ -432,7 +447,9 @@ class RegistryClient:
 
     @staticmethod
     def _drain(resp: requests.Response, part: PartialBlob, size: int,
-               progress: Progress) -> None:
+               progress: Progress, probe: ranged.Probe | None = None) -> bool:
+        """Write the body into ``part``; False where ``probe`` found the stream slow
+        (it stops there, the connection closed, the prefix written and hashed)."""
         try:
             raw = resp.raw
             fp = getattr(raw, "_fp", None)  # http.client response: readinto without a copy
@@ -445,6 +462,8 @@ class RegistryClient:
                         break
                     part.write(view[:n])
                     progress(n)
+                    if probe is not None and part.offset < size and probe.slow(part.offset):
+                        return False
             else:
                 while True:
                     chunk = raw.read(READ, decode_content=False)
@@ -455,6 +474,7 @@ class RegistryClient:
             if part.offset < size:
                 raise requests.ConnectionError(
                     f"connection closed at byte {part.offset} of {size}")
+            return True
         finally:
             resp.close()
 

@@ -30,12 +30,15 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -325,6 +328,130 @@ def describe_pods(d: Deployed) -> str:
     got = d.kubectl("get", "pods", "-A", "-o", "wide", check=False)
     ev = d.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp", check=False)
     return f"{got.stdout}\n{ev.stdout[-6000:]}"
+
+
+# --- Prometheus, as a real cluster's would find the pods ----------------------------------
+
+
+class PodPrometheus:
+    """Debian's ``prometheus`` as a host process (hack/install.d/prometheus.sh),
+    finding its targets the way a cluster's usually does: Kubernetes service
+    discovery (``role: pod``, through the admin kubeconfig) in the release
+    namespace, keeping the pods annotated ``prometheus.io/scrape: "true"`` and
+    scraping ``<pod IP>:<prometheus.io/port>`` directly (the host routes both
+    nodes' pod CIDRs). Each target's ``job`` is ``<namespace>/modelcache-<component>``,
+    the name the chart's PodMonitors give, which the shipped alert rules (loaded
+    here) read; ``node`` is the pod's node. Scrapes every 2 s."""
+
+    def __init__(self, c: cluster2.Cluster2, rules: str) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise DeployError("prometheus not installed (hack/install.d/prometheus.sh)")
+        work = os.path.join(c.dir, "prometheus")
+        os.makedirs(work, exist_ok=True)
+        self.port = kubeenv.free_port()
+        meta = "__meta_kubernetes_pod_"
+        cfg = {"global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
+               "rule_files": [rules],
+               "scrape_configs": [{
+                   "job_name": "kubernetes-pods",
+                   "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": c.kubeconfig,
+                                              "namespaces": {"names": [NAMESPACE]}}],
+                   "relabel_configs": [
+                       {"source_labels": [meta + "annotation_prometheus_io_scrape"],
+                        "regex": "true", "action": "keep"},
+                       {"source_labels": [meta + "ip", meta + "annotation_prometheus_io_port"],
+                        "regex": "(.+);(.+)", "replacement": "$1:$2",
+                        "target_label": "__address__"},
+                       {"source_labels": ["__meta_kubernetes_namespace",
+                                          meta + "label_app_kubernetes_io_component"],
+                        "regex": "(.+);(.+)", "replacement": "$1/modelcache-$2",
+                        "target_label": "job"},
+                       {"source_labels": [meta + "node_name"], "target_label": "node"},
+                       {"source_labels": [meta + "name"], "target_label": "pod"}]}]}
+        path = os.path.join(work, "prometheus.yml")
+        with open(path, "w") as f:
+            json.dump(cfg, f)  # JSON is YAML
+        self.process = nodeenv._spawn(c.env, "prometheus", [
+            binary, f"--config.file={path}", f"--storage.tsdb.path={work}/tsdb",
+            f"--web.listen-address=127.0.0.1:{self.port}"])
+        self.process.name = "prometheus"
+        c.env.procs.append(self.process)
+        try:
+            nodeenv.wait_for(c.env, "prometheus ready", lambda: self.api("status/runtimeinfo"),
+                             timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            doc = json.load(r)
+        if doc.get("status") != "success":
+            raise DeployError(f"prometheus {path}: {doc}")
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return list(self.api("query", query=expr)["result"])
+
+    def stop(self) -> None:
+        nodeenv.stop_process(self.process.proc, timeout=15)
+
+
+@contextlib.contextmanager
+def prometheus(c: cluster2.Cluster2, rules: str) -> Iterator[PodPrometheus]:
+    prom = PodPrometheus(c, rules)
+    try:
+        yield prom
+    finally:
+        prom.stop()
+
+
+# --- a ReadWriteMany volume both nodes reach (stand-in) ---------------------------------
+
+RWX_CLASS = "e2e-rwx"
+
+
+def rwx_volume(c: cluster2.Cluster2) -> str:
+    """A STAND-IN for an NFS/CephFS volume: a StorageClass with no provisioner
+    and one static ReadWriteMany PersistentVolume of hostPath on a directory of
+    the host (under the cluster's dir, outside every node's private paths), which
+    both nodes' mount namespaces see, as they would an NFS export each node
+    mounts. This kernel has no NFS client (``nfs`` is not in /proc/filesystems),
+    so a real NFS server could not be mounted here. Returns the directory."""
+    from kubernetes import client
+
+    path = os.path.join(c.dir, "rwx-share")
+    os.makedirs(path, exist_ok=True)
+    os.chown(path, 65532, 65532)  # the materializer's user; hostPath ignores fsGroup
+    api = c.kube.api_client()
+    client.StorageV1Api(api).create_storage_class({
+        "metadata": {"name": RWX_CLASS}, "provisioner": "kubernetes.io/no-provisioner",
+        "volumeBindingMode": "Immediate", "reclaimPolicy": "Retain"})
+    client.CoreV1Api(api).create_persistent_volume({
+        "metadata": {"name": "e2e-rwx-share"},
+        "spec": {"capacity": {"storage": "20Gi"}, "accessModes": ["ReadWriteMany"],
+                 "storageClassName": RWX_CLASS, "persistentVolumeReclaimPolicy": "Retain",
+                 "hostPath": {"path": path, "type": "Directory"}}})
+    return path
+
+
+# --- what a node holds -------------------------------------------------------------------
+
+
+def node_mounts(n: cluster2.Node) -> list[tuple[str, str]]:
+    """(root, mount point) of every mount in node ``n``'s mount namespace
+    under its kubelet pods dir or from inside its cache dir: pods' volumes and
+    the cache's bind mounts (not the node's own cache dir, cluster2's bind)."""
+    with open(f"/proc/{n.mount_holder}/mountinfo") as f:
+        rows = [line.split() for line in f]
+    pods = KUBELET_ROOT + "/pods/"
+    cache = cluster2.private_dir(n, CACHE_DIR) + "/"
+    return [(r[3], r[4]) for r in rows if r[4] != CACHE_DIR and (
+        r[4].startswith(pods) or r[3].startswith(cache) or r[3].startswith(CACHE_DIR + "/"))]
 
 
 # --- the context manager -------------------------------------------------------------------

@@ -19,9 +19,27 @@ both nodes with no container restarted. Then the flow a user meets:
 - day 2: ``helm upgrade`` to a new node image tag (the same archive, retagged)
   replaces both node plugin pods; the running readers, never restarted, still
   read every file, and a third replica started afterwards mounts the model;
+  the same upgrade sets both cache watermarks to a few bytes, so from then on
+  a node cache keeps nothing that is not mounted;
 - day 2: the manager's leader hung (SIGSTOP) then killed: the standby takes
   the lease once it expires and publishes the next Model; one publish Job per
-  Model, none repeated.
+  Model, none repeated;
+- cache-aware placement: with a Model cached on one node only (held there by
+  a pinned DaemonSet pod that also makes that node the busier one), three
+  unpinned pods naming it all land on that node;
+- SharedPVC on a ReadWriteMany volume both nodes reach (a hostPath STAND-IN
+  for NFS/CephFS, deployed.rwx_volume): one materializer Job fills it, a
+  replica on each node reads the same bytes;
+- observability: a host Prometheus (Debian's) discovering the pods through the
+  API server scrapes both manager replicas and both node plugins by pod IP;
+  every query of the chart's Grafana dashboard returns data, the shipped alert
+  rules load and evaluate;
+- day 2: ``kubectl drain`` of a node: the idle model is evicted from its
+  cache, the one its remaining (DaemonSet) pod mounts is kept and still read;
+  the other node's readers read on;
+- uninstall in the documented order: no Job, no Secret but the ones the guide
+  says to delete by hand, no mount of our driver on either node; then nothing;
+  the CRDs stay.
 
 Teardown leaves nothing behind. Needs root, hack/images.sh's archives and
 MODELCACHE_NODE_E2E=1 hack/install.sh (kubelet, kube-proxy, helm, CoreDNS);
@@ -38,12 +56,15 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import yaml
 
 from api import names as c
+from api import podspec
 from cli.local import hub as localhub
 from modelpack.oci.manifest import layers_of, parse_manifest
 from tests import modelgen
@@ -53,10 +74,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.timeout(1200)]
 
 GROUP, VERSION = "modelcache.io", "v1alpha1"
 TEAM, OTHER = "e2e-team", "e2e-other"
-MODEL, SECOND, REPO = "tiny", "second", "e2e/tiny"
+MODEL, SECOND, SHARED = "tiny", "second", "shared"
+REPO, REPO2 = "e2e/tiny", "e2e/second"  # SECOND's files differ: another digest
 LEASE = "modelcache-controller"  # the manager's leader election Lease (controller/app.py)
-APP = "model-reader"
+APP, SHARED_APP, KEEPER, PLACED = "model-reader", "shared-reader", "keeper", "placed"
 MOUNT = f"{c.MOUNT_ROOT}/{MODEL}"
+MOUNT2 = f"{c.MOUNT_ROOT}/{SECOND}"
+MOUNT_SHARED = f"{c.MOUNT_ROOT}/{SHARED}"
+TINY = "0.000000001"  # a watermark fraction: a few bytes of the cache's filesystem
+CHART_FILES = os.path.join(deployed.ROOT, "charts", "modelcache", "files")
+RULES = os.path.join(CHART_FILES, "alerts.yaml")
+DASHBOARD = os.path.join(CHART_FILES, "dashboard.json")
+# what the manager makes itself, which helm uninstall cannot know of: the webhook's
+# serving certificate, the DMCR's (controller/dmcrtls.py) and the ticket signing key
+MANAGER_SECRETS = ["modelcache-dmcr-tls", "modelcache-dmcr-token", "modelcache-webhook-tls"]
 
 
 class PodReachableHub(localhub.HubServer):
@@ -95,13 +126,13 @@ def _namespace(d: deployed.Deployed, name: str) -> None:
                      lambda: core.read_namespaced_service_account("default", name), timeout=120)
 
 
-def _reader(image: str) -> dict[str, Any]:
+def _reader(image: str, name: str = APP, model: str = MODEL) -> dict[str, Any]:
     """The workload as a user writes it: the annotation and nothing else of ours;
     2 replicas, one per node."""
-    labels = {"app": APP}
+    labels = {"app": name}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": APP, "namespace": TEAM, "annotations": {c.ANN_MODELS: MODEL}},
+        "metadata": {"name": name, "namespace": TEAM, "annotations": {c.ANN_MODELS: model}},
         "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
             "metadata": {"labels": labels},
             "spec": {
@@ -136,9 +167,9 @@ def _layers_from_dmcr(d: deployed.Deployed, plugin_pod: str, reference: str) -> 
     return layers_of(manifest)
 
 
-def _read_in(d: deployed.Deployed, pod: str) -> tuple[dict[str, str], str]:
+def _read_in(d: deployed.Deployed, pod: str, mount: str = MOUNT) -> tuple[dict[str, str], str]:
     """Every model file's sha256 inside the container, and whether a write succeeded."""
-    script = (f"cd {MOUNT} || exit 3; find . -type f | sort | xargs sha256sum; "
+    script = (f"cd {mount} || exit 3; find . -type f | sort | xargs sha256sum; "
               "if touch ./.write-probe 2>/dev/null; then echo WRITE allowed; "
               "else echo WRITE refused; fi")
     got = d.kubectl("exec", "-n", TEAM, pod, "-c", "reader", "--", "/bin/sh", "-c", script,
@@ -171,6 +202,329 @@ def _host_pid(pod: str) -> int:
     return min(found)
 
 
+@dataclass
+class Flow:
+    """What steps 7-11 share: the cluster, its Prometheus, and each Model's
+    files as ``./path -> sha256`` (its layer digests in the DMCR's manifest)."""
+
+    d: deployed.Deployed
+    prom: deployed.PodPrometheus
+    expected: dict[str, str]   # MODEL
+    expected2: dict[str, str]  # SECOND
+    shared: dict[str, str] = field(default_factory=dict)  # SHARED, from step 8
+    materializer: str = ""  # its materializer Job, from step 8
+    api: Any = None  # one kubernetes ApiClient for all the steps
+
+    def __post_init__(self) -> None:
+        self.api = self.d.cluster.kube.api_client()
+
+    def core(self) -> Any:
+        from kubernetes import client
+        return client.CoreV1Api(self.api)
+
+    def apps(self) -> Any:
+        from kubernetes import client
+        return client.AppsV1Api(self.api)
+
+    def batch(self) -> Any:
+        from kubernetes import client
+        return client.BatchV1Api(self.api)
+
+    def crds(self) -> Any:
+        from kubernetes import client
+        return client.CustomObjectsApi(self.api)
+
+    def wait(self, what: str, check: Any, timeout: float = 120) -> Any:
+        return nodeenv.wait_for(self.d.cluster.env, what, check, timeout=timeout, interval=1,
+                                describe=lambda: deployed.describe_pods(self.d))
+
+    def running(self, app: str, count: int) -> list[Any] | None:
+        """``count`` pods labelled app=``app`` Running (none terminating), else None."""
+        got = [p for p in self.core().list_namespaced_pod(TEAM, label_selector=f"app={app}").items
+               if p.status.phase == "Running" and p.metadata.deletion_timestamp is None]
+        return got if len(got) == count else None
+
+    def plugin_pod(self, node: str) -> str:
+        (pod,) = [p.metadata.name for p in self.core().list_namespaced_pod(
+            deployed.NAMESPACE, label_selector="app.kubernetes.io/component=node").items
+            if p.spec.node_name == node and p.metadata.deletion_timestamp is None]
+        return str(pod)
+
+    def inventory(self, node: str) -> dict[str, Any]:
+        """The node cache's live /inventory (digest -> entry), from inside its plugin
+        pod: the endpoint answers loopback peers only."""
+        script = ("import sys, urllib.request\nsys.stdout.write(urllib.request.urlopen("
+                  "'http://127.0.0.1:9810/inventory', timeout=10).read().decode())\n")
+        got = self.d.kubectl("exec", "-n", deployed.NAMESPACE, self.plugin_pod(node), "-c",
+                             "plugin", "--", "/opt/modelcache/bin/python", "-c", script,
+                             check=False, timeout=60)
+        assert got.returncode == 0, got.stderr
+        return {m["digest"]: m for m in json.loads(got.stdout)["models"]}
+
+
+def _layer_sha(d: deployed.Deployed, reference: str) -> dict[str, str]:
+    """``./path -> sha256`` of the published manifest's layers (read through a node plugin)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(d.cluster.kube.api_client())
+    plugin = next(p.metadata.name for p in core.list_namespaced_pod(
+        deployed.NAMESPACE, label_selector="app.kubernetes.io/component=node").items
+        if p.status.phase == "Running" and p.metadata.deletion_timestamp is None)
+    return {f"./{layer.path}": layer.digest.removeprefix("sha256:")
+            for layer in _layers_from_dmcr(d, plugin, reference)}
+
+
+def _cpu_requests(core: Any) -> dict[str, float]:
+    """CPU requested on each node by the pods bound to it (what the scheduler's
+    resource scoring sees)."""
+    from kubernetes.utils import parse_quantity
+
+    out: dict[str, float] = {}
+    for p in core.list_pod_for_all_namespaces().items:
+        if not p.spec.node_name or p.status.phase in ("Succeeded", "Failed"):
+            continue
+        for ct in p.spec.containers:
+            cpu = ((ct.resources and ct.resources.requests) or {}).get("cpu")
+            if cpu:
+                out[p.spec.node_name] = out.get(p.spec.node_name, 0.0) + float(parse_quantity(cpu))
+    return out
+
+
+def _cache_aware_placement(f: Flow, digest: str) -> None:
+    """7. SECOND is cached on one node only, held there by a DaemonSet pod
+    pinned to it (the "keeper", which requests 600m CPU, so resource scoring
+    alone would send new pods to the other node); then three unpinned pods
+    naming SECOND: the webhook gives each the preferred affinity for the
+    node label of SECOND's digest, and all three land on the cached node."""
+    core = f.core()
+    c2 = f.d.cluster
+    # node 2 holds it: the DMCR's volume is on node 1, and step 10 drains node 2
+    cold, warm = c2.node_names
+    label = c.node_label(digest)
+    f.apps().create_namespaced_daemon_set(TEAM, {
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": KEEPER, "namespace": TEAM, "annotations": {c.ANN_MODELS: SECOND}},
+        "spec": {"selector": {"matchLabels": {"app": KEEPER}}, "template": {
+            "metadata": {"labels": {"app": KEEPER}},
+            "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                     "nodeSelector": {"kubernetes.io/hostname": warm},
+                     "containers": [{"name": "reader", "image": f.d.busybox,
+                                     "command": ["/bin/sh", "-c", "exec sleep inf"],
+                                     "resources": {"requests": {"cpu": "600m"}}}]}}}})
+    (keeper,) = f.wait("the keeper Running", lambda: f.running(KEEPER, 1))
+    assert keeper.spec.node_name == warm
+    sha, write = _read_in(f.d, keeper.metadata.name, MOUNT2)
+    assert sha == f.expected2 and write == "refused", (sha, write)
+
+    def labels(node: str) -> dict[str, str]:
+        return dict(core.read_node(node).metadata.labels or {})
+
+    f.wait(f"{warm} labelled {label}", lambda: labels(warm).get(label) == "true", timeout=60)
+    assert label not in labels(cold)
+    requests = _cpu_requests(core)
+    assert requests.get(warm, 0) > requests.get(cold, 0), requests  # the premise above
+
+    for i in range(3):
+        core.create_namespaced_pod(TEAM, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{PLACED}-{i}", "labels": {"app": PLACED},
+                         "annotations": {c.ANN_MODELS: SECOND}},
+            "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "reader", "image": f.d.busybox,
+                                     "command": ["/bin/sh", "-c", "exec sleep inf"]}]}})
+    placed = f.wait("3 placed pods Running", lambda: f.running(PLACED, 3))
+    for p in placed:
+        spec = f.api.sanitize_for_serialization(p.spec)
+        assert label in podspec.affinity_labels(spec), (p.metadata.name, spec.get("affinity"))
+        assert p.spec.node_name == warm, (p.metadata.name, p.spec.node_name)
+    sha, _ = _read_in(f.d, placed[0].metadata.name, MOUNT2)
+    assert sha == f.expected2
+    core.delete_collection_namespaced_pod(TEAM, label_selector=f"app={PLACED}",
+                                          grace_period_seconds=0)
+    f.wait("the placed pods gone", lambda: not core.list_namespaced_pod(
+        TEAM, label_selector=f"app={PLACED}").items)
+
+
+def _shared_pvc(f: Flow) -> None:
+    """8. SharedPVC on a ReadWriteMany volume both nodes reach (a STAND-IN for
+    NFS/CephFS: deployed.rwx_volume says why and what): the manager makes the
+    claim, one materializer Job pod fills it, and a Deployment's replicas on
+    both nodes read the same bytes, read-only."""
+    share = deployed.rwx_volume(f.d.cluster)
+    crds, core = f.crds(), f.core()
+
+    def ready() -> dict[str, Any] | None:
+        m = crds.get_namespaced_custom_object(GROUP, VERSION, TEAM, "models", SHARED)
+        return m if (m.get("status") or {}).get("phase") == "Ready" else None
+
+    artifact = f.wait(f"Model {SHARED} Ready", ready)["status"]["artifact"]
+    f.shared = _layer_sha(f.d, artifact["reference"])
+    f.apps().create_namespaced_deployment(TEAM, _reader(f.d.busybox, SHARED_APP, SHARED))
+    pods = f.wait("2 SharedPVC readers Running", lambda: f.running(SHARED_APP, 2), timeout=240)
+    assert sorted(p.spec.node_name for p in pods) == sorted(f.d.cluster.node_names)
+    for p in pods:
+        sha, write = _read_in(f.d, p.metadata.name, MOUNT_SHARED)
+        assert sha == f.shared and write == "refused", (p.spec.node_name, sha, write)
+    claim = c.pvc_name(artifact["digest"])
+    pvc = core.read_namespaced_persistent_volume_claim(claim, TEAM)
+    assert pvc.spec.volume_name == "e2e-rwx-share" and pvc.spec.access_modes == ["ReadWriteMany"]
+    assert (pvc.metadata.annotations or {}).get(c.ANN_PVC_MATERIALIZED) == artifact["digest"]
+    jobs = f.batch().list_namespaced_job(TEAM, label_selector=f"{c.LABEL_PVC}=true").items
+    f.materializer = c.materializer_job_name(TEAM, artifact["digest"])
+    assert [(j.metadata.name, j.status.succeeded) for j in jobs] == [(f.materializer, 1)]
+    assert [(o.kind, o.name) for o in jobs[0].metadata.owner_references] == [
+        ("PersistentVolumeClaim", claim)]
+    # the bytes the pods read are the share's, written once by that Job
+    tree = os.path.join(share, c.pvc_subpath(artifact["digest"]))
+    on_disk = {}
+    for dirpath, _, files in os.walk(tree):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as fh:
+                on_disk["./" + os.path.relpath(path, tree)] = hashlib.sha256(fh.read()).hexdigest()
+    assert on_disk == f.shared, on_disk
+
+
+def _observability(f: Flow) -> None:
+    """9. The host's Prometheus (deployed.PodPrometheus: Kubernetes pod discovery,
+    pod IPs) scrapes both manager replicas and both node plugins; every query of
+    the chart's Grafana dashboard returns data from it; the shipped alert rules
+    are loaded and evaluate."""
+    prom, core = f.prom, f.core()
+    ns = deployed.NAMESPACE
+    want = {(f"{ns}/modelcache-{p.metadata.labels['app.kubernetes.io/component']}",
+             p.metadata.name) for p in core.list_namespaced_pod(ns).items
+            if p.metadata.labels.get("app.kubernetes.io/component") in ("controller", "node")
+            and p.status.phase == "Running" and p.metadata.deletion_timestamp is None}
+    assert len(want) == 4, want
+
+    def all_up() -> bool:
+        up = {(r["metric"]["job"], r["metric"]["pod"]): r["value"][1] for r in prom.query(
+            'up{job=~".+/modelcache-(controller|node)"}')}
+        return {k for k, v in up.items() if v == "1"} == want
+
+    f.wait("Prometheus scrapes both manager replicas and both node plugins", all_up, timeout=90)
+    nodes = {r["metric"]["node"] for r in prom.query(f'up{{job="{ns}/modelcache-node"}} == 1')}
+    assert nodes == set(f.d.cluster.node_names), nodes
+    f.wait("the traffic scraped", lambda: prom.query(
+        "sum(modelcache_node_pull_bytes_total) > 0 and sum(modelcache_webhook_admissions_total) > 0"
+        " and sum(modelcache_publish_finished_total) > 0"), timeout=60)
+    with open(DASHBOARD) as fh:
+        dash = json.load(fh)
+    targets = [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+    assert targets
+    empty = [(title, expr) for title, expr in targets
+             if not prom.query(expr.replace("$__rate_interval", "2m"))]
+    assert not empty, f"dashboard queries without data: {empty}"
+    with open(RULES) as fh:
+        shipped = {r["alert"] for g in yaml.safe_load(fh)["groups"] for r in g["rules"]}
+
+    def rules_ok() -> bool:
+        loaded = [r for g in prom.api("rules", type="alert")["groups"] for r in g["rules"]]
+        assert {r["name"] for r in loaded} == shipped
+        return all(r.get("health") == "ok" for r in loaded)
+
+    f.wait("the alert rules evaluated", rules_ok, timeout=30)
+
+
+def _drain(f: Flow, digest: str, digest2: str) -> None:
+    """10. ``kubectl drain`` node 2: its workload pods are evicted, the keeper
+    (a DaemonSet pod) stays. Since step 5 the caches keep nothing idle, so the
+    next eviction round on node 2 removes MODEL (no pod mounts it there any
+    more) and keeps SECOND (the keeper mounts it), which the keeper still reads
+    byte-exact; node 1 keeps MODEL for its readers, which read it byte-exact."""
+    core = f.core()
+    other, warm = f.d.cluster.node_names
+    before = f.inventory(warm)
+    assert before.get(digest, {}).get("mounts") and before.get(digest2, {}).get("mounts"), before
+    got = f.d.kubectl("drain", warm, "--ignore-daemonsets", "--delete-emptydir-data",
+                      "--timeout=180s", check=False, timeout=240)
+    assert got.returncode == 0, got.stderr
+    left = {p.metadata.name for p in core.list_pod_for_all_namespaces(
+        field_selector=f"spec.nodeName={warm}").items
+        if not any(o.kind == "DaemonSet" for o in p.metadata.owner_references or [])}
+    assert not left, left
+
+    def evicted() -> dict[str, Any] | None:
+        inv = f.inventory(warm)
+        return inv if digest not in inv else None
+
+    inv = f.wait(f"{warm}'s cache evicts the idle {MODEL}", evicted, timeout=150)
+    assert inv.get(digest2, {}).get("mounts"), inv  # mounted: kept
+    node_labels = core.read_node(warm).metadata.labels or {}
+    assert c.node_label(digest2) in node_labels
+    (keeper,) = f.running(KEEPER, 1) or [None]
+    assert keeper is not None and keeper.spec.node_name == warm
+    sha, _ = _read_in(f.d, keeper.metadata.name, MOUNT2)
+    assert sha == f.expected2, sha
+    staying = [p for p in f.core().list_namespaced_pod(TEAM).items
+               if p.spec.node_name == other and p.status.phase == "Running"]
+    assert {p.metadata.labels["app"] for p in staying} == {APP, SHARED_APP}, staying
+    for p in staying:
+        mount, want = (MOUNT, f.expected) if p.metadata.labels["app"] == APP else \
+            (MOUNT_SHARED, f.shared)
+        sha, _ = _read_in(f.d, p.metadata.name, mount)
+        assert sha == want, (p.metadata.name, sha)
+    assert f.inventory(other).get(digest, {}).get("mounts"), "node 1 lost the mounted MODEL"
+    f.wait("Prometheus saw the eviction", lambda: f.prom.query(
+        f'modelcache_node_evictions_total{{node="{warm}"}} > 0'), timeout=30)
+
+
+def _uninstall(f: Flow) -> None:
+    """11. Uninstall in the documented order (docs/admin-guide.md, "Upgrades and
+    uninstall"): the workloads and Models, then ``helm uninstall``, then what the
+    manager made itself. After helm uninstall no Job and no Secret of ours is
+    left but those the guide names for step 3, and no mount of our driver on
+    either node; after step 3 nothing; the CRDs stay (Helm never deletes them)."""
+    core, batch, d = f.core(), f.batch(), f.d
+    ns = deployed.NAMESPACE
+    apps = f.apps()
+    for name in (APP, SHARED_APP):
+        apps.delete_namespaced_deployment(name, TEAM)
+    apps.delete_namespaced_daemon_set(KEEPER, TEAM)
+    for name in (MODEL, SECOND, SHARED):
+        f.crds().delete_namespaced_custom_object(GROUP, VERSION, TEAM, "models", name)
+    f.wait("the Models deleted (finalizers done)", lambda: not f.crds().list_namespaced_custom_object(
+        GROUP, VERSION, TEAM, "models")["items"], timeout=180)
+    # the materializer Job's finished pod stays with its Job
+    f.wait("the workload pods gone", lambda: not [
+        p for p in core.list_namespaced_pod(TEAM).items if p.status.phase != "Succeeded"])
+
+    def driver_mounts() -> list[tuple[str, str, str]]:
+        return [(n.name, root, mp) for n in d.cluster.nodes for root, mp in deployed.node_mounts(n)
+                if "/kubernetes.io~csi/" in mp or not mp.startswith(deployed.KUBELET_ROOT)]
+
+    f.wait("no mount of our driver on either node", lambda: not driver_mounts(), timeout=90)
+    deployed.helm(d, "uninstall", "modelcache", "--namespace", ns, "--wait", "--timeout", "180s")
+    f.wait("the chart's pods gone", lambda: not core.list_namespaced_pod(ns).items, timeout=180)
+    f.wait("no pod volume mounted on either node",
+           lambda: not [m for n in d.cluster.nodes for m in deployed.node_mounts(n)], timeout=90)
+
+    def ours() -> dict[str, list[str]]:
+        found = {}
+        for where in (ns, TEAM):
+            found[f"jobs/{where}"] = sorted(j.metadata.name for j in
+                                            batch.list_namespaced_job(where).items)
+            found[f"secrets/{where}"] = sorted(s.metadata.name for s in
+                                               core.list_namespaced_secret(where).items)
+        return found
+
+    # left for the guide's step 3: the manager's own Secrets, and the SharedPVC
+    # (kept for --shared-pvc-grace after its last user) with the Job it owns
+    left = ours()
+    assert left == {f"jobs/{ns}": [], f"secrets/{ns}": MANAGER_SECRETS,
+                    f"jobs/{TEAM}": [f.materializer], f"secrets/{TEAM}": []}, left
+    # the guide's step 3
+    d.kubectl("delete", "mutatingwebhookconfiguration", "modelcache")
+    d.kubectl("-n", ns, "delete", "secret", *MANAGER_SECRETS)
+    d.kubectl("delete", "pvc", "-A", "-l", f"{c.LABEL_PVC}=true")
+    f.wait("nothing of ours left", lambda: not any(ours().values()), timeout=60)
+    from kubernetes import client
+
+    crds = client.ApiextensionsV1Api(f.api).list_custom_resource_definition().items
+    assert {x.spec.group for x in crds} == {GROUP} and len(crds) >= 2
+
+
 def _blob_gets(log: str) -> dict[tuple[str, str], int]:
     """(client address, layer digest) -> successful blob GETs, from the DMCR's access log."""
     counts: dict[tuple[str, str], int] = {}
@@ -186,12 +540,14 @@ def test_chart_installs_on_two_nodes_and_delivers_a_published_model(tmp_path: An
     from kubernetes.client.rest import ApiException
 
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    src = str(tmp_path / "model")
+    src, src2 = str(tmp_path / "model"), str(tmp_path / "model2")
     modelgen.make_safetensors_model(src, seed=21)
+    modelgen.make_safetensors_model(src2, seed=22)
     t0 = time.monotonic()
     hub = PodReachableHub()
     hub.add_repo(REPO, src)
-    with deployed.running() as d, hub:
+    hub.add_repo(REPO2, src2)
+    with deployed.running() as d, hub, deployed.prometheus(d.cluster, RULES) as prom:
         c2 = d.cluster
         api = c2.kube.api_client()
         core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
@@ -256,6 +612,13 @@ def test_chart_installs_on_two_nodes_and_delivers_a_published_model(tmp_path: An
         assert any(p.endswith(".safetensors") for p in expected)
         with open(os.path.join(src, "model.safetensors"), "rb") as f:
             assert expected["./model.safetensors"] == hashlib.sha256(f.read()).hexdigest()
+        # the SharedPVC Model publishes meanwhile; its workload comes in step 8
+        crds.create_namespaced_custom_object(GROUP, VERSION, TEAM, "models", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "Model",
+            "metadata": {"name": SHARED, "namespace": TEAM},
+            "spec": {"source": {"huggingFace": {"repo": REPO}},
+                     "delivery": {"mode": "SharedPVC",
+                                  "sharedPVC": {"storageClassName": deployed.RWX_CLASS}}}})
 
         # 3. the annotated Deployment, one replica per node, the model read-only on each
         t3 = time.monotonic()
@@ -303,11 +666,16 @@ def test_chart_installs_on_two_nodes_and_delivers_a_published_model(tmp_path: An
         assert not core.list_namespaced_pod(OTHER).items
 
         # 5. day 2: helm upgrade to a new node image tag replaces the node plugin
-        # pods; the running readers keep their mounts, a new replica still mounts
+        # pods; the running readers keep their mounts, a new replica still mounts.
+        # The same upgrade makes the caches keep nothing idle (both watermarks a
+        # few bytes): from here every tree not mounted is evicted within a minute
+        # (the plugin's eviction round) or before the next pull, so step 10 sees
+        # what eviction does to mounted and idle trees
         t5 = time.monotonic()
         before = {p.metadata.uid for p in node_pods.values()}
         new_node = deployed.retag(d, "node", "0.1.0-upgrade")
-        deployed.upgrade(d, {"node.image": new_node})
+        deployed.upgrade(d, {"node.image": new_node, "node.highWatermark": TINY,
+                             "node.lowWatermark": TINY})
 
         def upgraded() -> list[Any] | None:
             if deployed.ready_workloads(d):
@@ -372,7 +740,7 @@ def test_chart_installs_on_two_nodes_and_delivers_a_published_model(tmp_path: An
         crds.create_namespaced_custom_object(GROUP, VERSION, TEAM, "models", {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "Model",
             "metadata": {"name": SECOND, "namespace": TEAM},
-            "spec": {"source": {"huggingFace": {"repo": REPO}}}})
+            "spec": {"source": {"huggingFace": {"repo": REPO2}}}})
 
         def second_ready() -> bool:
             for j in batch.list_namespaced_job(deployed.NAMESPACE).items:
@@ -384,10 +752,30 @@ def test_chart_installs_on_two_nodes_and_delivers_a_published_model(tmp_path: An
                          timeout=180, describe=lambda: deployed.describe_pods(d))
         d.timings["failover to next Model Ready"] = time.monotonic() - t6
         assert sorted(n.rsplit("-", 1)[0] for n in jobs_seen) == sorted(
-            [f"mc-{TEAM}-{MODEL}", f"mc-{TEAM}-{SECOND}"]), sorted(jobs_seen)
+            [f"mc-{TEAM}-{MODEL}", f"mc-{TEAM}-{SECOND}", f"mc-{TEAM}-{SHARED}"]), \
+            sorted(jobs_seen)
         assert holder().rsplit("_", 1)[0] == standby
         killed = core.read_namespaced_pod(leader_pod, deployed.NAMESPACE)
         assert killed.status.container_statuses[0].restart_count == 1
+
+        # 7.-11.: cache-aware placement, SharedPVC, Prometheus, drain, uninstall
+        second = crds.get_namespaced_custom_object(GROUP, VERSION, TEAM, "models", SECOND)
+        flow = Flow(d, prom, expected, _layer_sha(d, second["status"]["artifact"]["reference"]))
+        t7 = time.monotonic()
+        _cache_aware_placement(flow, second["status"]["artifact"]["digest"])
+        d.timings["placement"] = time.monotonic() - t7
+        t8 = time.monotonic()
+        _shared_pvc(flow)
+        d.timings["SharedPVC"] = time.monotonic() - t8
+        t9 = time.monotonic()
+        _observability(flow)
+        d.timings["Prometheus checks"] = time.monotonic() - t9
+        t10 = time.monotonic()
+        _drain(flow, status["artifact"]["digest"], second["status"]["artifact"]["digest"])
+        d.timings["drain and eviction"] = time.monotonic() - t10
+        t11 = time.monotonic()
+        _uninstall(flow)
+        d.timings["uninstall"] = time.monotonic() - t11
         t_end = time.monotonic()
     teardown = time.monotonic() - t_end
     left = cluster2.leftovers(c2, netns_before)

@@ -11,6 +11,9 @@ nothing is committed, nor left in ``ingest/``; a server that ignores Range
 still yields the blob over one stream; a puller killed with SIGKILL
 mid-download leaves a ``.part`` whose recorded ranges the next pull
 resumes, fetching only what they lacked, and commits the right digest.
+With a probe (the default policy), a stream at the policy's rate goes on
+alone (one GET, no ranges); a slower one stops after the probe's bytes and
+the rest comes in ranges from its hashed prefix, no byte fetched twice.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from cli.local import registry as localregistry
 from modelpack import digest as dg
 from modelpack.errors import IntegrityError
 from modelpack.oci.manifest import ModelPack
+from modelpack.oci import ranged
 from modelpack.oci.ranged import RangePolicy
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
@@ -41,7 +45,7 @@ from tests import modelgen
 from tests.rangeproxy import RangeProxy
 
 SIZE = 64 << 20
-POLICY = RangePolicy(streams=8, min_size=16 << 20)
+POLICY = RangePolicy(streams=8, min_size=16 << 20, probe=0)  # split at once
 REPO = "ranged/big"
 
 
@@ -138,7 +142,7 @@ from modelpack.pull import fetch_blobs
 from modelpack.store.blobs import BlobStore
 ranged.CHECKPOINT = 4 << 20
 host, repo, digest, size, root = sys.argv[1:6]
-client = RegistryClient(host, insecure=True, ranges=ranged.RangePolicy(8, 16 << 20))
+client = RegistryClient(host, insecure=True, ranges=ranged.RangePolicy(8, 16 << 20, 0))
 layer = Layer(path="w", digest=digest, size=int(size), media_type="x")
 fetch_blobs(client, repo, (layer,), BlobStore(root))
 """
@@ -183,3 +187,42 @@ def test_a_killed_puller_resumes_each_range(big: tuple[ModelPack, str], proxy: R
     assert fetched == layer.size - kept  # each range resumed at its record, none twice
     assert dg.of_file(store.path(layer.digest)) == (layer.digest, layer.size)
     assert os.listdir(store.ingest_dir) == []
+
+
+def _probed(proxy: RangeProxy, pack: ModelPack, root: str, fast: float) -> BlobStore:
+    store = BlobStore(root)
+    policy = RangePolicy(streams=8, min_size=16 << 20, probe=8 << 20, fast=fast)
+    client = RegistryClient(proxy.host, insecure=True, ranges=policy)
+    fetch_blobs(client, REPO, (_weight(pack),), store)
+    return store
+
+
+@pytest.mark.parametrize("fast,spare", [(1.0, True), (1e15, False)],
+                         ids=["fast-stream", "slow-but-cpu-bound"])
+def test_a_stream_goes_on_alone_when_fast_or_cpu_bound(
+        big: tuple[ModelPack, str], proxy: RangeProxy, tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch, fast: float, spare: bool) -> None:
+    pack, _ = big
+    layer = _weight(pack)
+    monkeypatch.setattr(ranged, "spare_cpu", lambda: spare)
+    store = _probed(proxy, pack, str(tmp_path / "s"), fast=fast)
+    assert proxy.gets == 1 and proxy.ranges == [] and proxy.bytes_sent == layer.size
+    assert dg.of_file(store.path(layer.digest)) == (layer.digest, layer.size)
+
+
+def test_a_slow_stream_is_split_after_the_probe(big: tuple[ModelPack, str], proxy: RangeProxy,
+                                                tmp_path: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pack, src = big
+    layer = _weight(pack)
+    monkeypatch.setattr(ranged, "spare_cpu", lambda: True)  # a shared CI box may be busy
+    store = _probed(proxy, pack, str(tmp_path / "s"), fast=1e15)  # no rate is fast
+    spans = sorted(tuple(int(x) for x in r.split("=")[1].split("-")) for r in proxy.ranges)
+    assert len(spans) == 8 and spans[0][0] >= 8 << 20  # the ranges start past the probe
+    # they tile the rest exactly: the probe's prefix is kept, no byte is asked for twice
+    assert all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[-1][1] == layer.size - 1
+    path = store.path(layer.digest)
+    with open(path, "rb") as a, open(src, "rb") as b:
+        assert a.read() == b.read()
+    assert partial.RANGES_XATTR not in os.listxattr(path)

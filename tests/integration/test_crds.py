@@ -185,6 +185,8 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
      "claimName must be a PersistentVolumeClaim name"),
     ("format-enum", "Model", with_(hf(), format="ONNX"),
      'spec.format: Unsupported value: "ONNX": supported values: "Auto", "Safetensors", "GGUF", "Diffusers"'),
+    ("format-raw-spelled-Raw", "Model", with_(hf(), format="raw"),
+     'spec.format: Unsupported value: "raw": supported values: "Auto", "Safetensors", "GGUF", "Diffusers", "Raw"'),
     ("delivery-mode-enum", "Model", with_(hf(), delivery={"mode": "HostPath"}),
      'spec.delivery.mode: Unsupported value: "HostPath"'),
     ("sharedpvc-without-mode", "Model",
@@ -536,6 +538,13 @@ def test_model_and_cluster_model_schemas_match() -> None:
     assert "pvc" in msrc["properties"] and "catalog" not in msrc["properties"]
     assert "catalog" in csrc["properties"] and "pvc" not in csrc["properties"]
     del msrc["properties"]["pvc"], csrc["properties"]["catalog"]
+    # spec.validation runs a Job in the Model's namespace: a ClusterModel has none
+    mspec, cspec = (x["properties"]["spec"]["properties"] for x in (ms, cs))
+    assert "validation" in mspec and "validation" not in cspec
+    del mspec["validation"]
+    # spec.sharing grants a namespaced Model to other namespaces: a ClusterModel is everyone's
+    assert "sharing" in mspec and "sharing" not in cspec
+    del mspec["sharing"]
     del msrc["x-kubernetes-validations"][0], csrc["x-kubernetes-validations"][0]
     assert _strip(ms) == _strip(cs)
     for kind in PLURALS:

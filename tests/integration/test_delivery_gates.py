@@ -239,3 +239,31 @@ def test_lifted_pods_leave_the_watch(env: Env) -> None:
     pod(env, ns, "p", {c.ANN_MODELS: "a"})
     wait_for(lambda: lifted(env, ns, "p"), what="gate lifted")
     wait_for(lambda: env.pods.get((ns, "p")) is None, what="pod gone from the gated cache")
+
+
+def test_a_ready_model_frees_exactly_its_own_pods(env: Env) -> None:
+    """Pods indexed by what they wait for: Model a turning Ready lifts all of a's pods
+    together (many lifts in flight) and none of b's, which still wait for b; a lifted pod
+    leaves the index, so a later event of a queues nothing."""
+    ns = env.namespace("gate")
+    env.model("a", ns, phase="Publishing")
+    env.model("b", ns, phase="Publishing")
+    a_pods, b_pods = [f"a-{i}" for i in range(24)], [f"b-{i}" for i in range(6)]
+    for name in a_pods:
+        pod(env, ns, name, {c.ANN_MODELS: "a"})
+    for name in b_pods:
+        pod(env, ns, name, {c.ANN_MODELS: "b"})
+    lifter = env.delivery.lifter
+    wait_for(lambda: len(lifter.waiting_for(("Model", ns, "a"))) == len(a_pods),
+             what="a's pods indexed")
+    assert sorted(lifter.waiting_for(("Model", ns, "b"))) == sorted((ns, p) for p in b_pods)
+    env.model("a", ns, phase="Ready")
+    for name in a_pods:
+        wait_for(lambda name=name: lifted(env, ns, name), what=f"{name} lifted")
+    wait_for(lambda: not lifter.waiting_for(("Model", ns, "a")), what="a's pods unindexed")
+    settle(env)
+    assert all(gates_of(env, ns, name) == [c.GATE] for name in b_pods)
+    assert len(lifter.waiting_for(("Model", ns, "b"))) == len(b_pods)
+    env.model("b", ns, phase="Ready")
+    for name in b_pods:
+        wait_for(lambda name=name: lifted(env, ns, name), what=f"{name} lifted")

@@ -395,7 +395,8 @@ def test_unknown_and_foreign_models_are_refused(env: Env) -> None:
         in msg
     msg = _refused(env, "Deployment", ns, body("Deployment", "w",
                                                {c.ANN_MODELS: f"{other}/elsewhere"}))
-    assert "a model is named without a namespace" in msg
+    assert f"Model {other}/elsewhere does not exist or is not shared with namespace {ns}" \
+        in msg  # no grant in its spec.sharing (test_model_sharing.py)
     msg = _refused(env, "Job", ns, body("Job", "j", {c.ANN_CLUSTER_MODELS: "no-such"}))
     assert "ClusterModel no-such not found" in msg
     msg = _refused(env, "Deployment", ns, body("Deployment", "w", {

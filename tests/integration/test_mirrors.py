@@ -8,13 +8,19 @@ the right size and records what it was sent.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 import urllib.parse
 
 import pytest
 
+from api import names as contract
 from cli.local import registry as localregistry
+from controller.delivery import materializer
+from controller.models.publishjob import Settings
 from modelpack.oci import mirrors
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
@@ -24,6 +30,8 @@ from modelpack.store.blobs import BlobStore
 from tests import modelgen
 from tests.flakyproxy import FlakyProxy
 from tests.servers.badmirror import BadMirror
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -166,3 +174,81 @@ def test_credentials_go_to_a_mirror_only_when_configured(dmcr, tmp_path):
         client = _node_client(proxy, reg, config)
         client.get_blob_bytes("fwd/creds", pack.config_digest)
         assert bad.seen and all(a and a.startswith("Basic ") for _, _, a in bad.seen)
+
+
+def _materializer_hosts_file(tmp_path, registry_host: str, config: mirrors.Mirrors,
+                             reference: str) -> tuple[list[str], str]:
+    """The manager's half: the Job's command and its Secret's hosts.toml, written where a
+    test can hand it to the materializer (the Job would see it under the Secret's mount)."""
+    settings = Settings(namespace="modelcache", registry=registry_host,
+                        registry_mirrors=config)
+    listed = materializer.mirrors_of(settings, reference)
+    files = materializer.mirror_files(listed)
+    pvc = {"metadata": {"namespace": "team", "name": "claim", "uid": "u1"}}
+    job = materializer.build_job(pvc, "sha256:" + "0" * 64, reference, settings, True)
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    path = tmp_path / materializer.MIRRORS_KEY
+    path.write_bytes(files[materializer.MIRRORS_KEY])
+    return cmd, str(path)
+
+
+def _materialize(reference: str, digest: str, dest, hosts_file: str, env=None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller.main", "materialize", "--reference", reference,
+         "--digest", digest, "--dest", str(dest), "--insecure",
+         "--registry-hosts-file", hosts_file],
+        cwd=REPO_ROOT, capture_output=True, timeout=120, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_materializer_pulls_through_the_managers_mirror(open_dmcr, tmp_path):
+    reg, proxy = open_dmcr
+    pack = _push(reg, tmp_path, "mat/mirror")
+    reference = f"{proxy.host}/mat/mirror@{pack.digest}"
+    with localregistry.running(proxy={"remoteurl": f"http://{proxy.host}"}) as mirror:
+        hosts = tmp_path / "certs.d" / proxy.host
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(f'[host."http://{mirror.host}"]\n'
+                                          '  capabilities = ["pull"]\n')
+        config = mirrors.load(hosts_dir=str(tmp_path / "certs.d"))
+        cmd, hosts_file = _materializer_hosts_file(tmp_path, proxy.host, config, reference)
+        assert cmd[cmd.index("--registry-hosts-file") + 1].endswith(materializer.MIRRORS_KEY)
+        _materialize(reference, pack.digest, tmp_path / "pvc0", hosts_file)
+        first = _blob_gets(proxy)
+        blobs = {layer.digest for layer in pack.layers}
+        deadline = time.monotonic() + 20
+        while not all(os.path.exists(mirror.blob_path(d)) for d in blobs):
+            assert time.monotonic() < deadline, "the mirror never stored the blobs"
+            time.sleep(0.05)
+        out = _materialize(reference, pack.digest, tmp_path / "pvc1", hosts_file)
+        assert not out["skipped"] and out["files"] == len(pack.layers)
+        assert _blob_gets(proxy) == first, "the second materializer fetched from the DMCR"
+    tree = tmp_path / "pvc1" / contract.pvc_subpath(pack.digest)
+    verify_tree(pack, str(tree))
+
+
+def test_materializer_falls_back_to_the_dmcr_past_bad_mirrors(dmcr, tmp_path):
+    reg, proxy = dmcr
+    pack = _push(reg, tmp_path, "mat/fallback")
+    reference = f"{proxy.host}/mat/fallback@{pack.digest}"
+    dead = f"http://127.0.0.1:{localregistry.free_port()}"
+    with BadMirror({layer.digest: layer.size for layer in pack.layers}) as bad:
+        config = mirrors.load(flags=[f"{proxy.host}={bad.url}", f"{proxy.host}={dead}"])
+        _, hosts_file = _materializer_hosts_file(tmp_path, proxy.host, config, reference)
+        out = _materialize(reference, pack.digest, tmp_path / "pvc", hosts_file,
+                           {"MODELCACHE_REGISTRY_USERNAME": reg.username,
+                            "MODELCACHE_REGISTRY_PASSWORD": reg.password})
+        assert out["digest"] == pack.digest and out["files"] == len(pack.layers)
+        assert bad.seen and all(auth is None for _, _, auth in bad.seen)
+    assert _blob_gets(proxy) >= len(pack.layers)  # the DMCR served what the mirrors did not
+    verify_tree(pack, str(tmp_path / "pvc" / contract.pvc_subpath(pack.digest)))
+
+
+def test_no_mirrors_no_hosts_file_for_the_materializer():
+    settings = Settings(namespace="modelcache", registry="dmcr:5000")
+    pvc = {"metadata": {"namespace": "team", "name": "claim", "uid": "u1"}}
+    job = materializer.build_job(pvc, "sha256:" + "0" * 64, "dmcr:5002/m@sha256:" + "0" * 64,
+                                 settings, False)
+    assert "--registry-hosts-file" not in job["spec"]["template"]["spec"]["containers"][0][
+        "command"]

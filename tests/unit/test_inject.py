@@ -116,7 +116,8 @@ def test_parse_refs_order_dedup_and_kinds():
 
 
 @pytest.mark.parametrize("value,needle", [
-    ("other/qwen", "without a namespace"),
+    ("Other_NS/qwen", "is not a namespace name"),
+    ("a/b/qwen", "is not a namespace name"),
     ("Qwen_Big", "not a valid Model name"),
     ("-x", "not a valid Model name"),
 ])
@@ -127,7 +128,7 @@ def test_parse_refs_refuses(value, needle):
 
 
 def test_same_name_as_model_and_cluster_model_is_refused():
-    with pytest.raises(InjectError, match="both a Model and a ClusterModel"):
+    with pytest.raises(InjectError, match="Model x and ClusterModel x would both mount"):
         inject.parse_refs({c.ANN_MODELS: "x", c.ANN_CLUSTER_MODELS: "x"})
 
 
@@ -445,3 +446,71 @@ def test_sharedpvc_gets_no_node_affinity():
 def test_json_patch_escapes_keys():
     ops = inject.json_patch({"a": {}}, {"a": {"x/y~z": 1}})
     assert ops == [{"op": "add", "path": "/a/x~1y~0z", "value": 1}]
+
+
+# -- sharing: ``<namespace>/<name>`` (api/sharing.py) -------------------------------------
+
+
+def test_parse_refs_takes_an_owner_namespace():
+    refs = inject.parse_refs({c.ANN_MODELS: "qwen, team-b/qwen ,team-b/qwen"})
+    assert refs == [Ref("Model", "qwen"), Ref("Model", "qwen", "team-b")]
+    assert [r.directory for r in refs] == ["qwen", "team-b.qwen"]
+    assert [r.shown for r in refs] == ["qwen", "team-b/qwen"]
+
+
+@pytest.mark.parametrize("annotations,needle", [
+    ({c.ANN_CLUSTER_MODELS: "team-b/llama"}, "a ClusterModel has no namespace"),
+    ({c.ANN_MODELS: "/qwen"}, "'' is not a namespace name"),
+    ({c.ANN_MODELS: "team-b/"}, "not a valid Model name"),
+    ({c.ANN_MODELS: "n" * 64 + "/qwen"}, "is not a namespace name"),
+    # the shared one's directory is the own one's name: refused, not silently overlaid
+    ({c.ANN_MODELS: "team-b/qwen,team-b.qwen"}, "Model team-b/qwen and Model team-b.qwen "
+                                                "would both mount at"),
+])
+def test_parse_refs_refuses_bad_shared_refs(annotations, needle):
+    with pytest.raises(InjectError, match=needle) as e:
+        inject.parse_refs(annotations)
+    assert e.value.code == 400
+
+
+def shared_lookup(models: dict[tuple[str, str], dict[str, Any]]) -> inject.Lookup:
+    """As the webhook binds it: ``(owner, name)``; absent = not found or not shared."""
+    def look(ref: Ref) -> dict[str, Any] | None:
+        return models.get((ref.namespace or NS, ref.name))
+    return look
+
+
+def test_a_shared_model_mounts_beside_the_own_one():
+    own, theirs = model("qwen"), model("qwen", digest=D2, namespace="team-b")
+    obj = workload("Deployment", {c.ANN_MODELS: "qwen,team-b/qwen"})
+    res = inject.mutate("Deployment", obj, operation="CREATE", namespace=NS,
+                        lookup=shared_lookup({(NS, "qwen"): own, ("team-b", "qwen"): theirs}))
+    spec = template(res.obj, "Deployment")["spec"]
+    ours = [v for v in spec["volumes"] if v["name"].startswith(c.VOLUME_PREFIX)]
+    assert [v["csi"]["volumeAttributes"] for v in ours] == [
+        {c.ATTR_MODEL: "qwen", c.ATTR_DIGEST: D1},
+        {c.ATTR_MODEL: "qwen", c.ATTR_MODEL_NAMESPACE: "team-b", c.ATTR_DIGEST: D2}]
+    paths = [m["mountPath"] for m in spec["containers"][0]["volumeMounts"]]
+    assert paths[-2:] == [f"{c.MOUNT_ROOT}/qwen", f"{c.MOUNT_ROOT}/team-b.qwen"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert [(m["name"], m["path"]) for m in json.loads(env[c.ENV_MODELS])] == [
+        ("qwen", f"{c.MOUNT_ROOT}/qwen"), ("team-b/qwen", f"{c.MOUNT_ROOT}/team-b.qwen")]
+    assert len({v["name"] for v in ours}) == 2
+
+
+def test_a_model_not_shared_is_refused_with_one_message_for_absent_and_ungranted():
+    obj = workload("Deployment", {c.ANN_MODELS: "team-b/qwen"})
+    with pytest.raises(InjectError) as e:
+        inject.mutate("Deployment", obj, operation="CREATE", namespace=NS,
+                      lookup=shared_lookup({}))
+    assert e.value.code == 403
+    assert str(e.value) == ("Model team-b/qwen does not exist or is not shared with namespace "
+                            "team-a (its owner grants it in the Model's spec.sharing)")
+
+
+def test_own_namespace_written_out_is_the_own_model():
+    obj = workload("Deployment", {c.ANN_MODELS: f"{NS}/qwen,qwen"})
+    res = inject.mutate("Deployment", obj, operation="CREATE", namespace=NS,
+                        lookup=shared_lookup({(NS, "qwen"): model("qwen")}))
+    [p] = res.planned
+    assert p.model.ref == Ref("Model", "qwen") and p.path == f"{c.MOUNT_ROOT}/qwen"
