@@ -137,6 +137,10 @@ class Report:
     # urllib3's "Connection pool is full, discarding connection" in the manager's log: each a
     # connection to the API server thrown away after one request (a new TLS handshake next)
     pool_discards: int = 0
+    ready_spread_s: float = 0.0  # first Model Ready → last Model Ready
+    lift_span_s: float = 0.0  # first Model Ready → last gate lifted
+    # the API server's own latency for PATCH pods while the gates are lifted (p50, p99)
+    patch_latency: tuple[float, float] = (float("nan"), float("nan"))
 
     def requests_per_pod(self) -> float:
         return sum(self.requests.get("pods", collections.Counter()).values()) / \
@@ -612,6 +616,7 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
 
     # 5. the artifact lands in each Model's repository; the manager writes Ready
     cpu0 = proc_cpu(pid)
+    patch0 = buckets_of(s.apiserver_metrics(), "apiserver_request_duration_seconds", _pod_patch)
     tag = names.imported_tag(digest)
 
     def push(i: int) -> None:
@@ -625,6 +630,9 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
                s.procs, interval=0.5)
     time.sleep(2)  # late writes by the manager, if any, land in this phase's count
     rep.cpu["ready and lift"] = proc_cpu(pid) - cpu0
+    a, b, _ = delta_quantiles(patch0, buckets_of(
+        s.apiserver_metrics(), "apiserver_request_duration_seconds", _pod_patch))
+    rep.patch_latency = (a, b)
     rep.requests["ready and lift"] = s.audit.since_mark()
     lifted.stop.set()
     ready.stop.set()
@@ -633,11 +641,18 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
     rep.ready_to_lift = [lifted.at[f"p-{i:05d}"] - ready.at[model_names[i % p.models]]
                          for i in range(p.pods)
                          if f"p-{i:05d}" in lifted.at and model_names[i % p.models] in ready.at]
+    if ready.at and lifted.at:
+        rep.ready_spread_s = max(ready.at.values()) - min(ready.at.values())
+        rep.lift_span_s = max(lifted.at.values()) - min(ready.at.values())
     st = proc_status(pid)
     rep.rss_kib, rep.hwm_kib = st["VmRSS"], st["VmHWM"]
     rep.requests["pods"] = rep.requests["pods created"] + rep.requests["ready and lift"]
     with open(s.manager_log, errors="replace") as f:
         rep.pool_discards = sum("Connection pool is full" in line for line in f)
+
+
+def _pod_patch(labels: dict[str, str]) -> bool:
+    return labels.get("verb") == "PATCH" and labels.get("resource") == "pods"
 
 
 _count_lock = threading.Lock()
@@ -674,6 +689,11 @@ def table(rep: Report) -> Iterator[str]:
     yield f"| Model Ready → gate lifted p50 / p99 / max | {ms(quantile(rep.ready_to_lift, 0.5))}" \
           f" / {ms(quantile(rep.ready_to_lift, 0.99))} / " \
           f"{ms(max(rep.ready_to_lift, default=float('nan')))} |"
+    yield f"| Models Ready first → last; first Ready → last lift | {rep.ready_spread_s:.1f} s; " \
+          f"{rep.lift_span_s:.1f} s ({rep.pods_lifted / max(rep.lift_span_s, 1e-9):.0f} " \
+          f"lifts/s) |"
+    yield f"| API server's PATCH pods p50 / p99 during the lifts | {ms(rep.patch_latency[0])} / " \
+          f"{ms(rep.patch_latency[1])} |"
     yield f"| manager RSS idle / end / peak | {rep.idle_rss_kib / 1024:.0f} / " \
           f"{rep.rss_kib / 1024:.0f} / {rep.hwm_kib / 1024:.0f} MiB |"
     yield f"| manager's API connections discarded (pool full) | {rep.pool_discards} |"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import json
 import logging
 import ssl
@@ -288,6 +289,14 @@ def reload(ctx: ssl.SSLContext, bundle: certs.Bundle) -> None:
     certs.load_chain(ctx, bundle.cert, bundle.key)
 
 
+def _tune_for_latency() -> None:
+    """Admissions wait on the GIL behind the manager's other threads: hand it over sooner,
+    and take what exists by now (the modules, the ``kubernetes`` package's model classes)
+    out of the collector's full passes, whose pauses stop every thread, this one too."""
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+    gc.freeze()
+
+
 # -- the bundle the manager runs --------------------------------------------------------
 
 
@@ -351,7 +360,7 @@ class Delivery:
                                             webhookconfig.webhooks(self.client_config(bundle)))
         self.server, self._ctx = create_server(self.cfg.listen, self.admission, bundle)
         self._served = bundle.cert
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        _tune_for_latency()
         threading.Thread(target=self.server.serve_forever, daemon=True, name="webhook").start()
         threading.Thread(target=self._keep, daemon=True, name="webhook-certs").start()
         log.info("webhook listening", extra={"listen": f"{self.cfg.listen[0]}:{self.port}",

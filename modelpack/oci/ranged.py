@@ -8,10 +8,11 @@ stream is the whole pull time; N streams divide it by up to N.
 Only where one stream is slow: the blob starts as one stream, written with
 O_DIRECT and hashed as it comes (no second pass), and ``Probe`` times its
 first ``RangePolicy.probe`` bytes. A stream at ``RangePolicy.fast`` or more
-goes on alone, and so does a slower one while the machine has no CPU to
-spare (``spare_cpu``: there the stream is slow because the cores are busy,
-and more connections only add work); otherwise it stops there and the rest
-is split into ranges from its hashed prefix. Why not always split: ranges cost CPU that one stream
+goes on alone, and so does a slower one whose thread spent most of the
+probe running or waiting for a core (``Probe``: the stream is slow because
+the cores are busy, and more connections only add work); one that spent it
+waiting for bytes (a capped connection, a slow server) stops there and the
+rest is split into ranges from its hashed prefix. Why not always split: ranges cost CPU that one stream
 does not (buffered writes, each byte read back to be hashed in order, a
 registry serving N connections): on a fast link, 2 GiB in 8 shards of 256 MiB
 took 5.4–6.9 CPU-seconds ranged against 1.9–2.1 in one stream each, for no
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
 import re
 import threading
 import time
@@ -82,19 +82,31 @@ class RangePolicy:
         return self.streams > 1 and size >= max(self.min_size, 2 * ALIGN)
 
 
-def spare_cpu() -> bool:
-    """Whether the node has idle cores: its 1-minute load average is below its core count
-    (threads blocked on a capped connection sleep, so they do not count)."""
-    return os.getloadavg()[0] < (os.cpu_count() or 1)
+def on_cpu() -> float:
+    """Seconds this thread has run or waited for a core (Linux schedstat); -1 if unknown."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            run, wait = f.read().split()[:2]
+        return (int(run) + int(wait)) / 1e9
+    except (OSError, ValueError):
+        return -1.0
+
+
+def network_bound(cpu: float, wall: float) -> bool:
+    """Whether a stream's thread spent most of ``wall`` waiting for bytes, not for CPU."""
+    return cpu < 0 or cpu < wall / 2
 
 
 class Probe:
-    """Times one stream from its first byte on; ``slow`` says, once, whether to split."""
+    """Times one stream from its first byte on; ``slow`` says, once, whether to split.
+
+    Call ``slow`` from the thread that reads the stream: its CPU is measured."""
 
     def __init__(self, policy: RangePolicy) -> None:
         self.policy = policy
         self.decided = False
         self._t0 = 0.0
+        self._cpu0 = 0.0
         self._start = -1
 
     def slow(self, offset: int) -> bool:
@@ -103,13 +115,16 @@ class Probe:
             return False
         now = time.monotonic()
         if self._start < 0:  # the first chunk: the clock starts after the first byte
-            self._t0, self._start = now, offset
+            self._t0, self._cpu0, self._start = now, on_cpu(), offset
             return False
         got = offset - self._start
         if got < self.policy.probe:
             return False
         self.decided = True
-        return got < self.policy.fast * (now - self._t0) and spare_cpu()
+        wall = now - self._t0
+        cpu = on_cpu()
+        return got < self.policy.fast * wall and network_bound(
+            cpu - self._cpu0 if cpu >= 0 and self._cpu0 >= 0 else -1.0, wall)
 
 
 def plan(size: int, streams: int, prefix: int) -> list[list[int]]:

@@ -32,8 +32,8 @@ import pytest
 from cli.local import registry as localregistry
 from modelpack import digest as dg
 from modelpack.errors import IntegrityError
-from modelpack.oci.manifest import ModelPack
 from modelpack.oci import ranged
+from modelpack.oci.manifest import ModelPack
 from modelpack.oci.ranged import RangePolicy
 from modelpack.oci.reference import parse
 from modelpack.oci.registry import RegistryClient
@@ -197,14 +197,14 @@ def _probed(proxy: RangeProxy, pack: ModelPack, root: str, fast: float) -> BlobS
     return store
 
 
-@pytest.mark.parametrize("fast,spare", [(1.0, True), (1e15, False)],
+@pytest.mark.parametrize("fast,waits_for_bytes", [(1.0, True), (1e15, False)],
                          ids=["fast-stream", "slow-but-cpu-bound"])
 def test_a_stream_goes_on_alone_when_fast_or_cpu_bound(
         big: tuple[ModelPack, str], proxy: RangeProxy, tmp_path: Any,
-        monkeypatch: pytest.MonkeyPatch, fast: float, spare: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, fast: float, waits_for_bytes: bool) -> None:
     pack, _ = big
     layer = _weight(pack)
-    monkeypatch.setattr(ranged, "spare_cpu", lambda: spare)
+    monkeypatch.setattr(ranged, "network_bound", lambda cpu, wall: waits_for_bytes)
     store = _probed(proxy, pack, str(tmp_path / "s"), fast=fast)
     assert proxy.gets == 1 and proxy.ranges == [] and proxy.bytes_sent == layer.size
     assert dg.of_file(store.path(layer.digest)) == (layer.digest, layer.size)
@@ -215,7 +215,7 @@ def test_a_slow_stream_is_split_after_the_probe(big: tuple[ModelPack, str], prox
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     pack, src = big
     layer = _weight(pack)
-    monkeypatch.setattr(ranged, "spare_cpu", lambda: True)  # a shared CI box may be busy
+    monkeypatch.setattr(ranged, "network_bound", lambda cpu, wall: True)  # a busy CI box
     store = _probed(proxy, pack, str(tmp_path / "s"), fast=1e15)  # no rate is fast
     spans = sorted(tuple(int(x) for x in r.split("=")[1].split("-")) for r in proxy.ranges)
     assert len(spans) == 8 and spans[0][0] >= 8 << 20  # the ranges start past the probe
@@ -226,3 +226,19 @@ def test_a_slow_stream_is_split_after_the_probe(big: tuple[ModelPack, str], prox
     with open(path, "rb") as a, open(src, "rb") as b:
         assert a.read() == b.read()
     assert partial.RANGES_XATTR not in os.listxattr(path)
+
+
+def test_a_capped_connection_is_split(big: tuple[ModelPack, str], proxy: RangeProxy,
+                                      tmp_path: Any) -> None:
+    """No stand-ins: the proxy caps each connection; the probe's thread waits for bytes."""
+    pack, _ = big
+    layer = _weight(pack)
+    proxy.rate = 8e6  # bytes/s per connection
+    store = BlobStore(str(tmp_path / "s"))
+    policy = RangePolicy(streams=8, min_size=16 << 20, probe=4 << 20)
+    client = RegistryClient(proxy.host, insecure=True, ranges=policy)
+    t0 = time.monotonic()
+    fetch_blobs(client, REPO, (layer,), store)
+    assert len(proxy.ranges) == 8  # split after the probe
+    assert time.monotonic() - t0 < layer.size / 8e6 / 2  # at least twice one stream
+    assert dg.of_file(store.path(layer.digest)) == (layer.digest, layer.size)
