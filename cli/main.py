@@ -121,8 +121,8 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     pl.add_argument("dest", metavar="DEST", help="a directory that does not exist or is empty")
     pl.add_argument("-j", "--jobs", type=int, default=4, help="files in parallel (default 4)")
     pl.add_argument("--range-streams", type=int, default=8,
-                    help="byte ranges fetched at once for a file of 256 MiB or more (default 8; "
-                         "1: one stream)")
+                    help="byte ranges fetched at once for a file of 256 MiB or more whose "
+                         "one stream proves slow (default 8; 1: one stream)")
     pl.add_argument("--registry-mirror", action="append", default=[], metavar="HOST=URL",
                     help="ask URL first for HOST's blobs and pinned manifests (repeatable, "
                          "in order; every byte is verified, the registry is the fallback)")

@@ -147,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pull-workers", type=int, default=4, help="models pulled at once")
     p.add_argument("--blob-workers", type=int, default=4, help="parallel blob downloads per pull")
     p.add_argument("--range-streams", type=int, default=8,
-                   help="byte ranges fetched at once for a blob of 256 MiB or more (1: one stream)")
+                   help="byte ranges fetched at once for a blob of 256 MiB or more whose one "
+                        "stream proves slow (1: one stream)")
     p.add_argument("--tag-ttl", type=duration_arg, default=60.0,
                    help="reuse a tag's resolved digest this long before asking the registry "
                         "again; a registry that is down falls back to the last digest anyway")

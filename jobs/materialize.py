@@ -229,7 +229,12 @@ def _materialize(client: RegistryClient, ref: Reference, dest: str, digest: str 
             tree = os.path.join(staging, "tree")
             method = pull.place(pack, store, tree)
             _write_record(dest, digest, pack.manifest_bytes)
+            # moving a directory to another parent rewrites its "..": without
+            # CAP_DAC_OVERRIDE (the Job drops every capability) that needs write
+            # permission on the read-only tree itself, for the rename only
+            os.chmod(tree, 0o755)
             os.rename(tree, final)  # the commit point
+            os.chmod(final, 0o555)
             fsync_dir(dest)
         except BaseException as e:
             # after a retryable failure the verified blobs stay for the next attempt to

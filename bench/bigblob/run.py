@@ -6,7 +6,10 @@ to a real docker-registry on loopback; blob GETs then go through
 ``--rate-mb`` MB/s (20 by default), as object-storage-backed registries do.
 The weight blob is pulled into a fresh store with the registry client
 (``modelpack.pull.fetch_blobs``: verified, fsynced, committed) twice: one
-stream (``--range-streams 1``), then ``--streams`` ranges (8 by default).
+stream (``--range-streams 1``), then ``--streams`` ranges (8 by default)
+under the shipped policy: one stream first, split after its 32 MiB probe
+shows it slow and waiting for bytes (``modelpack.oci.ranged.Probe``), so
+its connections are one more than the ranges.
 The machine's own limits are measured in the same run: sha256 on one core
 and sequential disk write with fsync. Prints a markdown table and the
 command.

@@ -94,7 +94,9 @@ def mirrors_of(settings: jobs.Settings, reference: str) -> tuple[mirrors.Mirror,
     """The mirrors a materializer of ``reference`` asks: keyed by the host Models name
     (``settings.registry``) as the node plugin's are, else by the reference's own host."""
     config = settings.registry_mirrors
-    return config.of(settings.registry) or config.of(ref.parse(reference).host)
+    if not config:
+        return ()
+    return config.of(settings.registry) or config.of(reference.split("/", 1)[0])
 
 
 def mirror_files(listed: tuple[mirrors.Mirror, ...]) -> dict[str, bytes]:

@@ -36,6 +36,7 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -54,6 +55,7 @@ NAMESPACE = "modelcache-system"
 KUBELET_ROOT = "/var/lib/kubelet"
 CACHE_DIR = "/var/lib/modelcache"
 COREDNS_VERSION = "v1.15.0"
+COMPONENT = "app.kubernetes.io/component"
 
 
 class DeployError(RuntimeError):
@@ -335,13 +337,15 @@ def describe_pods(d: Deployed) -> str:
 
 class PodPrometheus:
     """Debian's ``prometheus`` as a host process (hack/install.d/prometheus.sh),
-    finding its targets the way a cluster's usually does: Kubernetes service
-    discovery (``role: pod``, through the admin kubeconfig) in the release
-    namespace, keeping the pods annotated ``prometheus.io/scrape: "true"`` and
-    scraping ``<pod IP>:<prometheus.io/port>`` directly (the host routes both
-    nodes' pod CIDRs). Each target's ``job`` is ``<namespace>/modelcache-<component>``,
-    the name the chart's PodMonitors give, which the shipped alert rules (loaded
-    here) read; ``node`` is the pod's node. Scrapes every 2 s."""
+    scraping the release namespace's pods annotated ``prometheus.io/scrape:
+    "true"`` at ``<pod IP>:<prometheus.io/port>`` directly (the host routes both
+    nodes' pod CIDRs), as a cluster's Prometheus with pod discovery does.
+    Debian builds Prometheus without Kubernetes service discovery, so a thread
+    here stands in for it: every second it lists those pods through the API
+    server and rewrites a ``file_sd_configs`` targets file, which Prometheus
+    re-reads on change. Each target's ``job`` is ``<namespace>/modelcache-<component>``,
+    the name the chart's PodMonitors give and the shipped alert rules (loaded
+    here) read; ``node`` and ``pod`` say where it runs. Scrapes every 2 s."""
 
     def __init__(self, c: cluster2.Cluster2, rules: str) -> None:
         binary = shutil.which("prometheus")
@@ -349,26 +353,14 @@ class PodPrometheus:
             raise DeployError("prometheus not installed (hack/install.d/prometheus.sh)")
         work = os.path.join(c.dir, "prometheus")
         os.makedirs(work, exist_ok=True)
+        self.cluster = c
+        self.targets = os.path.join(work, "pods.json")
+        self._write_targets([])
         self.port = kubeenv.free_port()
-        meta = "__meta_kubernetes_pod_"
         cfg = {"global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
                "rule_files": [rules],
-               "scrape_configs": [{
-                   "job_name": "kubernetes-pods",
-                   "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": c.kubeconfig,
-                                              "namespaces": {"names": [NAMESPACE]}}],
-                   "relabel_configs": [
-                       {"source_labels": [meta + "annotation_prometheus_io_scrape"],
-                        "regex": "true", "action": "keep"},
-                       {"source_labels": [meta + "ip", meta + "annotation_prometheus_io_port"],
-                        "regex": "(.+);(.+)", "replacement": "$1:$2",
-                        "target_label": "__address__"},
-                       {"source_labels": ["__meta_kubernetes_namespace",
-                                          meta + "label_app_kubernetes_io_component"],
-                        "regex": "(.+);(.+)", "replacement": "$1/modelcache-$2",
-                        "target_label": "job"},
-                       {"source_labels": [meta + "node_name"], "target_label": "node"},
-                       {"source_labels": [meta + "name"], "target_label": "pod"}]}]}
+               "scrape_configs": [{"job_name": "pods", "file_sd_configs": [
+                   {"files": [self.targets], "refresh_interval": "2s"}]}]}
         path = os.path.join(work, "prometheus.yml")
         with open(path, "w") as f:
             json.dump(cfg, f)  # JSON is YAML
@@ -377,12 +369,42 @@ class PodPrometheus:
             f"--web.listen-address=127.0.0.1:{self.port}"])
         self.process.name = "prometheus"
         c.env.procs.append(self.process)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._discover, daemon=True)
+        self._thread.start()
         try:
             nodeenv.wait_for(c.env, "prometheus ready", lambda: self.api("status/runtimeinfo"),
                              timeout=60)
         except BaseException:
             self.stop()
             raise
+
+    def _write_targets(self, groups: list[dict[str, Any]]) -> None:
+        with open(self.targets + ".tmp", "w") as f:
+            json.dump(groups, f)
+        os.replace(self.targets + ".tmp", self.targets)
+
+    def _discover(self) -> None:
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.cluster.kube.api_client())
+        last: list[dict[str, Any]] = []
+        while not self._stop.wait(1):
+            try:
+                pods = core.list_namespaced_pod(NAMESPACE).items
+            except Exception:  # the API server busy: the last targets stay
+                continue
+            groups = [{"targets": [f"{p.status.pod_ip}:{ann['prometheus.io/port']}"],
+                       "labels": {"job": f"{NAMESPACE}/modelcache-"
+                                         f"{(p.metadata.labels or {}).get(COMPONENT, '')}",
+                                  "node": p.spec.node_name, "pod": p.metadata.name}}
+                      for p in pods
+                      for ann in [p.metadata.annotations or {}]
+                      if ann.get("prometheus.io/scrape") == "true" and p.status.pod_ip
+                      and p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+            if groups != last:
+                self._write_targets(groups)
+                last = groups
 
     def api(self, path: str, **params: str) -> Any:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
@@ -398,6 +420,8 @@ class PodPrometheus:
         return list(self.api("query", query=expr)["result"])
 
     def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
         nodeenv.stop_process(self.process.proc, timeout=15)
 
 

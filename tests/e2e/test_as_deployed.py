@@ -37,9 +37,11 @@ both nodes with no container restarted. Then the flow a user meets:
 - day 2: ``kubectl drain`` of a node: the idle model is evicted from its
   cache, the one its remaining (DaemonSet) pod mounts is kept and still read;
   the other node's readers read on;
-- uninstall in the documented order: no Job, no Secret but the ones the guide
-  says to delete by hand, no mount of our driver on either node; then nothing;
-  the CRDs stay.
+- uninstall in the documented order (workloads and Models, ``helm uninstall``,
+  then by hand what the manager made): after helm uninstall no publish Job, no
+  Secret but the manager's own three, the SharedPVC's materializer Job only
+  (owned by the claim), no mount of our driver or any pod volume on either
+  node; after the by-hand step nothing; the CRDs stay.
 
 Teardown leaves nothing behind. Needs root, hack/images.sh's archives and
 MODELCACHE_NODE_E2E=1 hack/install.sh (kubelet, kube-proxy, helm, CoreDNS);
@@ -236,7 +238,15 @@ class Flow:
 
     def wait(self, what: str, check: Any, timeout: float = 120) -> Any:
         return nodeenv.wait_for(self.d.cluster.env, what, check, timeout=timeout, interval=1,
-                                describe=lambda: deployed.describe_pods(self.d))
+                                describe=self.describe)
+
+    def describe(self) -> str:
+        """The pods, and in the team's namespace its events and the last Job pod's log."""
+        ev = self.d.kubectl("get", "events", "-n", TEAM, "--sort-by=.lastTimestamp",
+                            check=False).stdout
+        jobs = self.d.kubectl("logs", "-n", TEAM, "-l", "batch.kubernetes.io/job-name",
+                              "--tail=30", "--prefix", check=False)
+        return f"{deployed.describe_pods(self.d)}\n{ev[-4000:]}\n{jobs.stdout}{jobs.stderr}"
 
     def running(self, app: str, count: int) -> list[Any] | None:
         """``count`` pods labelled app=``app`` Running (none terminating), else None."""
@@ -517,8 +527,18 @@ def _uninstall(f: Flow) -> None:
     # the guide's step 3
     d.kubectl("delete", "mutatingwebhookconfiguration", "modelcache")
     d.kubectl("-n", ns, "delete", "secret", *MANAGER_SECRETS)
-    d.kubectl("delete", "pvc", "-A", "-l", f"{c.LABEL_PVC}=true")
-    f.wait("nothing of ours left", lambda: not any(ours().values()), timeout=60)
+    # the claim's materializer Job goes with it: its finished pod still names the
+    # claim, which kube-controller-manager's PVC protection counts as a user, so
+    # the claim alone would stay Terminating and its Job (owned by it) with it
+    d.kubectl("delete", "job,pvc", "-A", "-l", f"{c.LABEL_PVC}=true", "--wait=false")
+
+    def gone() -> bool:
+        return not any(ours().values()) and not core.list_namespaced_persistent_volume_claim(
+            TEAM).items
+
+    nodeenv.wait_for(d.cluster.env, "nothing of ours left", gone, timeout=180, interval=2,
+                     describe=lambda: f"{ours()}\n" + d.kubectl(
+                         "get", "pvc,jobs,pods", "-n", TEAM, "-o", "wide", check=False).stdout)
     from kubernetes import client
 
     crds = client.ApiextensionsV1Api(f.api).list_custom_resource_definition().items

@@ -254,9 +254,9 @@ def test_a_ready_model_frees_exactly_its_own_pods(env: Env) -> None:
     for name in b_pods:
         pod(env, ns, name, {c.ANN_MODELS: "b"})
     lifter = env.delivery.lifter
-    wait_for(lambda: len(lifter.waiting_for(("Model", ns, "a"))) == len(a_pods),
-             what="a's pods indexed")
-    assert sorted(lifter.waiting_for(("Model", ns, "b"))) == sorted((ns, p) for p in b_pods)
+    wait_for(lambda: sorted(lifter.waiting_for(("Model", ns, "b"))) ==
+             sorted((ns, p) for p in b_pods), what="b's pods indexed")
+    assert len(lifter.waiting_for(("Model", ns, "a"))) == len(a_pods)
     env.model("a", ns, phase="Ready")
     for name in a_pods:
         wait_for(lambda name=name: lifted(env, ns, name), what=f"{name} lifted")

@@ -19,6 +19,7 @@ import pytest
 
 from api import names as contract
 from cli.local import registry as localregistry
+from controller import jobspec
 from controller.delivery import materializer
 from controller.models.publishjob import Settings
 from modelpack.oci import mirrors
@@ -252,3 +253,32 @@ def test_no_mirrors_no_hosts_file_for_the_materializer():
                                  settings, False)
     assert "--registry-hosts-file" not in job["spec"]["template"]["spec"]["containers"][0][
         "command"]
+
+
+def test_the_materializers_hosts_toml_keeps_every_setting(tmp_path):
+    """What the manager hands a Job reads back as the mirrors it was given: order, paths,
+    capabilities, TLS settings and headers; each ca/client file travels in the Secret."""
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "c.crt", "c.key"))
+    for f in (ca, cert, key):
+        f.write_text(f"pem of {f.name}")
+    hosts = tmp_path / "certs.d" / "dmcr:5000"
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        '[host."https://harbor.example/v2/dmcr-proxy"]\n  override_path = true\n'
+        f'  capabilities = ["pull"]\n  ca = "{ca}"\n  client = [["{cert}", "{key}"]]\n'
+        '[host."https://harbor.example/v2/dmcr-proxy".header]\n'
+        '  Authorization = ["Basic a2V5", "x\\"y"]\n'
+        '[host."http://spegel:30020"]\n  skip_verify = true\n  forward_credentials = true\n')
+    settings = Settings(namespace="modelcache", registry="dmcr:5000",
+                        registry_mirrors=mirrors.load(hosts_dir=str(tmp_path / "certs.d")))
+    listed = materializer.mirrors_of(settings, "dmcr:5002/models/a/b@sha256:" + "0" * 64)
+    files = materializer.mirror_files(listed)
+    back = mirrors.parse_hosts_toml(files.pop(materializer.MIRRORS_KEY).decode())
+    assert sorted(files.values()) == [b"pem of c.crt", b"pem of c.key", b"pem of ca.pem"]
+    where = {jobspec.path(k): v for k, v in files.items()}
+    assert [(m.base, m.repo_prefix, m.capabilities, m.skip_verify, m.forward_credentials,
+             m.headers) for m in back] == [
+        (m.base, m.repo_prefix, m.capabilities, m.skip_verify, m.forward_credentials,
+         m.headers) for m in listed]
+    assert where[back[0].ca] == b"pem of ca.pem"
+    assert [where[p] for p in back[0].client_cert] == [b"pem of c.crt", b"pem of c.key"]

@@ -124,6 +124,13 @@ def metric(manager: Any, name: str, labels: str = "") -> float:
     return float(m.group(1))
 
 
+def _job(client: k.Kube, ns: str, name: str) -> dict[str, Any] | None:
+    try:
+        return client.get(k.JOBS, name, ns)
+    except k.NotFound:
+        return None
+
+
 def resolve_code(resolver: KubeResolver, ns: str, name: str, digest: str | None) -> str:
     try:
         return str(resolver.resolve(Volume(ns, model=name, digest=digest)).reference.digest)
@@ -149,8 +156,10 @@ def test_passing_validation_runs_on_the_candidate_then_ready(
         assert (ready["status"], ready["reason"]) == ("False", "Validating"), ready
         assert cond(m, "Published")["status"] == "True"
         assert not (st.get("artifact") or {}).get("digest")  # not servable yet
-        # the Job: in the Model's namespace, owned by it, the candidate read-only
-        job = cluster.get(k.JOBS, st["validation"]["jobName"], ns)
+        # the Job (made right after this status: the node must know the candidate
+        # first): in the Model's namespace, owned by it, the candidate read-only
+        job = wait_for(lambda: _job(cluster, ns, st["validation"]["jobName"]), 30,
+                       what="the validation Job")
         assert job["metadata"]["ownerReferences"][0]["uid"] == m["metadata"]["uid"]
         pod = job["spec"]["template"]["spec"]
         assert pod["volumes"][0]["csi"] == {"driver": names.CSI_DRIVER, "readOnly": True,
