@@ -100,8 +100,11 @@ def mirrors_of(settings: jobs.Settings, reference: str) -> tuple[mirrors.Mirror,
 
 
 def mirror_files(listed: tuple[mirrors.Mirror, ...]) -> dict[str, bytes]:
-    """The Job Secret's keys that carry ``listed``: the hosts.toml and each file it names."""
+    """The Job Secret's keys that carry ``listed``: the hosts.toml and each file it names
+    (none when no mirror is listed)."""
     files: dict[str, bytes] = {}
+    if not listed:
+        return files
     keys: dict[str, str] = {}
 
     def relocate(path: str) -> str:
