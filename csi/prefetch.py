@@ -29,16 +29,25 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from csi import metrics
-from csi.cache import Cache
 from csi.debounced import Debounced
 from csi.resolvers.kube import KubeResolver, ModelEntry, connection_gauge
 from kube import client as kube
 from kube.informer import Informer
+from modelpack.oci.reference import Reference
 
 log = logging.getLogger(__name__)
+
+
+class PrefetchCache(Protocol):
+    """What a prefetch needs of the node cache (``csi.cache.Cache``); a seam so that
+    ``bench/scale/nodes.py`` can run many prefetchers in one process over a stand-in."""
+
+    def pull(self, ref: Reference, pin: bool = False) -> cf.Future[str]: ...
+
+    def pack_of(self, digest: str) -> object | None: ...
 
 
 def _labels(node: dict[str, Any]) -> dict[str, str]:
@@ -54,7 +63,7 @@ class Prefetcher(Debounced):
 
     name = "prefetch"
 
-    def __init__(self, api: Any, node: str, resolver: KubeResolver, cache: Cache, *,
+    def __init__(self, api: Any, node: str, resolver: KubeResolver, cache: PrefetchCache, *,
                  debounce: float = 0.5, retry: float = 30.0, max_retry: float = 600.0) -> None:
         super().__init__(debounce, retry)  # also wakes to retry failed pulls
         self.node = node

@@ -108,7 +108,7 @@ def _catalog_import(args: argparse.Namespace, client: Any, ref: Any, sink: Any) 
         token=os.environ.get("MODELCACHE_CATALOG_TOKEN") or read_secret(args.token_file),
         ca_pem=os.environ.get("MODELCACHE_CATALOG_CA"),
         work_dir=args.work_dir or default_work_dir(), sink=sink, wait=args.catalog_wait,
-        workers=args.workers, allow_pickle=args.allow_pickle)
+        workers=args.workers, allow_pickle=args.allow_pickle, expected_format=args.format)
 
 
 

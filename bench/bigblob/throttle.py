@@ -15,18 +15,19 @@ import time
 
 
 class Throttle:
-    def __init__(self, upstream: str, rate: float) -> None:
+    def __init__(self, upstream: str, rate: float, bind: str = "127.0.0.1") -> None:
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.rate = rate
         self.connections = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.bind = bind  # the Hub's CDN is another host: 127.0.0.2 stands in for it
+        self.listener = socket.create_server((bind, 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.bind}:{self.port}"
 
     def _accept(self) -> None:
         while True:

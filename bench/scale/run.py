@@ -19,9 +19,15 @@ The run, in order:
 4. P pods, pod i asking for Model i % M, created at R/s through the webhook:
    each must come back mutated (the gate and the CSI volume).
 5. D is copied into each Model's repository; the manager adopts it and
-   writes Ready itself. Two watches on the bench's own connection record
-   when each Model's Ready is first seen and when each pod's gate is first
-   seen gone; the difference is "Ready → gate lifted".
+   writes Ready itself, at its next re-check of a missing artifact (every
+   10 s: Models turn Ready in waves), or at once with ``--nudge`` (the bench
+   annotates each Model after its push, as a registry notification would).
+   Two watches on the bench's own connection record when each Model's Ready
+   is first seen and when each pod's gate is first seen gone; the
+   difference is "Ready → gate lifted". Also timed: the push itself, each
+   Model's manifest put → Ready, and how many pods were lifted while a pod
+   of a Model that turned Ready earlier still waited (FIFO by Model: only
+   the lifts in flight at each Model's boundary, one or two Models behind).
 
 Measured: webhook latency (the API server's
 ``apiserver_admission_webhook_admission_duration_seconds`` and the manager's
@@ -29,9 +35,12 @@ own ``modelcache_webhook_admission_duration_seconds``, deltas over the pod
 phase, quantiles interpolated within buckets like ``histogram_quantile``),
 the bench's create latency, Ready → lifted, the manager's RSS and CPU from
 /proc, and the manager's API requests counted exactly from the API server's
-audit log (a policy that logs only the manager's ServiceAccount).
+audit log (a policy that logs only the manager's ServiceAccount), and the
+API server's own latency for the pod creates (webhook included) and the
+lift PATCHes (p50, p99 and mean: lifts in flight / mean = the most lifts/s).
 
     python3 -m bench.scale.run [--nodes 1000] [--models 200] [--pods 10000] [--rate 100]
+                               [--nudge]
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ NS = "scale"
 MANAGER_SA = "modelcache-controller"
 MANAGER_USER = f"system:serviceaccount:{SYSTEM_NS}:{MANAGER_SA}"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+NUDGE_ANNOTATION = "bench.modelcache.io/artifact"  # --nudge: "pushed" after the push
 NAMESPACES = k.Resource("", "v1", "namespaces", False, "Namespace")
 SERVICE_ACCOUNTS = k.Resource("", "v1", "serviceaccounts", True, "ServiceAccount")
 CRDS = k.Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", False)
@@ -107,6 +117,10 @@ class Params:
     rate: float = 100.0
     threads: int = 16  # client threads creating pods (a slow answer must not delay the next)
     workers: int = 4  # the manager's --workers
+    # after each push, touch its Model (an annotation), as a registry notification would:
+    # the manager adopts at once instead of at its next missing-artifact re-check (adopt.py's
+    # MISSING_RETRY), so Models turn Ready as their artifacts land, not in waves
+    nudge: bool = False
     timeout: float = 600.0  # for each wait
 
 
@@ -139,8 +153,17 @@ class Report:
     pool_discards: int = 0
     ready_spread_s: float = 0.0  # first Model Ready → last Model Ready
     lift_span_s: float = 0.0  # first Model Ready → last gate lifted
-    # the API server's own latency for PATCH pods while the gates are lifted (p50, p99)
-    patch_latency: tuple[float, float] = (float("nan"), float("nan"))
+    # the API server's own latency for PATCH pods while the gates are lifted (p50, p99, mean)
+    patch_latency: tuple[float, float, float] = (float("nan"),) * 3
+    # the API server's own latency for POST pods (webhook included) while pods are created
+    create_server_latency: tuple[float, float] = (float("nan"), float("nan"))
+    push_span_s: float = 0.0  # first repository push started → last manifest put
+    # per Model: its manifest put (the bench's clock) → its Ready seen: the manager's
+    # adoption latency, the missing-artifact re-check interval included
+    pushed_to_ready: list[float] = field(default_factory=list)
+    # pods lifted while a pod of a Model that turned Ready earlier was still gated, and the
+    # most such Models at one lift (``out_of_order``)
+    lifted_out_of_order: tuple[int, int] = (0, 0)
 
     def requests_per_pod(self) -> float:
         return sum(self.requests.get("pods", collections.Counter()).values()) / \
@@ -189,6 +212,37 @@ def buckets_of(text: str, family: str, match: Callable[[dict[str, str]], bool]
             if s.name == family + "_bucket" and match(s.labels):
                 out[float(s.labels["le"])] += s.value
     return out
+
+
+def sum_count(text: str, family: str, match: Callable[[dict[str, str]], bool]
+              ) -> tuple[float, float]:
+    """(sum, count) of one histogram family, summed over matching series."""
+    total, count = 0.0, 0.0
+    for fam in text_string_to_metric_families(text):
+        if fam.name != family:
+            continue
+        for s in fam.samples:
+            if match(s.labels) and s.name == family + "_sum":
+                total += s.value
+            elif match(s.labels) and s.name == family + "_count":
+                count += s.value
+    return total, count
+
+
+def out_of_order(lifted: dict[str, float], ready: dict[str, float],
+                 model_of: Callable[[str], str]) -> tuple[int, int]:
+    """(pods lifted while a pod of a Model that turned Ready before theirs was still gated,
+    the most such Models at one lift): (0, 0) when the lifter frees the Models' pods first
+    come, first served; with lifts in flight, a few pods at each Model's boundary."""
+    left = collections.Counter(model_of(pod) for pod in lifted)
+    waiting = sorted((at, m) for m, at in ready.items() if left[m])
+    n, worst = 0, 0
+    for pod in sorted(lifted, key=lifted.__getitem__):
+        m = model_of(pod)
+        ahead = sum(1 for at, other in waiting if left[other] and at < ready.get(m, at))
+        n, worst = n + (ahead > 0), max(worst, ahead)
+        left[m] -= 1
+    return n, worst
 
 
 def delta_quantiles(before: dict[float, float], after: dict[float, float]
@@ -577,6 +631,8 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
                            lambda lb: lb.get("type") == "admit" and lb.get("operation") == "CREATE")
     hook_mgr0 = buckets_of(s.metrics(), "modelcache_webhook_admission_duration_seconds",
                            lambda lb: True)
+    create0 = buckets_of(s.apiserver_metrics(), "apiserver_request_duration_seconds",
+                         _pod_create)
     cpu0 = proc_cpu(pid)
     lat: list[float] = [0.0] * p.pods
     mutated = [False] * p.pods
@@ -607,6 +663,9 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
         s.apiserver_metrics(), "apiserver_admission_webhook_admission_duration_seconds",
         lambda lb: lb.get("type") == "admit" and lb.get("operation") == "CREATE"))
     rep.apiserver_webhook = (a, b)
+    a, b, _ = delta_quantiles(create0, buckets_of(
+        s.apiserver_metrics(), "apiserver_request_duration_seconds", _pod_create))
+    rep.create_server_latency = (a, b)
     a, b, n2 = delta_quantiles(hook_mgr0, buckets_of(
         s.metrics(), "modelcache_webhook_admission_duration_seconds", lambda lb: True))
     rep.manager_webhook, rep.admissions = (a, b), int(n2)
@@ -616,23 +675,35 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
 
     # 5. the artifact lands in each Model's repository; the manager writes Ready
     cpu0 = proc_cpu(pid)
-    patch0 = buckets_of(s.apiserver_metrics(), "apiserver_request_duration_seconds", _pod_patch)
+    text0 = s.apiserver_metrics()
+    patch0 = buckets_of(text0, "apiserver_request_duration_seconds", _pod_patch)
+    patch_sum0 = sum_count(text0, "apiserver_request_duration_seconds", _pod_patch)
     tag = names.imported_tag(digest)
+    pushed: dict[str, float] = {}
 
     def push(i: int) -> None:
         repo = f"models/{NS}/{model_names[i]}"
         for blob in blobs:
             s.reg.upload_bytes(repo, blob)
         s.reg.put_manifest(repo, tag, raw, media)
+        pushed[model_names[i]] = time.monotonic()
+        if p.nudge:
+            c.patch(k.MODELS, model_names[i], {"metadata": {"annotations": {
+                NUDGE_ANNOTATION: "pushed"}}}, NS)
+    t_push = time.monotonic()
     _parallel(p.models, 8, push)
-    say(f"artifact copied into {p.models} repositories")
+    rep.push_span_s = time.monotonic() - t_push
+    say(f"artifact copied into {p.models} repositories in {rep.push_span_s:.1f} s")
     wait_until(f"all {p.pods} gates lifted", lambda: len(lifted.at) >= p.pods, p.timeout,
                s.procs, interval=0.5)
     time.sleep(2)  # late writes by the manager, if any, land in this phase's count
     rep.cpu["ready and lift"] = proc_cpu(pid) - cpu0
+    text1 = s.apiserver_metrics()
     a, b, _ = delta_quantiles(patch0, buckets_of(
-        s.apiserver_metrics(), "apiserver_request_duration_seconds", _pod_patch))
-    rep.patch_latency = (a, b)
+        text1, "apiserver_request_duration_seconds", _pod_patch))
+    total, count = sum_count(text1, "apiserver_request_duration_seconds", _pod_patch)
+    total, count = total - patch_sum0[0], count - patch_sum0[1]
+    rep.patch_latency = (a, b, total / count if count else float("nan"))
     rep.requests["ready and lift"] = s.audit.since_mark()
     lifted.stop.set()
     ready.stop.set()
@@ -641,6 +712,10 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
     rep.ready_to_lift = [lifted.at[f"p-{i:05d}"] - ready.at[model_names[i % p.models]]
                          for i in range(p.pods)
                          if f"p-{i:05d}" in lifted.at and model_names[i % p.models] in ready.at]
+    rep.pushed_to_ready = [ready.at[m] - pushed[m] for m in model_names
+                           if m in ready.at and m in pushed]
+    rep.lifted_out_of_order = out_of_order(
+        lifted.at, ready.at, lambda pod: model_names[int(pod[2:]) % p.models])
     if ready.at and lifted.at:
         rep.ready_spread_s = max(ready.at.values()) - min(ready.at.values())
         rep.lift_span_s = max(lifted.at.values()) - min(ready.at.values())
@@ -653,6 +728,11 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
 
 def _pod_patch(labels: dict[str, str]) -> bool:
     return labels.get("verb") == "PATCH" and labels.get("resource") == "pods"
+
+
+def _pod_create(labels: dict[str, str]) -> bool:
+    return labels.get("verb") == "POST" and labels.get("resource") == "pods" and \
+        not labels.get("subresource")
 
 
 _count_lock = threading.Lock()
@@ -689,11 +769,19 @@ def table(rep: Report) -> Iterator[str]:
     yield f"| Model Ready → gate lifted p50 / p99 / max | {ms(quantile(rep.ready_to_lift, 0.5))}" \
           f" / {ms(quantile(rep.ready_to_lift, 0.99))} / " \
           f"{ms(max(rep.ready_to_lift, default=float('nan')))} |"
+    yield f"| pod create p50 / p99 (API server's own, webhook included) | " \
+          f"{ms(rep.create_server_latency[0])} / {ms(rep.create_server_latency[1])} |"
+    yield f"| artifact pushed to {p.models} repositories; manifest put → Model Ready p50 / p99 " \
+          f"| {rep.push_span_s:.1f} s; {ms(quantile(rep.pushed_to_ready, 0.5))} / " \
+          f"{ms(quantile(rep.pushed_to_ready, 0.99))} |"
+    yield f"| pods lifted before an earlier-Ready Model's; most such Models at once | " \
+          f"{rep.lifted_out_of_order[0]}; {rep.lifted_out_of_order[1]} |"
     yield f"| Models Ready first → last; first Ready → last lift | {rep.ready_spread_s:.1f} s; " \
           f"{rep.lift_span_s:.1f} s ({rep.pods_lifted / max(rep.lift_span_s, 1e-9):.0f} " \
           f"lifts/s) |"
-    yield f"| API server's PATCH pods p50 / p99 during the lifts | {ms(rep.patch_latency[0])} / " \
-          f"{ms(rep.patch_latency[1])} |"
+    yield f"| API server's PATCH pods p50 / p99 / mean during the lifts | " \
+          f"{ms(rep.patch_latency[0])} / {ms(rep.patch_latency[1])} / " \
+          f"{ms(rep.patch_latency[2])} |"
     yield f"| manager RSS idle / end / peak | {rep.idle_rss_kib / 1024:.0f} / " \
           f"{rep.rss_kib / 1024:.0f} / {rep.hwm_kib / 1024:.0f} MiB |"
     yield f"| manager's API connections discarded (pool full) | {rep.pool_discards} |"
@@ -714,15 +802,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for each wait")
+    ap.add_argument("--nudge", action="store_true",
+                    help="annotate each Model after its push (as a registry notification "
+                         "would): adopted at once, not at the next re-check")
     args = ap.parse_args()
     rep = run(Params(nodes=args.nodes, models=args.models, pods=args.pods, rate=args.rate,
                      threads=args.threads, workers=args.workers,
-                     timeout=args.timeout),
+                     timeout=args.timeout, nudge=args.nudge),
               say=lambda t: print(t, file=sys.stderr, flush=True))
     for line in table(rep):
         print(line)
     print(f"\n`python3 -m bench.scale.run --nodes {args.nodes} --models {args.models} "
-          f"--pods {args.pods} --rate {args.rate:g}`")
+          f"--pods {args.pods} --rate {args.rate:g}{' --nudge' if args.nudge else ''}`")
     return 0
 
 

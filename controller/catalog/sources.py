@@ -16,7 +16,9 @@ Two jobs, both on the importing side of the catalog (the serving side is
   remote revision) from the source's listing into ``status.catalog``. Once
   frozen for this generation and ``modelcache.io/reimport`` value it is
   never re-resolved, whatever the remote does; the publish Job imports
-  exactly that digest and waits out source-side failures.
+  exactly that digest and waits out source-side failures. A declared
+  ``spec.format`` the listing contradicts is refused first (Failed,
+  ``FormatMismatch``), and the Job checks it against the artifact's config.
 
 Token values never reach status, events or logs: only Secret names do. The
 token Secret must carry the admin's opt-in label and not be one of the
@@ -39,6 +41,7 @@ from api import conditions as c
 from api import names
 from api.model import ModelView, ready_condition
 from controller import secretrefs
+from controller.errors import PermanentError
 from ingest.sources import base as sources_base
 from ingest.sources import catalog, netpolicy
 from kube import client as kube
@@ -314,6 +317,7 @@ def ensure_pin(obj: dict[str, Any], sources: Informer | None,
             return _wait(obj, write_status, "CatalogSourceNotReady", msg), None, PENDING_RECHECK
         msg = f"ModelCatalogSource {src_name!r} offers no model {model!r}"
         return _wait(obj, write_status, "CatalogModelNotFound", msg), None, PENDING_RECHECK
+    refuse_format(view, src_name, offered)
     frozen = {"digest": offered["digest"], "sizeBytes": int(offered.get("sizeBytes") or 0),
               "revision": str(offered.get("revision") or ""), "key": pin_key(obj),
               "lastSyncedAt": c.now()}
@@ -323,6 +327,17 @@ def ensure_pin(obj: dict[str, Any], sources: Informer | None,
         c.condition("SourceResolved", True, "Pinned",
                     f"{src_name}/{model} pinned to {frozen['digest']}")]})
     return obj, src, None
+
+
+def refuse_format(view: ModelView, src_name: str, offered: dict[str, Any]) -> None:
+    """A declared ``spec.format`` the listing says the artifact is not: refused before the
+    pin, as a publish refuses files of another format (``FormatMismatch``). A listing
+    without a format pins; the import Job checks the artifact's own config then."""
+    declared = str(view.spec.get("format") or "Auto")
+    listed = str(offered.get("format") or "")
+    if declared != "Auto" and listed and listed != declared:
+        raise PermanentError(f"spec.format is {declared}, but {src_name}/{offered['name']} "
+                             f"({offered['digest']}) is {listed}", reason="FormatMismatch")
 
 
 def _wait(obj: dict[str, Any], write_status: Callable[[dict[str, Any], dict[str, Any]],

@@ -24,7 +24,9 @@ finds the Secret, its session and the Job again):
    readers of this model are deleted, a session is opened and its token
    stored;
 2. the session (``GET`` with the admin token): Ready → the model is Ready
-   with the gateway's result, Job and Secret deleted; Failed → Failed with
+   with the gateway's result (after ``spec.validation``'s check when it has
+   one: ``validation.finish``, the session kept until the verdict), Job and
+   Secret deleted; Failed → Failed with
    the gateway's reason (a refused model); Publishing → Publishing with the
    gateway's progress; unknown or expired before publishing → Job and
    Secret deleted, a new session next pass;
@@ -47,6 +49,7 @@ from controller import jobspec
 from controller.errors import TemporaryError
 from controller.metrics import Metrics
 from controller.models import publishjob as jobs
+from controller.models import validation
 from controller.upload import client as uploads
 from kube import client as kube
 from kube.events import Recorder
@@ -185,7 +188,10 @@ def ensure(host: Host, obj: dict[str, Any], key: str) -> float | None:
         return GONE_RETRY
     phase, result = session.get("phase"), session.get("result")
     if phase == "Ready" and isinstance(result, dict) and "digest" in result:
-        host.apply_result(obj, result, key, jname)
+        # spec.validation's check first: the session (and its result) stays until the verdict
+        res, decided = validation.finish(host, obj, dict(result), key, jname)
+        if not decided:
+            return res.requeue_after
         cleanup(host.client, obj)
         return None
     if phase == "Failed":

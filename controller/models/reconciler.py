@@ -63,7 +63,16 @@ from api.model import ModelView
 from controller.catalog import sources as catalogsources
 from controller.errors import PermanentError, Result
 from controller.metrics import Metrics
-from controller.models import adopt, finalize, history, publish, pvcsource, schedule, upstream
+from controller.models import (
+    adopt,
+    finalize,
+    history,
+    publish,
+    pvcsource,
+    schedule,
+    upstream,
+    validation,
+)
 from controller.models import publishjob as jobs
 from controller.models.publish import job_transform
 from controller.models.secretreader import SecretSource, secret_transform
@@ -109,6 +118,7 @@ class Reconciler:
             finalize.finalize(self, obj)
             return Result()
         obj = self.ensure_finalizer(obj)
+        obj = validation.forget(self, obj)  # spec.validation removed: no Validated condition
         catalog_source = None
         try:
             if adopt.imported_digest(obj) is not None:

@@ -36,8 +36,16 @@ it again):
   under this publish key (so the next pass owes nothing until the spec
   moves), the previous artifact still served (``model.ready_condition``).
 
+Every source validates the same way: a publish Job's result, and an upload
+or PVC session's (``finish``: the session and its token stay until the
+verdict, so the passes that follow the check find its result again).
+
 Each finished validation counts once in ``modelcache_validation_total{result}``
 and ``modelcache_validation_duration_seconds``.
+
+An owner who removes ``spec.validation`` asks for no check: ``forget`` drops
+the ``Validated`` condition and ``status.validation`` at once (a condition
+about a check nobody asks for would read as a verdict on the next artifact).
 """
 
 from __future__ import annotations
@@ -92,6 +100,18 @@ class Host(Protocol):
 
     def apply_result(self, obj: dict[str, Any], result: dict[str, Any], key: str,
                      jname: str | None) -> Result: ...
+
+
+class Owner(Protocol):
+    """What ``forget`` needs: a status write that may remove a condition."""
+
+    client: kube.Kube
+
+    def res(self, obj: dict[str, Any]) -> kube.Resource: ...
+
+    def ns(self, obj: dict[str, Any]) -> str | None: ...
+
+    def observe(self, obj: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]: ...
 
 
 def wanted(obj: Mapping[str, Any]) -> bool:
@@ -173,15 +193,48 @@ def build_job(obj: dict[str, Any], key: str, digest: str,
         service_links=False, message_policy="FallbackToLogsOnError")
 
 
+def finish(host: Host, obj: dict[str, Any], result: dict[str, Any], key: str,
+           publish_job: str | None) -> tuple[Result, bool]:
+    """A finished publish of any source: its check first when ``spec.validation`` asks
+    one, else Ready. Also whether the publish is decided (Ready or Failed), after which
+    a session's token and reader may go; before, the next pass needs its result."""
+    if not wanted(obj):
+        return host.apply_result(obj, result, key, publish_job), True
+    return _run(host, obj, result, key, publish_job)
+
+
+def forget(host: Owner, obj: dict[str, Any]) -> dict[str, Any]:
+    """No ``spec.validation`` (any more): no ``Validated`` condition, no ``status.validation``.
+
+    A direct patch, not ``write_status``: its condition merge keeps every type it
+    is not given, and a JSON merge patch replaces the whole list."""
+    st = obj.get("status") or {}
+    conds = st.get("conditions") or []
+    if wanted(obj) or not (st.get("validation") or any(
+            x.get("type") == "Validated" for x in conds)):
+        return obj
+    keep = [x for x in conds if x.get("type") != "Validated"]
+    answer = host.client.patch(host.res(obj), obj["metadata"]["name"], {"status": {
+        "validation": None, "conditions": keep}}, host.ns(obj), sub="status")
+    log.info("validation removed from the spec", extra={"model": ModelView.of(obj).full_name})
+    return host.observe(obj, answer)
+
+
 def ensure(host: Host, obj: dict[str, Any], result: dict[str, Any], key: str,
-           publish_job: str) -> Result:
+           publish_job: str | None) -> Result:
     """One pass of the validation of ``result`` (a finished publish) under ``key``."""
+    return _run(host, obj, result, key, publish_job)[0]
+
+
+def _run(host: Host, obj: dict[str, Any], result: dict[str, Any], key: str,
+         publish_job: str | None) -> tuple[Result, bool]:
+    """``ensure``, and whether the publish is decided (False while the Job runs)."""
     spec, ns = spec_of(obj), str(obj["metadata"]["namespace"])
     digest = str(result["digest"])
     why = refusal(host.settings.publish_policy, spec)
     if why is not None:
         host.set_failed(obj, POLICY_REASON, why, cond="Validated", key=key, job=publish_job)
-        return Result()
+        return Result(), True
     name = job_name(obj, key, digest)
     try:
         job: dict[str, Any] | None = host.client.get(kube.JOBS, name, ns)
@@ -198,7 +251,7 @@ def ensure(host: Host, obj: dict[str, Any], result: dict[str, Any], key: str,
     st = jobresult.state(job)
     if st == jobresult.ACTIVE:
         mark_validating(host, obj, result, key, publish_job, name)
-        return Result(requeue_after=POLL)
+        return Result(requeue_after=POLL), False
     seconds = _seconds(job)
     if st == jobresult.COMPLETE:
         passed = f"validation Job {name} passed on {digest}"
@@ -209,17 +262,17 @@ def ensure(host: Host, obj: dict[str, Any], result: dict[str, Any], key: str,
             obj = host.write_status(obj, {"conditions": [
                 c.condition("Validated", True, c.VALIDATION_PASSED, passed)]})
             host.recorder.record(obj, "Normal", c.VALIDATION_PASSED, passed)
-        return host.apply_result(obj, result, key, publish_job)
+        return host.apply_result(obj, result, key, publish_job), True
     reason, message = verdict(host.client, job)
     host.metrics.validations.labels(
         "timeout" if reason == c.VALIDATION_TIMEOUT else "failed").inc()
     host.metrics.validation_seconds.observe(seconds)
     host.set_failed(obj, reason, message, cond="Validated", key=key, job=publish_job)
-    return Result()
+    return Result(), True
 
 
 def mark_validating(host: Host, obj: dict[str, Any], result: Mapping[str, Any], key: str,
-                    publish_job: str, name: str) -> dict[str, Any]:
+                    publish_job: str | None, name: str) -> dict[str, Any]:
     """Phase Validating, the candidate in ``status.validation``; the last artifact serves."""
     view, digest = ModelView.of(obj), str(result["digest"])
     running = f"validation Job {name} is checking {digest}"

@@ -4,7 +4,8 @@ Where it sits: step 5 of ``reconciler.py`` for a model whose plan is
 ``upload``. ``ensure`` opens a gateway session (its token in a Secret in the
 model's namespace) and writes WaitForUpload with the session's URL; it polls
 the session until the gateway has verified and pushed the files (Publishing,
-then Ready through ``publish.apply_result``) or failed. An expired or vanished
+then Ready through ``publish.apply_result``, after ``spec.validation``'s check
+when the Model has one: ``validation.finish``) or failed. An expired or vanished
 session is replaced by a new one. The gateway itself lives in
 ``controller/upload``.
 """
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 from api import conditions as c
 from api.model import REPUBLISHING, ModelView, ready_condition
 from controller.errors import Result
-from controller.models import publish
+from controller.models import publish, validation
 from controller.models import publishjob as jobs
 from controller.upload import client as uploads
 
@@ -53,8 +54,10 @@ def ensure(host: Host, obj: dict[str, Any], p: jobs.Plan, key: str) -> Result:
     phase = session.get("phase")
     if phase == "Ready" and isinstance(session.get("result"), dict) \
             and "digest" in session["result"]:
-        res = publish.apply_result(host, obj, session["result"], key, None)
-        uploads.delete_secret(host.client, obj, host.settings)
+        # spec.validation's check first: the session (and its result) stays until the verdict
+        res, decided = validation.finish(host, obj, dict(session["result"]), key, None)
+        if decided:
+            uploads.delete_secret(host.client, obj, host.settings)
         return res
     if phase == "Failed":
         err = session.get("error") or {}

@@ -22,6 +22,10 @@ a blob cut mid-stream starts again from its first byte (the upload session
 cannot take it up from a resumed ``Range``); the manifest goes last, under
 the frozen digest only.
 
+A declared format (``--format``, the Model's ``spec.format``) must be the
+one the artifact's config states, checked before a blob moves
+(``FormatMismatch``): the copy is never re-described.
+
 Source-side failures — a 401/403 (token expired or unbound), the catalog
 unreachable or refusing TLS, a 404/5xx/429 — do not fail the import at once:
 it waits with backoff and tries again for up to ``wait`` seconds, keeping
@@ -54,7 +58,7 @@ from ingest.sources.catalog import (
     parse_uri,
 )
 from modelpack import digest as dg
-from modelpack.errors import IntegrityError
+from modelpack.errors import FormatError, IntegrityError
 from modelpack.formats import classify, gguf, safetensors
 from modelpack.oci import mediatypes as mt
 from modelpack.oci.manifest import Layer, ModelPack
@@ -201,8 +205,10 @@ class _BlobBody:
 
 class _Copy:
     def __init__(self, cat: CatalogClient, local: RegistryClient, model: str,
-                 ref: Reference, work: str, tracker: Any, allow_pickle: bool) -> None:
+                 ref: Reference, work: str, tracker: Any, allow_pickle: bool,
+                 expected_format: str = "Auto") -> None:
         self.cat = cat
+        self.expected_format = expected_format
         self.local = local
         self.model = model
         self.ref = ref
@@ -236,6 +242,12 @@ class _Copy:
 
     def run(self, digest: str, workers: int) -> ModelPack:
         pack = resolve_pack(self.cat, Reference(self.cat.host, self.model, digest=digest))
+        found = pack.metadata()["format"]
+        if self.expected_format not in ("Auto", "") and found != self.expected_format:
+            # copied byte for byte, never re-described: a declared format must be the config's
+            raise FormatError(f"expected format {self.expected_format}, the catalog's artifact "
+                              f"{digest} is {found or 'of no stated format'}",
+                              reason="FormatMismatch")
         for layer in pack.layers:
             classify(layer.path, self.allow_pickle)  # refuse pickle before moving a byte
         with self.tracker.lock:
@@ -270,7 +282,7 @@ class _Copy:
 def import_model(uri: str, local: RegistryClient, ref: Reference, *, token: str | None,
                  ca_pem: bytes | str | None = None, work_dir: str, sink: Any = None,
                  wait: float = 1800.0, workers: int = 4, allow_pickle: bool = False,
-                 max_delay: float = 15.0) -> ImportResult:
+                 max_delay: float = 15.0, expected_format: str = "Auto") -> ImportResult:
     """Copy the catalog model ``uri`` names (digest required: the frozen one) to ``ref``.
 
     Waits out source-side failures for up to ``wait`` seconds (then raises a
@@ -284,7 +296,7 @@ def import_model(uri: str, local: RegistryClient, ref: Reference, *, token: str 
     tracker = Tracker(sink or null_sink)
     root = os.path.join(work_dir, f"catalog-{dg.hex_of(digest)[:16]}")
     os.makedirs(root, exist_ok=True)
-    copy = _Copy(cat, local, model, ref, root, tracker, allow_pickle)
+    copy = _Copy(cat, local, model, ref, root, tracker, allow_pickle, expected_format)
     deadline = time.monotonic() + wait
     delay = 1.0
     while True:

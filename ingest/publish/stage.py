@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+from ingest.publish import ranges
 from ingest.sources import base
 from modelpack.errors import IntegrityError
+from modelpack.oci import ranged
 from modelpack.store.blobs import BlobStore, PartialBlob
 
 log = logging.getLogger(__name__)
@@ -64,8 +67,14 @@ def _rehash_prefix(path: str, length: int, hasher: Any) -> None:
 
 def stage_file(source: base.Source, revision: str, f: base.SourceFile, store: BlobStore,
                progress: Callable[[int], None], *, backoff: float = 0.2,
-               sleep: Callable[[float], None] = time.sleep) -> str:
-    """Ensure ``f`` is a verified blob in ``store``; return its sha256 digest."""
+               sleep: Callable[[float], None] = time.sleep,
+               policy: ranged.RangePolicy | None = None) -> str:
+    """Ensure ``f`` is a verified blob in ``store``; return its sha256 digest.
+
+    ``policy``: how a large file of a ranged source is split (``ranges``);
+    as the registry client does, one stream first, split after its probe
+    where it is slow and waiting for bytes, at once with ``probe=0`` or to
+    resume recorded ranges."""
     if f.sha256 is not None and store.has(f.sha256, f.size):
         progress(f.size or 0)
         return f.sha256
@@ -79,32 +88,47 @@ def stage_file(source: base.Source, revision: str, f: base.SourceFile, store: Bl
                                         + ".part"), None, f.size,
                            resume=bool(revision or f.version))
     try:
+        split = policy if ranges.applies(source, f, policy) and not part.present else None
+        if split is not None and (part.ranges is not None or not split.probe):
+            if ranges.fill(source, f, part, split, progress, MAX_STALLS):
+                return _commit(store, part, f)
+            split = None  # the source ignores Range: one stream, no probe
+        part.drop_ranges()  # one stream continues the hashed prefix
         check = _check_hasher(f)
         if check is not None and part.offset:
             _rehash_prefix(part.path, part.offset, check)
         if part.offset:
             progress(part.offset)
-        check = _fill(source, f, part, check, progress, backoff, sleep)
+        check = _fill(source, f, part, check, progress, backoff, sleep, split)
         if check is not None and f.check is not None and check.hexdigest() != f.check[1]:
             part.discard()
             raise base.SourceIntegrityError(
                 f"{f.path}: content {f.check[0]} is {check.hexdigest()}, the source states "
                 f"{f.check[1]}", reason="ChecksumMismatch")
-        try:
-            return store.commit(part)
-        except IntegrityError as e:
-            raise base.SourceIntegrityError(f"{f.path}: {e}", reason=(
-                "SizeMismatch" if e.reason == "SizeMismatch" else "ChecksumMismatch")) from e
+        return _commit(store, part, f)
     finally:
         part.close()
 
 
+def _commit(store: BlobStore, part: PartialBlob, f: base.SourceFile) -> str:
+    """The digest gate: size and sha256 checked, the blob renamed into place."""
+    try:
+        return store.commit(part)
+    except IntegrityError as e:
+        raise base.SourceIntegrityError(f"{f.path}: {e}", reason=(
+            "SizeMismatch" if e.reason == "SizeMismatch" else "ChecksumMismatch")) from e
+
+
 def _fill(source: base.Source, f: base.SourceFile, part: PartialBlob, check: Any,
           progress: Callable[[int], None], backoff: float,
-          sleep: Callable[[float], None]) -> Any:
-    """Read the rest of ``f`` into ``part``; return the check hasher (new if restarted)."""
-    buf = bytearray(CHUNK)
+          sleep: Callable[[float], None], split: ranged.RangePolicy | None = None) -> Any:
+    """Read the rest of ``f`` into ``part``; return the check hasher (new if restarted).
+
+    With ``split``, the stream is timed (``ranged.Probe``) and, where slow, stopped
+    after the probe: the rest comes in ranges from its hashed prefix."""
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, so the store can write it with O_DIRECT
     view = memoryview(buf)
+    probe = ranged.Probe(split) if split is not None else None
     stalls = 0
     delay = backoff
     cut: base.SourceError | None = None  # the last transport failure, if the last try had one
@@ -128,6 +152,7 @@ def _fill(source: base.Source, f: base.SourceFile, part: PartialBlob, check: Any
             delay = min(delay * 2, 10.0)
             continue
         cut = None
+        slow = False
         try:
             if stream.offset != start:  # the source cannot resume: take it from the top
                 progress(-start)
@@ -148,6 +173,9 @@ def _fill(source: base.Source, f: base.SourceFile, part: PartialBlob, check: Any
                 if check is not None:
                     check.update(view[:n])
                 progress(n)
+                if probe is not None and part.offset < (f.size or 0) and probe.slow(part.offset):
+                    slow = True
+                    break
         except base.SourceError as e:
             if not e.retryable:
                 raise
@@ -156,6 +184,13 @@ def _fill(source: base.Source, f: base.SourceFile, part: PartialBlob, check: Any
                                                       "error": str(e)[:200]})
         finally:
             stream.close()
+        if slow and split is not None:
+            probe = None
+            progress(-part.offset)  # ranges.fill reports the prefix itself
+            if ranges.fill(source, f, part, split, progress, MAX_STALLS):
+                return check
+            progress(part.offset)  # Range ignored: on with one stream
+            continue
         if f.size is None and cut is None:
             return check  # no declared size: the end of a clean stream is the end
         if f.size is not None and part.offset >= f.size:

@@ -41,6 +41,7 @@ from ingest.sources import archive, base
 from modelpack.errors import ModelPackError
 from modelpack.formats import ModelInfo, classify, gguf, inspect_files, raw, safetensors
 from modelpack.oci import reference
+from modelpack.oci.ranged import RangePolicy
 from modelpack.oci.reference import Reference
 from modelpack.oci.registry import RegistryClient
 from modelpack.pack import pack_to_layout
@@ -83,6 +84,8 @@ class Options:
     resolve_attempts: int = 4
     name: str | None = None  # descriptor.name in the config
     backoff: float = 0.2  # first retry delay of a broken transfer, doubled per stall
+    # how a large file of a ranged source (Hugging Face) is split (``ranges``)
+    ranges: RangePolicy = field(default_factory=RangePolicy)
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class _Run:
     def stage(self, revision: str, f: base.SourceFile) -> None:
         with self.key_lock(f):
             digest = stage_file(self.source, revision, f, self.store, self.progress,
-                                backoff=self.options.backoff)
+                                backoff=self.options.backoff, policy=self.options.ranges)
         if f.archive:
             entries = archive.expand(self.store.path(digest), self.store,
                                      self.options.archive_limits)

@@ -130,6 +130,17 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class Ranged(Protocol):
+    """A source that serves a byte range of a file: the staging then fetches a large
+    file with a stated sha256 in several ranges at once (``ingest.publish.ranges``).
+
+    ``open_range`` answers a stream of exactly the bytes ``[start, end)``, or
+    None where the server answered the Range with other bytes (it ignores Range)."""
+
+    def open_range(self, file: SourceFile, start: int, end: int) -> Stream | None: ...
+
+
 @dataclass(frozen=True)
 class Latest:
     """Where a source's upstream points now: the revision ``resolve()`` would pin, or

@@ -4,7 +4,9 @@ Every request has a connect and read timeout; a file is read with
 ``Range: bytes=N-`` so a dropped transfer resumes where it stopped (in this
 pod, or the next one that finds the kept ``.part``); the answer is trusted
 only as far as it says: a 206 must start at N (``Content-Range``), a 200 is
-the whole file and the stream's ``offset`` says 0, so staging restarts. It
+the whole file and the stream's ``offset`` says 0, so staging restarts. A
+bounded range (``open_exact``, for a file fetched in several at once) must
+be exactly the bytes asked for, else the caller falls back to one stream. It
 is read with ``readinto`` into the caller's 4 MiB buffer (no per-chunk
 copies). Transport errors and HTTP statuses become ``SourceError``s here,
 with the retry decision, so sources never leak ``requests`` exceptions.
@@ -25,6 +27,7 @@ import requests
 import urllib3
 
 from ingest.sources import base, netpolicy
+from modelpack.oci import ranged
 
 TIMEOUT = (10.0, 60.0)
 PROBE_CONNECT = 5.0  # seconds to connect for an upstream check (``Tracked.latest``)
@@ -148,6 +151,24 @@ def open_range(session: requests.Session, url: str, offset: int, *,
         return ResponseStream(resp, 0, what or url)
     raise_for(resp, what or url)
     raise AssertionError("unreachable")
+
+
+def open_exact(session: requests.Session, url: str, start: int, end: int, size: int, *,
+               headers: dict[str, str] | None = None, what: str = "") -> ResponseStream | None:
+    """GET bytes ``[start, end)`` of a ``size``-byte file at ``url``; None where the server
+    answers with other bytes (a 200: it ignores Range), so the caller takes one stream."""
+    h = {"Accept-Encoding": "identity", **(headers or {}), "Range": f"bytes={start}-{end - 1}"}
+    try:
+        resp = session.get(url, headers=h, stream=True, allow_redirects=True)
+    except TRANSPORT_ERRORS as e:
+        raise transport_error(e, what or url) from e
+    if resp.status_code not in (200, 206):
+        raise_for(resp, what or url)
+    if not ranged.exact(resp.status_code, resp.headers.get("Content-Range", ""), start, end,
+                        size):
+        resp.close()
+        return None
+    return ResponseStream(resp, start, what or url)
 
 
 def content_range_start(value: str) -> int:

@@ -6,8 +6,12 @@ their sizes, LFS sha256 and git blob ids); its typed errors map to ours.
 The bytes do not: ``snapshot_download`` resumes only inside one call and
 deletes partial files, so we stream ``resolve/<sha>/<path>`` ourselves
 with ``Range``, which lets the worker resume across restarts and hash in
-the same pass. ``HF_ENDPOINT`` and ``HF_TOKEN`` are honoured. ``latest`` is
-``model_info`` alone: the commit the revision points at now.
+the same pass. A large LFS file (its sha256 listed) is fetched as several
+ranges at once where one stream proves slow (``open_range``;
+``ingest.publish.ranges``): the Hub's CDN caps each connection, and
+``snapshot_download`` reads each file as one stream. ``HF_ENDPOINT`` and
+``HF_TOKEN`` are honoured. ``latest`` is ``model_info`` alone: the commit
+the revision points at now.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ class HuggingFaceSource:
         self.exclude = tuple(exclude)
         self.uri = f"hf://{repo}@{self.revision}"
         self.api = HfApi(endpoint=self.endpoint, token=self.token or False)
-        self.session = httpio.TimeoutSession()
+        # a large file takes up to ``RangePolicy.streams`` connections, several files at once
+        self.session = httpio.TimeoutSession(pool=64)
         self.sha: str | None = None
 
     def _wanted(self, path: str) -> bool:
@@ -147,13 +152,26 @@ class HuggingFaceSource:
                 meta[key] = value
         return base.Resolved(sha, tuple(sorted(files, key=lambda f: f.path)), meta)
 
-    def open(self, file: base.SourceFile, offset: int = 0) -> base.Stream:
+    def _request(self, file: base.SourceFile) -> tuple[str, dict[str, str]]:
+        """The ``resolve`` URL of ``file`` at the pinned commit, and the Hub's headers."""
         if self.sha is None:
             raise base.SourceError("resolve() before open()", reason="NotResolved")
         url = hf_hub_url(self.repo, file.path, revision=self.sha, endpoint=self.endpoint)
-        headers = build_hf_headers(token=self.token or False, library_name="modelcache")
         # requests drops Authorization when the Hub redirects to its CDN on another host
+        return url, build_hf_headers(token=self.token or False, library_name="modelcache")
+
+    def open(self, file: base.SourceFile, offset: int = 0) -> base.Stream:
+        url, headers = self._request(file)
         return httpio.open_range(self.session, url, offset, headers=headers,
+                                 what=f"{self.uri}/{file.path}")
+
+    def open_range(self, file: base.SourceFile, start: int, end: int) -> base.Stream | None:
+        """Bytes ``[start, end)`` of an LFS file, one of several ranges at once (``base.Ranged``)."""
+        if file.size is None:
+            raise base.SourceError(f"{file.path}: a range of a file of unknown size",
+                                   reason="NotResolved")
+        url, headers = self._request(file)
+        return httpio.open_exact(self.session, url, start, end, file.size, headers=headers,
                                  what=f"{self.uri}/{file.path}")
 
     def close(self) -> None:

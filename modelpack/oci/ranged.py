@@ -1,9 +1,14 @@
 """One large blob fetched as several byte ranges at once, written in place.
 
-Called by ``RegistryClient.download_blob`` for a blob of at least
-``RangePolicy.min_size`` bytes. Why: a registry backed by object storage
-caps each connection (tens to a few hundred MB/s), so one 40 GB file on one
-stream is the whole pull time; N streams divide it by up to N.
+Called by ``RegistryClient.download_blob`` (``download``) for a blob of at
+least ``RangePolicy.min_size`` bytes, and by the publish staging for a
+large source file whose sha256 the source states (``fill`` with a
+``Remote``: ``ingest.publish.ranged``). Why: a registry backed by object
+storage caps each connection (tens to a few hundred MB/s), and so does the
+Hugging Face CDN, so one 40 GB file on one stream is the whole pull time;
+N streams divide it by up to N. The machinery below knows no transport: a
+``Remote`` opens a byte range and names its errors (``_Blob`` is the
+registry's).
 
 Only where one stream is slow: the blob starts as one stream, written with
 O_DIRECT and hashed as it comes (no second pass), and ``Probe`` times its
@@ -42,6 +47,7 @@ How it stays a verified download:
 
 from __future__ import annotations
 
+import http.client
 import logging
 import mmap
 import re
@@ -49,11 +55,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import requests
+import urllib3
 
-from modelpack.errors import RegistryError
+from modelpack.errors import ModelPackError, RegistryError, StoreError
 from modelpack.store import partial
 from modelpack.store.blobs import PartialBlob
 
@@ -145,6 +152,37 @@ def plan(size: int, streams: int, prefix: int) -> list[list[int]]:
     return out
 
 
+def exact(status: int, content_range: str, start: int, end: int, size: int) -> bool:
+    """Whether an answer to ``Range: bytes=start-(end-1)`` holds exactly those bytes."""
+    m = _CONTENT_RANGE.fullmatch(content_range.strip())
+    return (status == 206 and m is not None and int(m.group(1)) == start
+            and int(m.group(2)) == end - 1 and m.group(3) in ("*", str(size)))
+
+
+class Body(Protocol):
+    """The bytes of one range as they come; errors leave as the remote's own kind."""
+
+    def readinto(self, buf: memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Remote(Protocol):
+    """Where a ranged download gets its bytes: a registry blob, a model source's file.
+
+    ``open_range`` answers a body of exactly the bytes ``[start, end)``, or
+    None where the server answered the Range with other bytes (a 200); its
+    failures and its body's are ``ModelPackError``s with their retry decision.
+    ``cut`` is the retryable error of that kind for a body that ended early;
+    ``retries`` bounds the tries of a range that makes no progress."""
+
+    retries: int
+
+    def open_range(self, start: int, end: int) -> Body | None: ...
+
+    def cut(self, message: str) -> ModelPackError: ...
+
+
 class _RangeIgnored(Exception):
     """The server answered a Range with the whole blob or other bytes."""
 
@@ -169,17 +207,23 @@ class _Job:
 
 def download(client: RegistryClient, repository: str, digest: str, size: int,
              part: PartialBlob, policy: RangePolicy, progress: Progress) -> bool:
-    """Fill ``part`` with the blob over ``policy.streams`` ranges; True when it is all
-    there and hashed (the caller commits), False to fetch it in one stream instead."""
+    """Fill ``part`` with a registry blob over ``policy.streams`` ranges (``fill``)."""
+    return fill(_Blob(client, repository, digest, size), digest, size, part, policy, progress)
+
+
+def fill(remote: Remote, what: str, size: int, part: PartialBlob, policy: RangePolicy,
+         progress: Progress) -> bool:
+    """Fill ``part`` with ``remote``'s ``size`` bytes over ``policy.streams`` ranges; True
+    when it is all there and hashed (the caller commits), False to go on in one stream."""
     ranges = part.ranges or plan(size, policy.streams, part.offset)
     if not part.begin_ranged(ranges):
         return False
     job = _Job(ranges)
     progress(job.written())  # reported so far is always job.written(): each n goes to both
     workers = [threading.Thread(target=_worker, name=f"range-{i}",
-                                args=(client, repository, digest, size, part, job, r, progress))
+                                args=(remote, what, part, job, r, progress))
                for i, r in enumerate(ranges) if r[2] < r[1] - r[0]]
-    log.info("ranged download", extra={"digest": digest, "bytes": size,
+    log.info("ranged download", extra={"what": what, "bytes": size,
                                        "streams": len(workers), "resumed": job.written()})
     for w in workers:
         w.start()
@@ -209,16 +253,16 @@ def download(client: RegistryClient, repository: str, digest: str, size: int,
     if job.error is not None:
         raise job.error
     if job.ignored:
-        log.info("registry ignores Range: one stream", extra={"digest": digest})
+        log.info("server ignores Range: one stream", extra={"what": what})
         progress(-job.written())
         part.drop_ranges()
         return False
     return True
 
 
-def _worker(client: RegistryClient, repository: str, digest: str, size: int,
-            part: PartialBlob, job: _Job, r: list[int], progress: Progress) -> None:
-    """Fetch what range ``r`` lacks, resuming after drops with the client's retry budget."""
+def _worker(remote: Remote, what: str, part: PartialBlob, job: _Job, r: list[int],
+            progress: Progress) -> None:
+    """Fetch what range ``r`` lacks, resuming after drops within ``remote.retries``."""
     attempts = 0
     delay = 0.2
     buf = mmap.mmap(-1, READ)
@@ -227,26 +271,21 @@ def _worker(client: RegistryClient, repository: str, digest: str, size: int,
         while not job.stop and r[2] < r[1] - r[0]:
             before = r[2]
             try:
-                _fetch(client, repository, digest, size, part, job, r, view, progress)
+                _fetch(remote, what, part, job, r, view, progress)
             except _RangeIgnored:
                 with job.cond:
                     job.ignored = job.stop = True
                     job.cond.notify_all()
                 return
-            except RegistryError as e:
-                if not e.retryable or attempts >= client.retries:
+            except StoreError:
+                raise  # a local error (disk full) is not the server's
+            except ModelPackError as e:
+                if not e.retryable or attempts >= remote.retries:
                     raise
-            except (requests.RequestException, OSError) as e:
-                if isinstance(e, OSError) and not isinstance(e, requests.RequestException) \
-                        and getattr(e, "errno", None) is not None:
-                    raise  # a local error is not the registry's
-                if attempts >= client.retries:
-                    raise RegistryError(f"GET blob {digest} range {r[0]}-{r[1] - 1}: {e}",
-                                        retryable=True, reason="RegistryUnavailable") from e
             if job.stop or r[2] >= r[1] - r[0]:
                 return
             attempts = attempts + 1 if r[2] == before else 0
-            log.info("resuming range", extra={"digest": digest, "offset": r[0] + r[2]})
+            log.info("resuming range", extra={"what": what, "offset": r[0] + r[2]})
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
     except BaseException as e:  # whatever stops a range stops the download, and is raised
@@ -257,34 +296,22 @@ def _worker(client: RegistryClient, repository: str, digest: str, size: int,
             job.cond.notify_all()
 
 
-def _fetch(client: RegistryClient, repository: str, digest: str, size: int,
-           part: PartialBlob, job: _Job, r: list[int], view: memoryview,
-           progress: Progress) -> None:
+def _fetch(remote: Remote, what: str, part: PartialBlob, job: _Job, r: list[int],
+           view: memoryview, progress: Progress) -> None:
     start, end = r[0] + r[2], r[1]
-    resp = client.request("GET", f"/v2/{repository}/blobs/{digest}",
-                          headers={"Range": f"bytes={start}-{end - 1}"},
-                          stream=True, ok=(200, 206), what=digest)
+    body = remote.open_range(start, end)
+    if body is None:
+        raise _RangeIgnored()
     try:
-        m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-        if resp.status_code != 206 or m is None or int(m.group(1)) != start \
-                or int(m.group(2)) != end - 1 or m.group(3) not in ("*", str(size)):
-            raise _RangeIgnored()
-        raw = resp.raw
-        fp = getattr(raw, "_fp", None)  # http.client response: readinto without a copy
         at = start
         window = at // partial.WRITEBACK_WINDOW
         while at < end and not job.stop:
             # a start off the page grid reads up to it first: the rest is written aligned
             want = view[:min(len(view), end - at, (-at) % partial.DIRECT_ALIGN or len(view))]
-            if fp is not None and not raw.headers.get("Content-Encoding"):
-                n = fp.readinto(want) or 0
-            else:
-                chunk = raw.read(len(want), decode_content=False)
-                n = len(chunk)
-                want[:n] = chunk
+            n = body.readinto(want)
             if not n:
-                raise requests.ConnectionError(f"connection closed at byte {at} of range "
-                                               f"{r[0]}-{end - 1}")
+                raise remote.cut(f"{what}: connection closed at byte {at} of range "
+                                 f"{r[0]}-{end - 1}")
             part.write_at(view[:n], at)
             at += n
             with job.cond:
@@ -296,4 +323,55 @@ def _fetch(client: RegistryClient, repository: str, digest: str, size: int,
                 partial.start_writeback(part.fd, (window - 1) * partial.WRITEBACK_WINDOW,
                                         partial.WRITEBACK_WINDOW)
     finally:
-        resp.close()
+        body.close()
+
+
+_TRANSPORT = (requests.RequestException, urllib3.exceptions.HTTPError,
+              http.client.HTTPException, OSError)
+
+
+class _Blob:
+    """A registry blob as a ``Remote``: the client's requests, auth and retry budget."""
+
+    def __init__(self, client: RegistryClient, repository: str, digest: str,
+                 size: int) -> None:
+        self.client = client
+        self.path = f"/v2/{repository}/blobs/{digest}"
+        self.digest = digest
+        self.size = size
+        self.retries = client.retries
+
+    def open_range(self, start: int, end: int) -> Body | None:
+        resp = self.client.request("GET", self.path, headers={"Range": f"bytes={start}-{end - 1}"},
+                                   stream=True, ok=(200, 206), what=self.digest)
+        if not exact(resp.status_code, resp.headers.get("Content-Range", ""), start, end,
+                     self.size):
+            resp.close()
+            return None
+        return _BlobBody(self, resp)
+
+    def cut(self, message: str) -> ModelPackError:
+        return RegistryError(f"GET blob {message}", retryable=True, reason="RegistryUnavailable")
+
+
+class _BlobBody:
+    """A blob range's response body, read into the caller's buffer without a copy."""
+
+    def __init__(self, blob: _Blob, resp: requests.Response) -> None:
+        self.blob = blob
+        self.resp = resp
+        fp = getattr(resp.raw, "_fp", None)  # http.client response: readinto without a copy
+        self._fp = fp if fp is not None and not resp.headers.get("Content-Encoding") else None
+
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            if self._fp is not None:
+                return int(self._fp.readinto(buf) or 0)
+            chunk = self.resp.raw.read(len(buf), decode_content=False)
+        except _TRANSPORT as e:
+            raise self.blob.cut(f"{self.blob.digest}: {type(e).__name__}: {e}") from e
+        buf[:len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self) -> None:
+        self.resp.close()

@@ -30,10 +30,18 @@ both nodes with no container restarted. Then the flow a user meets:
 - SharedPVC on a ReadWriteMany volume both nodes reach (a hostPath STAND-IN
   for NFS/CephFS, deployed.rwx_volume): one materializer Job fills it, a
   replica on each node reads the same bytes;
+- ``spec.validation``: a Model's check (the controller image's python3 parses
+  config.json and the safetensors header, and finds the tree read-only) runs
+  as a Job pod in the team's namespace, within its limits and timeout, on the
+  candidate digest's read-only CSI volume: ``Validated`` True, then Ready;
+  upstream's next revision (config.json without model_type), reimported: the
+  check prints why it refuses and exits 1, ``Validated`` False with that line
+  in the message's log tail, and the validated digest still in
+  ``status.artifact``, mounted byte-exact by a new pod;
 - observability: a host Prometheus (Debian's) discovering the pods through the
   API server scrapes both manager replicas and both node plugins by pod IP;
   every query of the chart's Grafana dashboard returns data, the shipped alert
-  rules load and evaluate;
+  rules load and evaluate; the manager counted both validations;
 - day 2: ``kubectl drain`` of a node: the idle model is evicted from its
   cache, the one its remaining (DaemonSet) pod mounts is kept and still read;
   the other node's readers read on;
@@ -58,6 +66,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -76,13 +85,41 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.timeout(1200)]
 
 GROUP, VERSION = "modelcache.io", "v1alpha1"
 TEAM, OTHER = "e2e-team", "e2e-other"
-MODEL, SECOND, SHARED = "tiny", "second", "shared"
+MODEL, SECOND, SHARED, CHECKED = "tiny", "second", "shared", "checked"
 REPO, REPO2 = "e2e/tiny", "e2e/second"  # SECOND's files differ: another digest
+REPO3 = "e2e/checked"  # CHECKED's: files of its own, a third digest; step 8b moves it
 LEASE = "modelcache-controller"  # the manager's leader election Lease (controller/app.py)
 APP, SHARED_APP, KEEPER, PLACED = "model-reader", "shared-reader", "keeper", "placed"
+CHECKED_APP = "checked-reader"
 MOUNT = f"{c.MOUNT_ROOT}/{MODEL}"
 MOUNT2 = f"{c.MOUNT_ROOT}/{SECOND}"
 MOUNT_SHARED = f"{c.MOUNT_ROOT}/{SHARED}"
+MOUNT_CHECKED = f"{c.MOUNT_ROOT}/{CHECKED}"
+# CHECKED's spec.validation, as a user writes one: the controller image's python3
+# parses config.json and the safetensors header of the mounted candidate, and
+# refuses a tree it can write to; it prints what it read, with the digest, or
+# why it refuses (exit 1)
+REFUSAL = "e2e-check: config.json names no model_type"
+CHECK = f"""\
+import json, os, struct, sys
+root = os.environ["MODELCACHE_MODEL_PATH"]
+config = json.load(open(os.path.join(root, "config.json")))
+if not config.get("model_type"):
+    sys.exit("{REFUSAL}")
+with open(os.path.join(root, "model.safetensors"), "rb") as f:
+    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+tensors = [k for k in header if k != "__metadata__"]
+assert tensors, header
+try:
+    open(os.path.join(root, ".write-probe"), "w")
+except OSError:
+    pass
+else:
+    sys.exit("the model tree is writable")
+print("checked", config["model_type"], len(tensors), "tensors",
+      os.environ["MODELCACHE_MODEL_DIGEST"])
+"""
+CHECKED_TENSORS = 5  # modelgen.make_safetensors_model: the embedding, 2 layers of 2
 TINY = "0.000000001"  # a watermark fraction: a few bytes of the cache's filesystem
 CHART_FILES = os.path.join(deployed.ROOT, "charts", "modelcache", "files")
 RULES = os.path.join(CHART_FILES, "alerts.yaml")
@@ -206,7 +243,7 @@ def _host_pid(pod: str) -> int:
 
 @dataclass
 class Flow:
-    """What steps 7-11 share: the cluster, its Prometheus, and each Model's
+    """What steps 7-11 (and 8b) share: the cluster, its Prometheus, and each Model's
     files as ``./path -> sha256`` (its layer digests in the DMCR's manifest)."""
 
     d: deployed.Deployed
@@ -395,10 +432,126 @@ def _shared_pvc(f: Flow) -> None:
     assert on_disk == f.shared, on_disk
 
 
+def _validation_start(f: Flow) -> None:
+    """8b, begun before step 8 (it publishes and validates meanwhile): CHECKED,
+    a Model with ``spec.validation``: CHECK in the controller image (already on
+    both nodes), within limits and a timeout."""
+    f.crds().create_namespaced_custom_object(GROUP, VERSION, TEAM, "models", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "Model",
+        "metadata": {"name": CHECKED, "namespace": TEAM},
+        "spec": {"source": {"huggingFace": {"repo": REPO3}},
+                 "validation": {"image": f.d.images["controller"],
+                                "command": ["python3", "-c", CHECK], "timeout": "2m",
+                                "resources": {"limits": {"cpu": "250m", "memory": "128Mi"}}}}})
+
+
+def _validation_jobs(f: Flow) -> dict[str, Any]:
+    """CHECKED's validation Jobs in the team's namespace, by name."""
+    return {j.metadata.name: j for j in f.batch().list_namespaced_job(
+        TEAM, label_selector=f"app.kubernetes.io/component=validation,{c.LABEL_NAME}={CHECKED}"
+    ).items}
+
+
+def _validation_pod(f: Flow, job: Any, digest: str, phase: str) -> Any:
+    """``job``'s one pod, finished in ``phase`` on one of the nodes, after its Job
+    asked for ``digest`` read-only through our driver, within its bounds."""
+    spec = job.spec.template.spec
+    (volume,) = spec.volumes
+    assert volume.csi.driver == c.CSI_DRIVER and volume.csi.read_only, volume
+    assert volume.csi.volume_attributes == {c.ATTR_MODEL: CHECKED, c.ATTR_DIGEST: digest}
+    (box,) = spec.containers
+    assert box.image == f.d.images["controller"] and box.volume_mounts[0].read_only
+    assert box.resources.limits == {"cpu": "250m", "memory": "128Mi"}, box.resources
+    assert job.spec.active_deadline_seconds == 120 and not spec.automount_service_account_token
+    (pod,) = f.core().list_namespaced_pod(
+        TEAM, label_selector=f"batch.kubernetes.io/job-name={job.metadata.name}").items
+    assert pod.status.phase == phase and pod.spec.node_name in f.d.cluster.node_names, (
+        pod.status.phase, pod.spec.node_name)
+    return pod
+
+
+def _validation(f: Flow, next_revision: Callable[[], object]) -> None:
+    """8b. ``spec.validation`` as deployed. CHECKED's check (the controller
+    image's python3: config.json and the safetensors header parsed, a write
+    refused) runs as a Job pod in the team's namespace with the candidate's
+    read-only CSI volume: ``Validated`` True, then Ready on that digest. Then
+    ``next_revision`` moves REPO3 upstream to a config.json without model_type
+    and a reimport publishes it: the check prints why it refuses and exits 1,
+    so ``Validated`` is False, reason ValidationFailed, that line the
+    message's log tail, phase Failed; the validated digest is still
+    ``status.artifact`` (Ready, ServingPreviousArtifact), and a new pod
+    mounts it byte-exact."""
+    crds, core = f.crds(), f.core()
+
+    def model() -> dict[str, Any]:
+        return dict(crds.get_namespaced_custom_object(GROUP, VERSION, TEAM, "models", CHECKED))
+
+    def condition(m: dict[str, Any], kind: str) -> dict[str, Any]:
+        return next((x for x in (m.get("status") or {}).get("conditions") or []
+                     if x["type"] == kind), {})
+
+    def passed() -> dict[str, Any] | None:
+        m = model()
+        assert (m.get("status") or {}).get("phase") != "Failed", m.get("status")
+        return m if m["status"]["phase"] == "Ready" else None
+
+    good = f.wait(f"Model {CHECKED} validated and Ready", passed)
+    digest = good["status"]["artifact"]["digest"]
+    validated = condition(good, "Validated")
+    assert (validated["status"], validated["reason"]) == ("True", "ValidationPassed"), validated
+    assert digest in validated["message"], validated
+    (job,) = _validation_jobs(f).values()
+    pod = _validation_pod(f, job, digest, "Succeeded")
+    said = f.d.kubectl("logs", "-n", TEAM, pod.metadata.name, "-c", "validate").stdout
+    assert said.split() == ["checked", "llama", str(CHECKED_TENSORS), "tensors", digest], said
+
+    # upstream's next revision, which the same check refuses
+    next_revision()
+    crds.patch_namespaced_custom_object(GROUP, VERSION, TEAM, "models", CHECKED, {
+        "metadata": {"annotations": {c.REIMPORT: "next-revision"}}})
+
+    def refused() -> dict[str, Any] | None:
+        m = model()
+        assert m["status"]["artifact"]["digest"] == digest, m["status"]  # never moves
+        verdict = condition(m, "Validated").get("status")
+        assert m["status"]["phase"] != "Failed" or verdict == "False", m["status"]
+        return m if verdict == "False" else None
+
+    bad = f.wait(f"the next revision of {CHECKED} refused", refused)
+    candidate = bad["status"]["validation"]["digest"]
+    assert candidate != digest and bad["status"]["phase"] == "Failed", bad["status"]
+    validated = condition(bad, "Validated")
+    assert validated["reason"] == "ValidationFailed", validated
+    assert "(exit code 1)" in validated["message"], validated
+    assert validated["message"].endswith(f"log tail: {REFUSAL}"), validated
+    ready = condition(bad, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "ServingPreviousArtifact"), ready
+    jobs = _validation_jobs(f)
+    assert sorted(jobs) == sorted([job.metadata.name, bad["status"]["validation"]["jobName"]])
+    _validation_pod(f, jobs[bad["status"]["validation"]["jobName"]], candidate, "Failed")
+
+    # the validated digest still serves: a new pod naming CHECKED reads it byte-exact
+    core.create_namespaced_pod(TEAM, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": CHECKED_APP, "labels": {"app": CHECKED_APP},
+                     "annotations": {c.ANN_MODELS: CHECKED}},
+        "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "reader", "image": f.d.busybox,
+                                 "command": ["/bin/sh", "-c", "exec sleep inf"]}]}})
+    (reader,) = f.wait(f"a pod naming {CHECKED} Running", lambda: f.running(CHECKED_APP, 1))
+    sha, write = _read_in(f.d, reader.metadata.name, MOUNT_CHECKED)
+    assert sha == _layer_sha(f.d, good["status"]["artifact"]["reference"]), sha
+    assert write == "refused"
+    core.delete_namespaced_pod(CHECKED_APP, TEAM, grace_period_seconds=0)
+    f.wait(f"the pod naming {CHECKED} gone", lambda: not core.list_namespaced_pod(
+        TEAM, label_selector=f"app={CHECKED_APP}").items)
+
+
 def _observability(f: Flow) -> None:
     """9. The host's Prometheus (deployed.PodPrometheus: Kubernetes pod discovery,
     pod IPs) scrapes both manager replicas and both node plugins; every query of
-    the chart's Grafana dashboard returns data from it; the shipped alert rules
+    the chart's Grafana dashboard returns data from it, and the manager's
+    validation counter has step 8b's pass and failure; the shipped alert rules
     are loaded and evaluate."""
     prom, core = f.prom, f.core()
     ns = deployed.NAMESPACE
@@ -418,7 +571,9 @@ def _observability(f: Flow) -> None:
     assert nodes == set(f.d.cluster.node_names), nodes
     f.wait("the traffic scraped", lambda: prom.query(
         "sum(modelcache_node_pull_bytes_total) > 0 and sum(modelcache_webhook_admissions_total) > 0"
-        " and sum(modelcache_publish_finished_total) > 0"), timeout=60)
+        " and sum(modelcache_publish_finished_total) > 0"
+        ' and sum(modelcache_validation_total{result="passed"}) > 0'
+        ' and sum(modelcache_validation_total{result="failed"}) > 0'), timeout=60)
     with open(DASHBOARD) as fh:
         dash = json.load(fh)
     targets = [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
@@ -492,7 +647,7 @@ def _uninstall(f: Flow) -> None:
     for name in (APP, SHARED_APP):
         apps.delete_namespaced_deployment(name, TEAM)
     apps.delete_namespaced_daemon_set(KEEPER, TEAM)
-    for name in (MODEL, SECOND, SHARED):
+    for name in (MODEL, SECOND, SHARED, CHECKED):
         f.crds().delete_namespaced_custom_object(GROUP, VERSION, TEAM, "models", name)
     f.wait("the Models deleted (finalizers done)", lambda: not f.crds().list_namespaced_custom_object(
         GROUP, VERSION, TEAM, "models")["items"], timeout=180)
@@ -560,13 +715,15 @@ def test_chart_installs_on_two_nodes_and_delivers_a_published_model(tmp_path: An
     from kubernetes.client.rest import ApiException
 
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    src, src2 = str(tmp_path / "model"), str(tmp_path / "model2")
+    src, src2, src3 = (str(tmp_path / name) for name in ("model", "model2", "model3"))
     modelgen.make_safetensors_model(src, seed=21)
     modelgen.make_safetensors_model(src2, seed=22)
+    modelgen.make_safetensors_model(src3, seed=23)
     t0 = time.monotonic()
     hub = PodReachableHub()
     hub.add_repo(REPO, src)
     hub.add_repo(REPO2, src2)
+    hub.add_repo(REPO3, src3)
     with deployed.running() as d, hub, deployed.prometheus(d.cluster, RULES) as prom:
         c2 = d.cluster
         api = c2.kube.api_client()
@@ -778,15 +935,21 @@ def test_chart_installs_on_two_nodes_and_delivers_a_published_model(tmp_path: An
         killed = core.read_namespaced_pod(leader_pod, deployed.NAMESPACE)
         assert killed.status.container_statuses[0].restart_count == 1
 
-        # 7.-11.: cache-aware placement, SharedPVC, Prometheus, drain, uninstall
+        # 7.-11.: cache-aware placement, SharedPVC (8b, validation, runs meanwhile),
+        # Prometheus, drain, uninstall
         second = crds.get_namespaced_custom_object(GROUP, VERSION, TEAM, "models", SECOND)
         flow = Flow(d, prom, expected, _layer_sha(d, second["status"]["artifact"]["reference"]))
         t7 = time.monotonic()
         _cache_aware_placement(flow, second["status"]["artifact"]["digest"])
         d.timings["placement"] = time.monotonic() - t7
+        _validation_start(flow)
         t8 = time.monotonic()
         _shared_pvc(flow)
         d.timings["SharedPVC"] = time.monotonic() - t8
+        t8b = time.monotonic()
+        _validation(flow, lambda: hub.add_repo(REPO3, src3, files={
+            "config.json": json.dumps({"architectures": ["LlamaForCausalLM"]}).encode()}))
+        d.timings["validation"] = time.monotonic() - t8b
         t9 = time.monotonic()
         _observability(flow)
         d.timings["Prometheus checks"] = time.monotonic() - t9

@@ -4,10 +4,12 @@ changes (publish Jobs keep their emptyDir, as daemonset/ ships them)."""
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any
 
+from controller.models import history
+from tests.integration.test_chart import CHART, KUBE_VERSION, render
 from tests.integration.test_chart import helm as helm  # the fixture
-from tests.integration.test_chart import render
 
 
 def _manager_args(objs: list[dict[str, Any]]) -> list[str]:
@@ -32,3 +34,15 @@ def test_denied_source_networks_values(helm: str) -> None:
     assert not [a for a in off if a.startswith("--deny-source-cidr")]
     on = _manager_args(render(helm, "ai", "controller.denySourceCIDRs={10.96.0.0/12,fd00::/108}"))
     assert "--deny-source-cidr=10.96.0.0/12" in on and "--deny-source-cidr=fd00::/108" in on
+
+
+def test_history_keep_value(helm: str) -> None:
+    """``controller.historyKeep`` is the manager's ``--history-keep``; the chart refuses
+    what the manager would clamp (1 to 50, controller/models/history.py MAX_KEEP)."""
+    assert "--history-keep=5" in _manager_args(render(helm, "ai"))
+    assert "--history-keep=12" in _manager_args(render(helm, "ai", "controller.historyKeep=12"))
+    for bad in ("0", str(history.MAX_KEEP + 1)):
+        done = subprocess.run([helm, "template", "mc", CHART, "--kube-version", KUBE_VERSION,
+                               "--set", f"controller.historyKeep={bad}"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "controller.historyKeep: 1 to 50" in done.stderr, bad

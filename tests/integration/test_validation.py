@@ -89,8 +89,11 @@ def tenant_kubelet(cluster: k.Kube, ns: str, resolver: KubeResolver,
         mounted.append({"volume": volume, "reference": str(ref), "dir": dest})
         return dest
 
+    # every Job of the namespace: validation Jobs, and source.pvc readers
+    # (test_validation_sessions.py), which send to the upload gateway on loopback
     runner = JobRunner(cluster, ns, work_root=str(tmp_path_factory.mktemp("tenant")),
-                       label_selector=None, csi=mount)
+                       label_selector=None, csi=mount,
+                       base_env={"MODELCACHE_ALLOW_PRIVATE_SOURCES": "1"})
     runner.mounted = mounted  # type: ignore[attr-defined]
     with runner:
         yield runner
@@ -264,3 +267,35 @@ def test_user_guide_example_validates_and_becomes_ready(
     run = [r for r in tenant_kubelet.runs if r["job"] == m["status"]["validation"]["jobName"]]
     with open(os.path.join(os.path.dirname(run[-1]["stderr"]), "stdout")) as f:
         assert f.read().strip() == "ok: llama"
+
+
+def test_removing_validation_removes_its_condition(
+        cluster, ns, manager, kubelet, tenant_kubelet, hub, small_model):
+    """An owner who drops ``spec.validation`` sees no ``Validated`` condition any more (and
+    no ``status.validation``): kubectl would otherwise show a verdict on a check nobody
+    asks for. The next publish is Ready without a validation Job."""
+    name, repo = "val-drop", "acme/val-drop"
+    hub.add_repo(repo, small_model)
+    cluster.create(k.MODELS, hf(name, repo, {"image": "busybox", "command": ["sh", "-c",
+                                                                            CHECK_CONFIG]}), ns)
+    m = wait_phase(cluster, ns, name, "Ready", manager)
+    assert cond(m, "Validated")["reason"] == "ValidationPassed"
+    checks = {r["job"] for r in tenant_kubelet.runs}
+    cluster.patch(k.MODELS, name, {"spec": {"validation": None}}, ns)
+
+    def dropped() -> Any:
+        cur = get_model(cluster, ns, name) or {}
+        st = cur.get("status") or {}
+        gone = "validation" not in st and not [
+            x for x in st.get("conditions") or [] if x["type"] == "Validated"]
+        return cur if gone and st.get("observedGeneration") == cur["metadata"]["generation"] \
+            and st.get("phase") == "Ready" else None
+    try:
+        m = wait_for(dropped, 60, what="Validated gone, Ready again")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nstatus: {(get_model(cluster, ns, name) or {}).get('status')}"
+                             ) from None
+    assert cond(m, "Ready")["status"] == "True"
+    assert m["status"]["artifact"]["digest"]
+    time.sleep(1)
+    assert {r["job"] for r in tenant_kubelet.runs} == checks  # no new check ran
