@@ -46,7 +46,7 @@ from tests.integration.test_controller import (
 )
 from tests.integration.test_controller import cluster as cluster
 from tests.integration.test_controller import kubelet as kubelet
-from tests.integration.test_delivery_webhook import Env, body, running_env
+from tests.integration.test_delivery_webhook import Env, body, new_digest, running_env
 from tests.integration.test_sharedpvc_tenant import tenant
 
 pytest_plugins = ["tests.servers.fixtures"]
@@ -140,7 +140,16 @@ def test_history_pins_rollback_and_collection(kube, cluster, manager, kubelet, h
     name, repo = "llm", f"acme/ver-{uuid.uuid4().hex[:6]}"
     oci_repo = f"models/{ns}/{name}"
     reg = RegistryClient(registry.host, insecure=True)
-    foreign = env.model("theirs", other)  # another namespace's Model and its artifact
+    # another namespace's Model and its artifact. Only the digest matters below, and
+    # the manager (running here) may rewrite that Model's status with its own publish
+    # of org/theirs before an informer sees Ready: write it, wait for the API, not a cache
+    foreign = new_digest()
+    theirs = {"apiVersion": "modelcache.io/v1alpha1", "kind": "Model",
+              "metadata": {"name": "theirs"},
+              "spec": {"source": {"huggingFace": {"repo": "org/theirs"}}}}
+    cluster.create(k.MODELS, theirs, other)
+    cluster.patch(k.MODELS, "theirs", {"status": {"phase": "Ready", "artifact": {
+        "digest": foreign, "sizeBytes": 1}}}, other, sub="status")
 
     # generation A, by the tenant
     hub.add_repo(repo, small_model)
