@@ -40,7 +40,7 @@ API server's own latency for the pod creates (webhook included) and the
 lift PATCHes (p50, p99 and mean: lifts in flight / mean = the most lifts/s).
 
     python3 -m bench.scale.run [--nodes 1000] [--models 200] [--pods 10000] [--rate 100]
-                               [--nudge]
+                               [--nudge] [--land-over SECONDS]
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ class Params:
     # the manager adopts at once instead of at its next missing-artifact re-check (adopt.py's
     # MISSING_RETRY), so Models turn Ready as their artifacts land, not in waves
     nudge: bool = False
+    # spread the pushes evenly over this many seconds (0: all at once, as fast as 8 threads
+    # go): Models landing over time, as publish Jobs finishing one by one would, so the lift
+    # demand is models / land_over × pods per Model per second instead of one burst
+    land_over: float = 0.0
     timeout: float = 600.0  # for each wait
 
 
@@ -682,6 +686,10 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
     pushed: dict[str, float] = {}
 
     def push(i: int) -> None:
+        if p.land_over > 0:
+            wait = t_push + i * p.land_over / p.models - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
         repo = f"models/{NS}/{model_names[i]}"
         for blob in blobs:
             s.reg.upload_bytes(repo, blob)
@@ -690,7 +698,7 @@ def _run(s: System, p: Params, rep: Report, say: Callable[[str], None]) -> None:
         if p.nudge:
             c.patch(k.MODELS, model_names[i], {"metadata": {"annotations": {
                 NUDGE_ANNOTATION: "pushed"}}}, NS)
-    t_push = time.monotonic()
+    t_push = time.monotonic() + 0.1
     _parallel(p.models, 8, push)
     rep.push_span_s = time.monotonic() - t_push
     say(f"artifact copied into {p.models} repositories in {rep.push_span_s:.1f} s")
@@ -802,18 +810,22 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for each wait")
+    ap.add_argument("--land-over", type=float, default=0.0, metavar="SECONDS",
+                    help="spread the artifacts' pushes evenly over SECONDS (default 0: all "
+                         "at once, the worst case for Ready → lifted)")
     ap.add_argument("--nudge", action="store_true",
                     help="annotate each Model after its push (as a registry notification "
                          "would): adopted at once, not at the next re-check")
     args = ap.parse_args()
     rep = run(Params(nodes=args.nodes, models=args.models, pods=args.pods, rate=args.rate,
                      threads=args.threads, workers=args.workers,
-                     timeout=args.timeout, nudge=args.nudge),
+                     timeout=args.timeout, nudge=args.nudge, land_over=args.land_over),
               say=lambda t: print(t, file=sys.stderr, flush=True))
     for line in table(rep):
         print(line)
     print(f"\n`python3 -m bench.scale.run --nodes {args.nodes} --models {args.models} "
-          f"--pods {args.pods} --rate {args.rate:g}{' --nudge' if args.nudge else ''}`")
+          f"--pods {args.pods} --rate {args.rate:g}{' --nudge' if args.nudge else ''}"
+          f"{f' --land-over {args.land_over:g}' if args.land_over else ''}`")
     return 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from modelpack.errors import FormatError
@@ -75,3 +78,20 @@ def test_node_plugin_keys_mirrors_by_the_host_references_name():
     assert client.host == "dmcr.ns.svc:5002" and client.mirrors is not None
     (mc,) = client.mirrors._clients
     assert mc.session.params == {"ns": "dmcr.ns.svc:5000"} and mc._basic is None
+
+
+def test_the_admin_guides_mirror_examples_parse_as_described():
+    """docs/admin-guide.md's Dragonfly, Spegel and Harbor hosts.toml examples."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "admin-guide.md")) as f:
+        blocks = re.findall(r"^```toml\n(.*?)^```$", f.read(), re.S | re.M)
+    by_name = {b.splitlines()[0].split(":")[0].lstrip("# "): b for b in blocks}
+    assert set(by_name) >= {"Dragonfly", "Spegel", "Harbor"}
+    (dragonfly,) = mirrors.parse_hosts_toml(by_name["Dragonfly"])
+    assert dragonfly.base == "http://127.0.0.1:65001" and dragonfly.forward_credentials
+    assert dict(dragonfly.headers)["X-Dragonfly-Registry"].startswith("https://dmcr.")
+    (spegel,) = mirrors.parse_hosts_toml(by_name["Spegel"])
+    assert spegel.base == "http://localhost:30020" and not spegel.forward_credentials
+    (harbor,) = mirrors.parse_hosts_toml(by_name["Harbor"])
+    assert (harbor.base, harbor.repo_prefix) == ("https://harbor.example.com", "dmcr-proxy/")
+    assert harbor.ca == "/etc/modelcache/certs.d/harbor-ca.crt"
