@@ -78,15 +78,17 @@ def stage_file(source: base.Source, revision: str, f: base.SourceFile, store: Bl
     if f.sha256 is not None and store.has(f.sha256, f.size):
         progress(f.size or 0)
         return f.sha256
+    # buffered writes, not O_DIRECT: a staged file is read back at once (its format
+    # check, then the push), and from the page cache that costs no disk read
     if f.sha256 is not None:
-        part = store.open_partial(f.sha256, f.size)
+        part = store.open_partial(f.sha256, f.size, direct=False)
     else:
         # an unnamed .part is resumed only when its key pins the content (a commit, an
         # ETag, a listing digest): a plain URL that states no validator may have changed
         # since the last pod, and a spliced file would hash to a name of its own
         part = PartialBlob(os.path.join(store.ingest_dir, part_key(source.uri, revision, f)
                                         + ".part"), None, f.size,
-                           resume=bool(revision or f.version))
+                           resume=bool(revision or f.version), direct=False)
     try:
         split = policy if ranges.applies(source, f, policy) and not part.present else None
         if split is not None and (part.ranges is not None or not split.probe):
@@ -126,7 +128,7 @@ def _fill(source: base.Source, f: base.SourceFile, part: PartialBlob, check: Any
 
     With ``split``, the stream is timed (``ranged.Probe``) and, where slow, stopped
     after the probe: the rest comes in ranges from its hashed prefix."""
-    buf = mmap.mmap(-1, CHUNK)  # page-aligned, so the store can write it with O_DIRECT
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned: O_DIRECT-ready for a writer that uses it
     view = memoryview(buf)
     probe = ranged.Probe(split) if split is not None else None
     stalls = 0

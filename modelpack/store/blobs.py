@@ -82,13 +82,16 @@ class BlobStore:
             return False
         return size is None or st.st_size == size
 
-    def open_partial(self, digest: str, size: int | None) -> PartialBlob:
+    def open_partial(self, digest: str, size: int | None, *,
+                     direct: bool = True) -> PartialBlob:
         """The writer of ``digest``, once no one else is; commit it with ``commit``.
 
         Check ``present`` first: the blob may have been stored while this waited.
+        ``direct=False``: no O_DIRECT writes, for a blob read back at once (the
+        page cache then serves that read instead of the disk).
         """
         return PartialBlob(self.part_path(digest), digest, size, committed=self.path(digest),
-                           stall=self.stall)
+                           stall=self.stall, direct=direct)
 
     def commit(self, part: PartialBlob) -> str:
         """Verify a finished partial blob and rename it into place; return its digest.

@@ -137,7 +137,7 @@ class PartialBlob:
 
     def __init__(self, part_path: str, expected: str | None, size: int | None,
                  *, resume: bool = False, committed: str | None = None,
-                 stall: float = partlock.STALL) -> None:
+                 stall: float = partlock.STALL, direct: bool = True) -> None:
         self.path = part_path
         self.expected = expected
         self.size = size
@@ -161,7 +161,8 @@ class PartialBlob:
         except BaseException:
             self.close()
             raise
-        self.dfd = _open_direct(part_path) if size is not None and size >= DIRECT_MIN else -1
+        self.dfd = _open_direct(part_path) \
+            if direct and size is not None and size >= DIRECT_MIN else -1
 
     def _adopt(self, committed: str) -> bool:
         """Whether the blob is already stored at ``committed``; if so, let the part go."""
