@@ -34,7 +34,7 @@ from tests import modelgen
 from tests.flakyproxy import FlakyProxy
 
 
-def _node(host: str, ref: str, root: str, mirror: str | None, go: float, out: "mp.Queue[float]") -> None:
+def _node(host: str, ref: str, root: str, mirror: str | None, go: float, out: mp.Queue[float]) -> None:
     client = RegistryClient(host, insecure=True)
     if mirror:
         mirrors.load(flags=[f"{host}={mirror}"]).attach(client)
@@ -72,7 +72,7 @@ def _row(times: list[float], egress: int) -> dict[str, float]:
 def _times(proxy: FlakyProxy, ref: str, nodes: int, mirror: str | None,
            work: str) -> tuple[list[float], int]:
     before = proxy.bytes_sent
-    q: "mp.Queue[float]" = mp.Queue()
+    q: mp.Queue[float] = mp.Queue()
     go = time.time() + 1.0
     procs = [mp.Process(target=_node, args=(proxy.host, ref, os.path.join(work, f"n{i}"),
                                             mirror, go, q)) for i in range(nodes)]
