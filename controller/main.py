@@ -38,6 +38,8 @@ from kube.flags import size_arg
 from modelpack.oci import mirrors as oci_mirrors
 from modelpack.oci.registry import RegistryClient
 
+MAX_GATE_WORKERS = 256  # --gate-workers; the chart's controller.gateWorkers refuses more
+
 
 def _gateway_parser(sub: Any) -> None:
     p = sub.add_parser("upload-gateway", help="serve upload sessions")
@@ -290,6 +292,10 @@ def _manager_parser(sub: Any) -> None:
                    help="Secret in --namespace for the webhook's CA and certificate")
     p.add_argument("--webhook-config-name", default="modelcache",
                    help="the MutatingWebhookConfiguration the manager keeps in sync")
+    p.add_argument("--gate-workers", type=_gate_workers, default=16, metavar="N",
+                   help="scheduling-gate lifts in flight (1-256; default 16): one PATCH per "
+                   "pod, so on a control plane with more cores more lift faster "
+                   "(bench/scale; the API connection pool grows to match)")
     p.add_argument("--default-delivery", choices=["NodeCache", "SharedPVC"],
                    default=env("MODELCACHE_DEFAULT_DELIVERY") or "NodeCache",
                    help="delivery mode when neither the workload nor the model names one")
@@ -470,6 +476,13 @@ def _catalog_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"modelcache-controller: {e}") from e
 
 
+def _gate_workers(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= MAX_GATE_WORKERS:
+        raise argparse.ArgumentTypeError(f"1 to {MAX_GATE_WORKERS}, not {n}")
+    return n
+
+
 def _delivery_config(args: argparse.Namespace) -> Any:
     from controller.delivery import webhook  # on use, as in cmd_manager
 
@@ -481,7 +494,7 @@ def _delivery_config(args: argparse.Namespace) -> Any:
     return webhook.Config(listen=(host or "0.0.0.0", int(port)), url=args.webhook_url,
                           service=args.webhook_service, secret=args.webhook_secret,
                           config_name=args.webhook_config_name,
-                          default_mode=args.default_delivery)
+                          default_mode=args.default_delivery, gate_workers=args.gate_workers)
 
 
 def _shared_pvc_config(args: argparse.Namespace) -> Any:

@@ -4,9 +4,13 @@ changes (publish Jobs keep their emptyDir, as daemonset/ ships them)."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from typing import Any
 
+import pytest
+
+from controller import main
 from controller.models import history
 from tests.integration.test_chart import CHART, KUBE_VERSION, render
 from tests.integration.test_chart import helm as helm  # the fixture
@@ -46,3 +50,29 @@ def test_history_keep_value(helm: str) -> None:
                                "--set", f"controller.historyKeep={bad}"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode != 0 and "controller.historyKeep: 1 to 50" in done.stderr, bad
+
+
+def test_gate_workers_value(helm: str) -> None:
+    """``controller.gateWorkers`` is the manager's ``--gate-workers``, which reaches the gate
+    lifter and sizes the API connection pool; the chart refuses what the manager would."""
+    assert "--gate-workers=16" in _manager_args(render(helm, "ai"))
+    args = _manager_args(render(helm, "ai", "controller.gateWorkers=64"))
+    assert "--gate-workers=64" in args
+    parsed = _manager_cli().parse_args(["manager", "--registry", "dmcr:5000", "--webhook-url",
+                                        "https://127.0.0.1:9443",
+                                        "--gate-workers=64"])
+    assert main._delivery_config(parsed).gate_workers == 64
+    for bad in ("0", str(main.MAX_GATE_WORKERS + 1)):
+        done = subprocess.run([helm, "template", "mc", CHART, "--kube-version", KUBE_VERSION,
+                               "--set", f"controller.gateWorkers={bad}"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "controller.gateWorkers: 1 to 256" in done.stderr, bad
+        with pytest.raises(SystemExit):
+            _manager_cli().parse_args(["manager", "--registry", "dmcr:5000",
+                                       f"--gate-workers={bad}"])
+
+
+def _manager_cli() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelcache-controller", exit_on_error=True)
+    main._manager_parser(p.add_subparsers())
+    return p
