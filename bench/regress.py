@@ -286,7 +286,8 @@ def run_group(argv: list[str], tree: str, timeout: float) -> tuple[str, int]:
     would leave running.
     """
     proc = subprocess.Popen(argv, cwd=tree, env=tree_env(tree), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_sigint_default)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return out, proc.returncode
@@ -295,6 +296,14 @@ def run_group(argv: list[str], tree: str, timeout: float) -> tuple[str, int]:
     except BaseException:
         _stop(proc)
         raise
+
+
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default. A job started in the
+    background by a non-interactive shell (``cmd &``, as CI may run us) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler: the bench would
+    never run its clean-up."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
