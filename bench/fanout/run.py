@@ -34,7 +34,8 @@ from tests import modelgen
 from tests.flakyproxy import FlakyProxy
 
 
-def _node(host: str, ref: str, root: str, mirror: str | None, go: float, out: mp.Queue[float]) -> None:
+def _node(host: str, ref: str, root: str, mirror: str | None, go: float,
+          out: mp.Queue[float]) -> None:
     client = RegistryClient(host, insecure=True)
     if mirror:
         mirrors.load(flags=[f"{host}={mirror}"]).attach(client)
@@ -44,7 +45,8 @@ def _node(host: str, ref: str, root: str, mirror: str | None, go: float, out: mp
     out.put(time.time() - t0)
 
 
-def _round(proxy: FlakyProxy, ref: str, nodes: int, mirror: str | None, work: str) -> dict[str, float]:
+def _round(proxy: FlakyProxy, ref: str, nodes: int, mirror: str | None,
+           work: str) -> dict[str, float]:
     times, egress = _times(proxy, ref, nodes, mirror, work)
     return _row(times, egress)
 

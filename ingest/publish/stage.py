@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
 import time
 from collections.abc import Callable
@@ -128,7 +127,7 @@ def _fill(source: base.Source, f: base.SourceFile, part: PartialBlob, check: Any
 
     With ``split``, the stream is timed (``ranged.Probe``) and, where slow, stopped
     after the probe: the rest comes in ranges from its hashed prefix."""
-    buf = mmap.mmap(-1, CHUNK)  # page-aligned: O_DIRECT-ready for a writer that uses it
+    buf = bytearray(CHUNK)
     view = memoryview(buf)
     probe = ranged.Probe(split) if split is not None else None
     stalls = 0

@@ -13,6 +13,7 @@ import pytest
 
 from ingest.publish.stage import stage_file
 from ingest.sources import base
+from modelpack.store import partial
 from modelpack.store.blobs import BlobStore
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -124,8 +125,6 @@ def test_delta_sink_turns_events_into_bar_updates():
 def test_staged_files_are_written_through_the_page_cache(store, monkeypatch):
     """A staged file is read back at once (format check, push): no O_DIRECT write, which
     would send that read to the disk (bench/regress: ingest 3.7 → 4.4 s with it)."""
-    from modelpack.store import partial
-
     opened: list[str] = []
     real = partial._open_direct
 
@@ -134,7 +133,8 @@ def test_staged_files_are_written_through_the_page_cache(store, monkeypatch):
         return real(path)
     monkeypatch.setattr(partial, "_open_direct", spy)
     data = DATA * 12  # over DIRECT_MIN (8 MiB)
-    for f in (base.SourceFile("named.bin", len(data), "sha256:" + hashlib.sha256(data).hexdigest()),
+    named = "sha256:" + hashlib.sha256(data).hexdigest()
+    for f in (base.SourceFile("named.bin", len(data), named),
               base.SourceFile("unnamed.bin", len(data), None, check=("git-sha1", _git(data)))):
         stage_file(ScriptedSource(data, []), "r", f, store, lambda n: None, sleep=lambda _: None)
     assert opened == []
