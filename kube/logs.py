@@ -26,7 +26,9 @@ import logging.handlers
 import queue
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 REDACTED = "<redacted>"
 _SECRET = re.compile("token|secret|password|credential", re.IGNORECASE)
@@ -73,8 +75,13 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
 
-def setup(level: str = "info", fmt: str = "json") -> None:
-    """Route the root logger through the writer thread to stderr, as JSON (or ``text``)."""
+def setup(level: str = "info", fmt: str = "json") -> Callable[[], None]:
+    """Route the root logger through the writer thread to stderr, as JSON (or ``text``).
+
+    Returns ``stop``: it writes what is queued and ends the writer thread (at
+    most once; it also runs at exit), for a process that ends without the
+    interpreter's teardown.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -83,7 +90,13 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     writer = logging.handlers.QueueListener(records, handler)
     writer.start()
-    atexit.register(writer.stop)  # write what is queued before the process ends
+    stopped = threading.Lock()
+
+    def stop() -> None:
+        if stopped.acquire(blocking=False):
+            writer.stop()
+
+    atexit.register(stop)  # write what is queued before the process ends
     root = logging.getLogger()
     root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level.upper())
@@ -96,3 +109,4 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    return stop

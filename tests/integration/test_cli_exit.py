@@ -97,3 +97,44 @@ def test_what_is_missing_exits_2(tmp_path):
         p = run(*args, env={**no_kube, "MODELCACHE_UPLOAD_TOKEN": ""})
         assert p.returncode == 2, (args, p.stderr)
         assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"modelcache: {reason}: ")
+
+
+LOG_THEN_EXIT = """
+import logging, os, sys
+from kube import logs
+stop = logs.setup("info", "text")
+for i in range(5000):
+    logging.getLogger("t").info("line %d", i)
+if sys.argv[1] == "stop":
+    stop()
+    stop()  # at most once: a second call (and the one at exit) does nothing
+os._exit(0)
+"""
+
+
+def test_stop_writes_every_queued_log_line_before_a_quick_exit():
+    # the CLI ends with os._exit (cli.main.run): without the writer's stop first,
+    # lines still queued are lost
+    def lines(mode: str) -> int:
+        p = subprocess.run([sys.executable, "-c", LOG_THEN_EXIT, mode], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return sum(" line " in x for x in p.stderr.splitlines())
+
+    assert lines("stop") == 5000
+    assert lines("no-stop") < 5000
+
+
+def test_the_quick_exit_keeps_the_code_the_logs_and_the_failure_line(tmp_path):
+    # run() is the installed command; its logs (-v) and its one failure line come out,
+    # in that order, and the exit code is main's
+    p = subprocess.run([sys.executable, "-c", "from cli.main import run; run()", "-v", "pull",
+                        "127.0.0.1:1/x/y:v1", str(tmp_path / "out"), "--insecure"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    err = p.stderr.strip().splitlines()
+    assert sum("INFO modelpack.oci.registry retrying" in x for x in err) >= 1, p.stderr
+    assert err[-1].startswith("modelcache: RegistryUnavailable: "), p.stderr
+    help_ = subprocess.run([sys.executable, "-c", "from cli.main import run; run()", "--help"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and EXIT_CODES.strip() in help_.stdout
