@@ -121,7 +121,9 @@ class Session:
                     os.unlink(self.part_path(path))
                 except FileNotFoundError:
                     pass
-            part = PartialBlob(self.part_path(path), None, total, resume=True)
+            # buffered, not O_DIRECT: the file is read back at once (format check, push),
+            # from the page cache, as ingest's staged files are (ingest/publish/stage.py)
+            part = PartialBlob(self.part_path(path), None, total, resume=True, direct=False)
             self.parts[path] = part
             self.sizes[path] = total
         return part
