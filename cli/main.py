@@ -233,8 +233,8 @@ def run() -> NoReturn:
     made) took ~20 ms after ``--help`` here and ~80 ms after a cold 2 GiB pull
     (4 %, bench/RESULTS.md). Nothing is lost by skipping it: the logs were
     written when ``main`` returned and the std streams are flushed here; a
-    thread still running (after Ctrl-C) is dropped as a crash would drop it,
-    and every command resumes from that.
+    thread still running (after Ctrl-C) is dropped as a crash would drop it
+    (a pull or an upload run again resumes).
     """
     try:
         code = main()
