@@ -23,6 +23,23 @@ import yaml
 BINARY = "docker-registry"
 
 
+def distribution_v3() -> str:
+    """distribution v3's ``registry``, built by hack/install.d/distribution.sh.
+
+    Not the DMCR (that stays Debian's 2.8): a second pull-through mirror for the
+    mirror tests and bench/fanout. On a miss, v3 streams a blob to the client and
+    into its store from one upstream fetch; 2.8 fetches it twice."""
+    from cli.local import cluster  # the pinned versions and the tools' cache
+
+    v = cluster.versions().get("DISTRIBUTION_VERSION", "")
+    path = os.environ.get("DISTRIBUTION_V3") or os.path.join(
+        cluster.TOOLS, f"distribution-{v}", "registry")
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(f"distribution {v} not built: {path} "
+                           "(run hack/install.d/distribution.sh)")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,7 +93,8 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
           readonly: bool = False, tls: tuple[str, str] | None = None,
           storage: dict[str, object] | None = None,
           env: dict[str, str] | None = None,
-          proxy: dict[str, object] | None = None) -> LocalRegistry:
+          proxy: dict[str, object] | None = None,
+          binary: str | None = None) -> LocalRegistry:
     """Start the registry; ``username`` turns on htpasswd, ``auth`` is a raw auth section.
 
     ``data_dir`` shares another registry's storage; ``readonly`` serves it in
@@ -85,9 +103,10 @@ def start(root: str | None = None, port: int | None = None, *, username: str | N
     ``storage`` replaces the whole storage section (the chart's S3 storage, say)
     and ``env`` is added to the registry's environment (its
     ``REGISTRY_STORAGE_S3_*`` overrides). ``proxy`` is distribution's proxy section
-    (``{"remoteurl": ...}``): a pull-through cache of that registry.
+    (``{"remoteurl": ...}``): a pull-through cache of that registry. ``binary``
+    runs another build of distribution (``distribution_v3()``) on the same config.
     """
-    binary = shutil.which(BINARY) or "/usr/bin/docker-registry"
+    binary = binary or shutil.which(BINARY) or "/usr/bin/docker-registry"
     if not os.path.exists(binary):
         raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
     root = root or tempfile.mkdtemp(prefix="modelcache-registry-")

@@ -16,37 +16,20 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=../kube/versions.env
 . "$here/kube/versions.env"   # KWOK_VERSION
 tools="${HOME}/.cache/modelcache-tools"
-export CGO_ENABLED=0 GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
-export GOFLAGS="${GOFLAGS:-} -buildvcs=false"
-
-if ! command -v go >/dev/null 2>&1; then
-  if [ -x /usr/local/go/bin/go ]; then
-    PATH="/usr/local/go/bin:$PATH"
-  else
-    echo "install: kwok needs Go (not found); the scale tests will fail" >&2
-    exit 0
-  fi
-fi
 # shellcheck source=../kube/lib.sh
-. "$here/kube/lib.sh"   # quiet
+. "$here/kube/lib.sh"   # go_env, go_install_into
+go_env kwok "the scale tests will fail" || exit 0
 
 dir="$tools/kwok-$KWOK_VERSION"
 if ! { "$dir/kwok" --version >/dev/null 2>&1 && [ -s "$dir/node-stages.yaml" ]; }; then
   echo "install: kwok $KWOK_VERSION (go build)"
   start=$SECONDS
-  mkdir -p "$dir/bin"
-  log="$dir/build.log"
-  : >"$log"
-  # outside any module so `go install pkg@version` uses kwok's own go.mod
-  (cd "$dir" && quiet "$log" env GOBIN="$dir/bin" nice -n 19 go install -trimpath \
-    -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" \
-    "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION")
-  mv "$dir/bin/kwok" "$dir/kwok"
+  go_install_into "$dir" kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
+    "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
   stages="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage/node"
   { cat "$stages/fast/node-initialize.yaml"; echo "---"
     cat "$stages/heartbeat-with-lease/node-heartbeat-with-lease.yaml"; } >"$dir/node-stages.yaml.tmp"
   mv "$dir/node-stages.yaml.tmp" "$dir/node-stages.yaml"
-  rmdir "$dir/bin" 2>/dev/null || true
   "$dir/kwok" --version >/dev/null
   echo "install: kwok $KWOK_VERSION built in $((SECONDS - start))s"
 fi
