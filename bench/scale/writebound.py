@@ -18,7 +18,7 @@ bound alone and how it grows with the cores the API server and etcd get:
 ``--cpus`` pins the API server and etcd (every thread) to those CPUs and this
 client to the rest, so a run with ``--cpus 0`` against one with ``--cpus 0,1``
 (the client then shares both) shows how the rate scales with the control
-plane's cores. Needs the kube tools (``hack/kube-tools``); no root.
+plane's cores. Needs the kube tools (``hack/install.d/kube.sh``); no root.
 
     python3 -m bench.scale.writebound [--pods 4000] [--block 500] [--inflight 16]
                                       [--cpus 0] [--affinity] [--admin]

@@ -4,7 +4,7 @@ The real kube-apiserver + etcd; gated pods lifted with the lifter's conditional
 JSON patch as the manager's ServiceAccount (its RBAC as deployed), W in flight.
 Each answer must show the pod ungated and labelled ``gated=false`` (the harness
 raises otherwise), so the rate the bench reports is a rate of real lifts, and the
-CPU it counts is the servers'. Needs the kube tools (hack/kube-tools).
+CPU it counts is the servers'. Needs the kube tools (hack/install.d/kube.sh).
 """
 
 from __future__ import annotations
