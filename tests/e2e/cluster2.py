@@ -538,6 +538,10 @@ def running(*, sandbox_image: str, registries: Sequence[str] = (),
                 shutil.rmtree(work, ignore_errors=True)
 
 
+def _wait_ready(c: Cluster2, core: Any, n: Node) -> None:
+    nodeenv.wait_for(c.env, f"node {n.name} Ready", lambda: nodeenv._node_ready(core, n.name))
+
+
 def _start(c: Cluster2, *, sandbox_image: str, registries: Sequence[str]) -> None:
     from kubernetes import client
 
@@ -550,8 +554,15 @@ def _start(c: Cluster2, *, sandbox_image: str, registries: Sequence[str]) -> Non
     for n in c.nodes:
         _start_node(c, n, sandbox_image=sandbox_image, registries=registries,
                     kubeconfig=kubeconfig)
+        if "/var/lib/kubelet" not in c.private_paths:
+            # kubelet's device-plugin socket is a fixed path, /var/lib/kubelet/device-plugins/
+            # kubelet.sock, whatever --root-dir says: each kubelet empties that directory and
+            # then listens there. Two started together in one mount namespace race (one gets
+            # EADDRINUSE and exits). One after the other, the later takes the path over and
+            # the earlier keeps serving on the socket it holds (no device plugins here).
+            _wait_ready(c, core, n)
     for n in c.nodes:
-        nodeenv.wait_for(c.env, f"node {n.name} Ready", lambda n=n: nodeenv._node_ready(core, n.name))
+        _wait_ready(c, core, n)
         nodeenv.wait_for(c.env, f"{n.name} kube-proxy healthy", lambda n=n: _proxy_healthy(n),
                          timeout=60)
     # pods need the namespace's ServiceAccount, which the controller-manager makes
