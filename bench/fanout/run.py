@@ -18,6 +18,7 @@ again, warm; a fresh mirror warmed by one node before the others start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -101,7 +102,6 @@ def main() -> None:
                     help="the pull-through mirror's build of distribution")
     args = ap.parse_args()
     build = localregistry.distribution_v3() if args.mirror == "v3" else None
-    mirror = {"proxy": {"remoteurl": ""}, "binary": build}
     tmp = tempfile.mkdtemp(prefix="fanout-")
     try:
         src = os.path.join(tmp, "model")
@@ -112,15 +112,19 @@ def main() -> None:
                                    parse(f"{dmcr.host}/bench/fanout:v1"))
             ref = f"{proxy.host}/bench/fanout@{res.pack.digest}"
             rows = [("no mirror", _round(proxy, ref, args.nodes, None, os.path.join(tmp, "a")))]
-            mirror["proxy"] = {"remoteurl": f"http://{proxy.host}"}
-            with localregistry.running(**mirror) as m:
+
+            def mirror() -> contextlib.AbstractContextManager[localregistry.LocalRegistry]:
+                return localregistry.running(proxy={"remoteurl": f"http://{proxy.host}"},
+                                             binary=build)
+
+            with mirror() as m:
                 rows.append(("pull-through mirror, cold",
                              _round(proxy, ref, args.nodes, f"http://{m.host}",
                                     os.path.join(tmp, "b"))))
                 rows.append(("pull-through mirror, warm",
                              _round(proxy, ref, args.nodes, f"http://{m.host}",
                                     os.path.join(tmp, "c"))))
-            with localregistry.running(**mirror) as m:
+            with mirror() as m:
                 rows.append(("pull-through mirror, cold, one node first",
                              _staged(proxy, ref, args.nodes, f"http://{m.host}",
                                      os.path.join(tmp, "d"))))

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from api import names, podspec
+from api import names
 from bench.scale import run as scale
 from cli.local import cluster as localcluster
 from controller.delivery import gates
@@ -77,25 +77,19 @@ def gated_pod(i: int) -> dict[str, Any]:
     return pod
 
 
-def lift_ops(pod: dict[str, Any], affinity: bool) -> list[dict[str, Any]]:
-    """The lifter's patch for a pod that waits on our gate only (GateLifter.lift, _patch)."""
-    ops: list[dict[str, Any]] = [
-        {"op": "test", "path": "/metadata/resourceVersion",
-         "value": pod["metadata"]["resourceVersion"]},
-        {"op": "remove", "path": "/spec/schedulingGates"},
-        {"op": "add", "path": "/metadata/labels/" + gates._esc(names.LABEL_GATED),
-         "value": "false"}]
-    if affinity:
-        term = podspec.preferred_term(names.node_label("sha256:" + "ab" * 32))
-        ops.append({"op": "add", "path": "/spec/affinity",
-                    "value": {"nodeAffinity": {gates._AFFINITY: [term]}}})
-    return ops
+CACHED = names.node_label("sha256:" + "ab" * 32)  # --affinity: a digest some node caches
+
+
+def lift_patch(pod: dict[str, Any], affinity: bool) -> list[dict[str, Any]]:
+    """The lifter's request for a pod that waits on our gate only (GateLifter.lift)."""
+    return gates.conditional(pod, gates.lift_ops(pod) + (
+        gates.affinity_ops(pod, [CACHED]) if affinity else []))
 
 
 def lift_block(client: k.Kube, pods: list[dict[str, Any]], inflight: int, affinity: bool,
                env: localcluster.LocalCluster) -> Block:
     def lift(pod: dict[str, Any]) -> None:
-        got = client.patch(k.PODS, pod["metadata"]["name"], lift_ops(pod, affinity), scale.NS,
+        got = client.patch(k.PODS, pod["metadata"]["name"], lift_patch(pod, affinity), scale.NS,
                            content_type=k.JSON_PATCH)
         if got["spec"].get("schedulingGates") or \
                 got["metadata"]["labels"].get(names.LABEL_GATED) != "false":
@@ -122,9 +116,8 @@ def run(pods: int, block: int, inflight: int, cpus: set[int] | None, affinity: b
             rest = set(range(os.cpu_count() or 1)) - cpus or cpus
             os.sched_setaffinity(0, rest)
             say(f"API server and etcd on CPUs {sorted(cpus)}, this client on {sorted(rest)}")
-        with contextlib.suppress(k.Conflict):
-            setup.create(scale.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
-                                            "metadata": {"name": scale.NS}})
+        setup.create(scale.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
+                                        "metadata": {"name": scale.NS}})
         setup.create(scale.SERVICE_ACCOUNTS, {"apiVersion": "v1", "kind": "ServiceAccount",
                                               "metadata": {"name": "default"}}, scale.NS)
 
@@ -178,9 +171,8 @@ def profiled(env: localcluster.LocalCluster, work: Callable[[], Any], path: str)
 
 def manager_kubeconfig(env: localcluster.LocalCluster, setup: k.Kube) -> str:
     """The manager's ServiceAccount token, holding what its RBAC grants (as deployed)."""
-    for ns in (scale.SYSTEM_NS, scale.NS):
-        setup.create(scale.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
-                                        "metadata": {"name": ns}})
+    setup.create(scale.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
+                                    "metadata": {"name": scale.SYSTEM_NS}})
     env.kubectl("apply", "-f", os.path.join(scale.REPO_ROOT, "daemonset", "controller-rbac.yaml"))
     return env.serviceaccount_kubeconfig(scale.MANAGER_SA, scale.SYSTEM_NS)
 

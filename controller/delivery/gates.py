@@ -315,11 +315,7 @@ class GateLifter:
         self.lift(pod)
 
     def lift(self, pod: Obj) -> None:
-        rest = [g for g in pod["spec"]["schedulingGates"] if g.get("name") != c.GATE]
-        ops: list[Obj] = [
-            {"op": "replace", "path": "/spec/schedulingGates", "value": rest} if rest
-            else {"op": "remove", "path": "/spec/schedulingGates"},
-            {"op": "add", "path": "/metadata/labels/" + _esc(c.LABEL_GATED), "value": "false"}]
+        ops = lift_ops(pod)
         affinity = self._affinity_ops(pod)
         try:
             self._patch(pod, ops + affinity)
@@ -346,33 +342,13 @@ class GateLifter:
                 self._model(r["kind"], r.get("namespace") or ns, r["name"])).servable_digest
             if digest and c.node_label(digest) in self.nodes:
                 labels.append(c.node_label(digest))
-        spec = {"affinity": pod["spec"].get("affinity")} if pod["spec"].get("affinity") else {}
-        have = podspec.affinity_labels(spec)
-        terms = [podspec.preferred_term(lb) for lb in dict.fromkeys(labels) if lb not in have]
-        if not terms:
-            return []
-        aff = spec.get("affinity") or {}
-        node = aff.get("nodeAffinity")
-        if not aff:
-            return [{"op": "add", "path": "/spec/affinity",
-                     "value": {"nodeAffinity": {_AFFINITY: terms}}}]
-        if not node:
-            return [{"op": "add", "path": "/spec/affinity/nodeAffinity",
-                     "value": {_AFFINITY: terms}}]
-        if not node.get(_AFFINITY):
-            return [{"op": "add", "path": f"/spec/affinity/nodeAffinity/{_AFFINITY}",
-                     "value": terms}]
-        return [{"op": "add", "path": f"/spec/affinity/nodeAffinity/{_AFFINITY}/-", "value": t}
-                for t in terms]
+        return affinity_ops(pod, labels)
 
     def _patch(self, pod: Obj, ops: list[Obj]) -> None:
         meta = pod["metadata"]
-        # conditional on what we looked at: a pod changed meanwhile is looked at again
-        test = {"op": "test", "path": "/metadata/resourceVersion",
-                "value": meta["resourceVersion"]}
         # the answer is not put in the cache: every patch here sets the label to "false",
         # so the watch drops the pod (a DELETED event) and it must stay dropped
-        self.client.patch(kube.PODS, meta["name"], [test, *ops], meta["namespace"],
+        self.client.patch(kube.PODS, meta["name"], conditional(pod, ops), meta["namespace"],
                           content_type=kube.JSON_PATCH)
 
     # -- workers ----------------------------------------------------------------
@@ -398,6 +374,45 @@ class GateLifter:
         finally:
             log.debug("gate pass", extra={"pod": "/".join(key),  # type: ignore[arg-type]
                                           "seconds": round(time.monotonic() - t0, 4)})
+
+def lift_ops(pod: Obj) -> list[Obj]:
+    """The JSON patch ops that lift our gate from ``pod`` (others' gates stay) and mark
+    it no longer gated (the label the lifter's watch selects on)."""
+    rest = [g for g in pod["spec"]["schedulingGates"] if g.get("name") != c.GATE]
+    return [{"op": "replace", "path": "/spec/schedulingGates", "value": rest} if rest
+            else {"op": "remove", "path": "/spec/schedulingGates"},
+            {"op": "add", "path": "/metadata/labels/" + _esc(c.LABEL_GATED), "value": "false"}]
+
+
+def affinity_ops(pod: Obj, labels: list[str]) -> list[Obj]:
+    """Ops adding a preferred node-affinity term for each node label in ``labels`` that
+    ``pod`` does not prefer yet, wherever its affinity already stops."""
+    spec = {"affinity": pod["spec"].get("affinity")} if pod["spec"].get("affinity") else {}
+    have = podspec.affinity_labels(spec)
+    terms = [podspec.preferred_term(lb) for lb in dict.fromkeys(labels) if lb not in have]
+    if not terms:
+        return []
+    aff = spec.get("affinity") or {}
+    node = aff.get("nodeAffinity")
+    if not aff:
+        return [{"op": "add", "path": "/spec/affinity",
+                 "value": {"nodeAffinity": {_AFFINITY: terms}}}]
+    if not node:
+        return [{"op": "add", "path": "/spec/affinity/nodeAffinity",
+                 "value": {_AFFINITY: terms}}]
+    if not node.get(_AFFINITY):
+        return [{"op": "add", "path": f"/spec/affinity/nodeAffinity/{_AFFINITY}",
+                 "value": terms}]
+    return [{"op": "add", "path": f"/spec/affinity/nodeAffinity/{_AFFINITY}/-", "value": t}
+            for t in terms]
+
+
+def conditional(pod: Obj, ops: list[Obj]) -> list[Obj]:
+    """``ops`` applied only if ``pod`` is still the version we looked at: a pod changed
+    meanwhile gets 422 and is looked at again."""
+    return [{"op": "test", "path": "/metadata/resourceVersion",
+             "value": pod["metadata"]["resourceVersion"]}, *ops]
+
 
 def _esc(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")

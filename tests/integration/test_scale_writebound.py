@@ -26,7 +26,7 @@ def test_writebound_lifts_every_pod_as_the_manager() -> None:
 def test_writebound_patch_is_conditional_and_lifts_only_our_gate() -> None:
     pod = bench.gated_pod(7)
     pod["metadata"]["resourceVersion"] = "42"
-    ops = bench.lift_ops(pod, affinity=False)
+    ops = bench.lift_patch(pod, affinity=False)
     assert ops[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "42"}
     assert {"op": "remove", "path": "/spec/schedulingGates"} in ops
     label = names.LABEL_GATED.replace("~", "~0").replace("/", "~1")
